@@ -1,0 +1,71 @@
+"""Accuracy of every head on real data (run by hand; results go to benchmarks/results/).
+
+    python benchmarks/accuracy.py scenes --sets large-cells-1024 small-cells-1024 \
+        --work /tmp/mitoscope-bench --cache-dir /tmp/mitoscope-cache
+
+For each scene set (composed from the real Jurkat cells by ../shared/tools/compose_scenes.py:
+120 training scenes seed 1, 60 test scenes seed 2) and each head: train with 5-fold CV on the
+training scenes only (image labels only), then evaluate the saved model on the test scenes.
+Records F1, AUC, balanced accuracy and wall times; the equivalent CLI commands are stored
+with the numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+from pathlib import Path
+
+from common import REPO, require_shared, save_results, scene_pair, timed
+
+from mitoscope.pipeline import TrainConfig, evaluate, open_cache, train
+
+HEADS = ["dense", "forest", "ensemble", "pooled", "attention"]
+KEYS = ("f1", "auc", "balanced_accuracy", "accuracy", "threshold")
+
+
+def scenes(args: argparse.Namespace) -> dict:
+    cache = open_cache(args.cache_dir)
+    results = {}
+    for set_name in args.sets:
+        train_dir, test_dir = scene_pair(args.work, set_name)
+        for head in args.heads:
+            record: dict = {"set": set_name, "head": head}
+            model_dir = args.work / "models" / f"{set_name}-{head}"
+            config = TrainConfig(head=head, cv=5, seed=0, window=args.window, overlap=args.overlap)
+            with timed(record, "train_s"):
+                result = train(train_dir, train_dir / "labels.csv", model_dir, config, cache, overwrite=True)
+            with timed(record, "evaluate_s"):
+                test = evaluate(model_dir, test_dir, test_dir / "labels.csv", args.work / "reports" / f"{set_name}-{head}", cache)
+            record["cv"] = {k: result.cv_metrics.get(k) for k in KEYS}
+            record["test"] = {k: test.get(k) for k in KEYS}
+            record["commands"] = [
+                f"mitoscope train {train_dir} --labels {train_dir}/labels.csv --out {model_dir} --head {head} --cv 5 --seed 0",
+                f"mitoscope evaluate {model_dir} {test_dir} --labels {test_dir}/labels.csv --out REPORT",
+            ]
+            results[f"{set_name}/{head}"] = record
+            print(json.dumps(record), flush=True)
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="what", required=True)
+    p = sub.add_parser("scenes", help="composed whole-image scenes, every window head")
+    p.add_argument("--sets", nargs="+", default=["large-cells-1024", "small-cells-1024"])
+    p.add_argument("--heads", nargs="+", default=HEADS)
+    p.add_argument("--window", type=int, default=224)
+    p.add_argument("--overlap", type=float, default=0.5)
+    p.add_argument("--work", type=Path, default=Path("/tmp/mitoscope-bench"))
+    p.add_argument("--cache-dir", type=Path, default=None)
+    p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "scenes_round1.json")
+    args = parser.parse_args()
+    require_shared()
+    args.work.mkdir(parents=True, exist_ok=True)
+    results = {"machine": platform.processor() or platform.machine(), "results": scenes(args)}
+    save_results(args.out, results)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,55 @@
+"""Helpers shared by the benchmark scripts: where the real data is, composing scenes, timing."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+DATA = SHARED / "data"
+COMPOSE = SHARED / "tools" / "compose_scenes.py"
+
+# The scene sets of the issues: name -> compose_scenes.py arguments (train seed 1, test seed 2).
+SCENE_SETS: dict[str, list[str]] = {
+    "large-cells-1024": ["--size", "1024x1024", "--cell-scale", "4,5", "--cells", "6,12"],
+    "small-cells-1024": ["--size", "1024x1024", "--cell-scale", "1.5,2"],
+    "small-cells-2048": ["--size", "2048x2048"],
+    "variable-scale": ["--size", "1024x1024", "--cell-scale", "4,5", "--cells", "6,12", "--out-scale", "0.5,3"],
+}
+N_TRAIN, N_TEST = 120, 60
+
+
+def require_shared() -> None:
+    if not COMPOSE.is_file() or not (DATA / "jurkat-cells").is_dir():
+        sys.exit(f"real data not found at {SHARED}: benchmarks need ../shared (see README)")
+
+
+def compose(out: Path, args: list[str], n: int, seed: int) -> Path:
+    """Compose scenes once; the same arguments always give the same files."""
+    if not (out / "labels.csv").is_file():
+        subprocess.run([sys.executable, str(COMPOSE), str(DATA / "jurkat-cells"), str(out), "--n", str(n),
+                        "--seed", str(seed), *args], check=True, capture_output=True)
+    return out
+
+
+def scene_pair(work: Path, name: str) -> tuple[Path, Path]:
+    args = SCENE_SETS[name]
+    return (compose(work / f"{name}-train", args, N_TRAIN, 1), compose(work / f"{name}-test", args, N_TEST, 2))
+
+
+@contextmanager
+def timed(record: dict[str, Any], key: str) -> Iterator[None]:
+    start = time.perf_counter()
+    yield
+    record[key] = round(time.perf_counter() - start, 1)
+
+
+def save_results(path: Path, results: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(results, indent=2) + "\n")

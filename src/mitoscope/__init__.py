@@ -1,0 +1,3 @@
+"""mitoscope: whole-image mitosis classification from image-level labels."""
+
+__version__ = "0.1.0"

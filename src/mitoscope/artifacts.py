@@ -1,0 +1,144 @@
+"""Saved models: a folder with ``model.json`` and the files it lists, each with its sha256.
+
+``model.json`` holds everything needed to reproduce preprocessing and prediction: package
+versions, the backbone and its weights hash, tiling, reading options, classes, positive
+class, decision threshold, training image size and the head's spec. A model is written into
+a temporary sibling folder and renamed into place, so a crash never leaves half a model;
+loading checks every hash, so a tampered or truncated file is a clear error.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any, Callable
+
+from . import __version__
+from .atomic import atomic_write_json
+from .errors import InputError, ModelError
+
+FORMAT_VERSION = 1
+MODEL_FILE = "model.json"
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def environment_versions() -> dict[str, str]:
+    import numpy
+    import sklearn
+    import timm
+    import torch
+
+    return {
+        "mitoscope": __version__,
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+        "timm": timm.__version__,
+        "scikit-learn": sklearn.__version__,
+        "numpy": numpy.__version__,
+    }
+
+
+def check_out_dir(out_dir: str | Path, overwrite: bool = False) -> Path:
+    """Refuse, before any work, an output that a model may not be written to.
+
+    A non-empty folder is replaced only with ``overwrite``, and only when it holds a model
+    (its ``model.json``): ``--overwrite`` must never wipe a folder of other files.
+    """
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise InputError(f"{out_dir}: output exists and is a file, expected a folder for the model")
+    if out_dir.is_dir() and any(out_dir.iterdir()):
+        if not overwrite:
+            raise InputError(
+                f"{out_dir}: output folder exists and is not empty (choose another --out or pass --overwrite)"
+            )
+        if not (out_dir / MODEL_FILE).is_file():
+            raise InputError(
+                f"{out_dir}: output folder is not empty and holds no {MODEL_FILE}; --overwrite only replaces "
+                f"a model folder"
+            )
+    return out_dir
+
+
+def write_model_dir(
+    out_dir: str | Path,
+    config: dict[str, Any],
+    write_files: Callable[[Path], list[str]],
+    overwrite: bool = False,
+) -> Path:
+    """Write a model folder atomically.
+
+    ``write_files(tmp_dir)`` writes the model's payload files and returns their names;
+    ``config`` becomes ``model.json`` with the hashes of those files added.
+    """
+    out_dir = check_out_dir(out_dir, overwrite)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        names = write_files(tmp_dir)
+        config = {
+            **config,
+            "format_version": FORMAT_VERSION,
+            "versions": environment_versions(),
+            "files": {name: sha256_file(tmp_dir / name) for name in sorted(set(names))},
+        }
+        atomic_write_json(tmp_dir / MODEL_FILE, config)
+        if out_dir.exists():
+            backup = out_dir.with_name(f".{out_dir.name}.old")
+            shutil.rmtree(backup, ignore_errors=True)
+            out_dir.rename(backup)
+            tmp_dir.rename(out_dir)
+            shutil.rmtree(backup, ignore_errors=True)
+        else:
+            tmp_dir.rename(out_dir)
+    except BaseException:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def read_model_config(model_dir: str | Path) -> dict[str, Any]:
+    """Read and verify ``model.json`` and the hashes of every file it lists."""
+    model_dir = Path(model_dir)
+    path = model_dir / MODEL_FILE
+    if not model_dir.is_dir():
+        raise ModelError(f"{model_dir}: not a model folder (it does not exist or is not a folder)")
+    if not path.is_file():
+        raise ModelError(f"{model_dir}: not a mitoscope model: {MODEL_FILE} is missing")
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ModelError(f"{path}: not valid JSON ({exc.msg if hasattr(exc, 'msg') else exc}); the file is damaged") from None
+    if not isinstance(config, dict) or "format_version" not in config:
+        raise ModelError(f"{path}: not a mitoscope model description (no format_version)")
+    if config["format_version"] != FORMAT_VERSION:
+        raise ModelError(
+            f"{path}: model format {config['format_version']} is not supported by mitoscope {__version__} "
+            f"(expected {FORMAT_VERSION})"
+        )
+    for key in ("kind", "classes", "positive", "threshold", "head", "files"):
+        if key not in config:
+            raise ModelError(f"{path}: incomplete model description: key {key!r} is missing")
+    files = config["files"]
+    if not isinstance(files, dict) or not all(
+        isinstance(name, str) and Path(name).name == name and isinstance(digest, str) for name, digest in files.items()
+    ):
+        raise ModelError(f"{path}: 'files' must map plain file names to sha256 digests")
+    for name, expected in files.items():
+        file = model_dir / name
+        if not file.is_file():
+            raise ModelError(f"{file}: file of the model is missing")
+        if sha256_file(file) != expected:
+            raise ModelError(f"{file}: file was changed or truncated after the model was saved (sha256 mismatch)")
+    return config

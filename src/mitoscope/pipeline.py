@@ -1,0 +1,503 @@
+"""Train, predict and evaluate: the Python API behind the CLI.
+
+    from mitoscope.pipeline import TrainConfig, train, MitoscopeModel
+    result = train("scenes/", "scenes/labels.csv", "model/", TrainConfig(head="ensemble"))
+    model = MitoscopeModel.load("model/")
+    rows = model.predict(["new.tif"])
+"""
+
+from __future__ import annotations
+
+import collections
+import csv
+import io as stdio
+import logging
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from .artifacts import check_out_dir, read_model_config, write_model_dir
+from safetensors.torch import save_file
+
+from .atomic import atomic_path, atomic_write_text
+from .backbones import DEFAULT_BACKBONE, Backbone, create_backbone
+from .errors import InputError, ModelError
+from .evaluation import compute_metrics, cross_validate, write_report
+from .features import EXTRACTION_MODES, FeatureCache, FeatureExtractor, ImageFeatures, default_cache_dir, extract_dataset
+from .heads import HEADS, load_head, make_head, save_head
+from .io import DEFAULT_MAX_PIXELS, LabelledImages, ReadOptions, find_images, load_labelled_images
+from .tiling import validate_tiling
+
+logger = logging.getLogger(__name__)
+
+# Heads whose input is the concatenation of all windows: the grid (and so the image size) is fixed.
+FIXED_GRID_HEADS = {"dense", "forest", "ensemble"}
+
+BACKBONE_FILE = "backbone.safetensors"
+
+# (stage description, done, total)
+Progress = Callable[[str, int, int], None]
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything `mitoscope train` can be told; validated before any work starts."""
+
+    head: str = "ensemble"
+    backbone: str = DEFAULT_BACKBONE
+    weights: str | None = None
+    pretrained: bool = True
+    window: int = 224
+    overlap: float = 0.5
+    extraction: str = "windows"
+    channels: tuple[int, int, int] | None = None
+    cv: int = 5
+    seed: int = 0
+    positive: str | None = None
+    batch_size: int = 32
+    device: str | None = None
+    head_params: dict[str, Any] = field(default_factory=dict)
+    max_pixels: int = DEFAULT_MAX_PIXELS
+
+    def validate(self) -> "TrainConfig":
+        if self.head not in HEADS:
+            raise InputError(f"unknown head {self.head!r}: expected one of {', '.join(sorted(HEADS))}")
+        validate_tiling(self.window, self.overlap)
+        if self.extraction not in EXTRACTION_MODES:
+            raise InputError(f"unknown --extraction {self.extraction!r}: expected one of {', '.join(EXTRACTION_MODES)}")
+        if self.cv != 0 and self.cv < 2:
+            raise InputError(f"--cv must be 0 (no cross-validation) or at least 2, got {self.cv}")
+        if self.batch_size < 1:
+            raise InputError(f"--batch-size must be at least 1, got {self.batch_size}")
+        if self.weights is not None and not Path(self.weights).is_file():
+            raise InputError(f"{self.weights}: weights file not found")
+        build_head(self.head, self.head_params)  # bad head parameters fail before any feature is extracted
+        _ = self.read_options  # validates channels and max_pixels
+        return self
+
+    @property
+    def read_options(self) -> ReadOptions:
+        return ReadOptions(channels=self.channels, max_pixels=self.max_pixels)
+
+
+def open_cache(cache_dir: str | Path | None, use_cache: bool = True) -> FeatureCache | None:
+    if not use_cache:
+        return None
+    return FeatureCache(Path(cache_dir) if cache_dir else default_cache_dir())
+
+
+def build_head(name: str, params: dict[str, Any]) -> Any:
+    """A head from CLI-style parameters; an ensemble's members take theirs too.
+
+    ``member__param`` (scikit-learn style, e.g. ``forest__n_estimators``) goes to that
+    member; a plain parameter the head itself lacks goes to each member that has it (so
+    ``max_epochs`` reaches an ensemble's dense member, ``n_estimators`` its forest).
+    """
+    if name not in HEADS:
+        raise InputError(f"unknown head {name!r}: expected one of {', '.join(sorted(HEADS))}")
+    own = set(HEADS[name]().get_params(deep=False))
+    members = {key: HEADS[key] for key in own if key in HEADS}  # e.g. ensemble: dense, forest
+    direct: dict[str, Any] = {}
+    routed: dict[str, dict[str, Any]] = {member: {} for member in members}
+    for key, value in params.items():
+        member, sep, param = key.partition("__")
+        if sep and member in members:
+            routed[member][param] = value
+        elif key in own or not members:
+            direct[key] = value
+        else:
+            takers = [m for m, cls in members.items() if key in cls().get_params(deep=False)]
+            if not takers:
+                raise InputError(
+                    f"bad parameter {key!r} for head {name!r}: expected one of {', '.join(sorted(own))} "
+                    f"or MEMBER__PARAM with MEMBER in {', '.join(sorted(members))}"
+                )
+            for taker in takers:
+                routed[taker][key] = value
+    for member, member_params in routed.items():
+        if member not in direct:  # always explicit members, so that seeded() reaches them
+            direct[member] = make_head(member, **member_params)
+        elif member_params:
+            raise InputError(f"head {name!r}: give {member!r} or {member}__PARAM parameters, not both")
+    return make_head(name, **direct)
+
+
+def seeded(head: Any, seed: int) -> Any:
+    """Set every ``random_state`` of a head (nested members too) to ``seed``."""
+    params = {key: seed for key in head.get_params(deep=True) if key.split("__")[-1] == "random_state"}
+    return head.set_params(**params) if params else head
+
+
+def stage_progress(progress: Progress | None, stage: str) -> Callable[[int, int], None] | None:
+    return (lambda done, total: progress(stage, done, total)) if progress else None
+
+
+def modal_size(feats: Sequence[ImageFeatures]) -> tuple[int, int]:
+    return collections.Counter(tuple(f.image_size) for f in feats).most_common(1)[0][0]
+
+
+def features_at_size(
+    paths: Sequence[Path],
+    feats: list[ImageFeatures],
+    size: tuple[int, int],
+    extractor: FeatureExtractor,
+    read_options: ReadOptions,
+    cache: FeatureCache | None,
+    progress: Progress | None,
+) -> tuple[list[ImageFeatures], list[bool]]:
+    """Re-extract, resized to ``size``, the images whose size differs (fixed-grid heads)."""
+    resized = [tuple(f.image_size) != tuple(size) for f in feats]
+    redo = [p for p, r in zip(paths, resized) if r]
+    if redo:
+        again = iter(extract_dataset(redo, extractor, read_options, cache, resize_to=size,
+                                     progress=stage_progress(progress, f"resizing to {size[1]}x{size[0]}")))
+        feats = [next(again) if r else f for f, r in zip(feats, resized)]
+    return feats, resized
+
+
+@dataclass
+class TrainResult:
+    model: "MitoscopeModel"
+    cv_metrics: dict[str, Any] | None
+    model_dir: Path
+
+
+@dataclass
+class Predictions:
+    """What any mitoscope model returns for a list of images."""
+
+    paths: list[Path]
+    proba: np.ndarray  # (n,) probability of the positive class
+    members: dict[str, np.ndarray]  # per-head probabilities of an ensemble
+    notes: list[str]  # e.g. that an image was resized to the training grid
+    window_scores: list[np.ndarray] | None = None  # one score per window, higher = more mitotic
+    boxes: list[np.ndarray] | None = None  # (N, 4) window boxes in image coordinates
+    image_sizes: list[tuple[int, int]] | None = None
+
+
+def prediction_rows(pred: Predictions, classes: Sequence[str], threshold: float, head_name: str) -> list[dict[str, Any]]:
+    negative, positive = classes
+    rows = []
+    for i, path in enumerate(pred.paths):
+        row: dict[str, Any] = {
+            "Image": path.name,
+            "Label": positive if pred.proba[i] >= threshold else negative,
+            "Probability": round(float(pred.proba[i]), 6),
+        }
+        for name, values in (pred.members or {head_name: pred.proba}).items():
+            row[name] = round(float(values[i]), 6)
+        row["Note"] = pred.notes[i]
+        rows.append(row)
+    return rows
+
+
+class MitoscopeModel:
+    """A trained model: backbone settings, a fitted head, classes and a tuned threshold."""
+
+    def __init__(self, config: dict[str, Any], head: Any, backbone: Backbone | None = None) -> None:
+        self.config = config
+        self.head = head
+        self._backbone = backbone
+        self._extractor: FeatureExtractor | None = None
+
+    # --- what the model knows -------------------------------------------------------------
+    @property
+    def classes(self) -> tuple[str, str]:
+        return tuple(self.config["classes"])
+
+    @property
+    def positive(self) -> str:
+        return self.config["positive"]
+
+    @property
+    def threshold(self) -> float:
+        return float(self.config["threshold"])
+
+    @property
+    def fixed_size(self) -> tuple[int, int] | None:
+        size = self.config.get("train_image_size")
+        return tuple(size) if size else None
+
+    @property
+    def read_options(self) -> ReadOptions:
+        return ReadOptions.from_dict(self.config["read"])
+
+    def extractor(self, batch_size: int = 32, device: str | None = None) -> FeatureExtractor:
+        if self._extractor is None:
+            if self._backbone is None:
+                self._backbone = self._load_backbone()
+            tiling = self.config["tiling"]
+            self._extractor = FeatureExtractor(self._backbone, tiling["window"], tiling["overlap"], batch_size, device,
+                                               mode=tiling.get("extraction", "windows"))
+        return self._extractor
+
+    def _load_backbone(self) -> Backbone:
+        info = self.config["backbone"]
+        carried = self.config.get("backbone_file")
+        weights_path = Path(self.config["_model_dir"]) / carried if carried else None
+        backbone = create_backbone(info["name"], weights=weights_path)
+        if backbone.weights_id != info["weights_sha256"]:
+            raise ModelError(
+                f"{Path(self.config['_model_dir']) / 'model.json'}: backbone {info['name']} weights here (sha256 "
+                f"{backbone.weights_id[:12]}) differ from those the model was trained with "
+                f"({info['weights_sha256'][:12]}, {info['weights_source']})"
+            )
+        return backbone
+
+    # --- prediction -----------------------------------------------------------------------
+    def features(
+        self,
+        paths: Sequence[Path],
+        cache: FeatureCache | None = None,
+        progress: Progress | None = None,
+        batch_size: int = 32,
+        device: str | None = None,
+    ) -> tuple[list[ImageFeatures], list[bool]]:
+        extractor = self.extractor(batch_size, device)
+        feats = extract_dataset(paths, extractor, self.read_options, cache, progress=stage_progress(progress, "features"))
+        if self.fixed_size is None:
+            return feats, [False] * len(feats)
+        return features_at_size(paths, feats, self.fixed_size, extractor, self.read_options, cache, progress)
+
+    def probabilities(self, bags: Sequence[np.ndarray]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        proba = self.head.predict_proba(list(bags))[:, 1]
+        members = self.head.predict_proba_members(list(bags)) if hasattr(self.head, "predict_proba_members") else {}
+        return proba, {name: np.asarray(p) for name, p in members.items()}
+
+    def predict_paths(
+        self,
+        paths: Sequence[str | Path],
+        cache: FeatureCache | None = None,
+        progress: Progress | None = None,
+        batch_size: int = 32,
+        device: str | None = None,
+        with_window_scores: bool = False,
+    ) -> Predictions:
+        paths = [Path(p) for p in paths]
+        feats, resized = self.features(paths, cache, progress, batch_size, device)
+        bags = [f.features for f in feats]
+        proba, members = self.probabilities(bags)
+        fixed = self.fixed_size
+        notes = [
+            f"resized {f.image_size[1]}x{f.image_size[0]} to the training size {fixed[1]}x{fixed[0]}" if r else ""
+            for f, r in zip(feats, resized)
+        ]
+        scores = None
+        if with_window_scores and hasattr(self.head, "window_scores"):
+            scores = [np.asarray(s, dtype=np.float64) for s in self.head.window_scores(bags)]
+        return Predictions(
+            paths=paths, proba=proba, members=members, notes=notes, window_scores=scores,
+            boxes=[f.boxes for f in feats], image_sizes=[tuple(f.image_size) for f in feats],
+        )
+
+    def predict(self, paths: Sequence[str | Path], **kwargs: Any) -> list[dict[str, Any]]:
+        """One row per image: Image, Label (the training CSV's words), Probability, per-head columns, Note."""
+        return prediction_rows(self.predict_paths(paths, **kwargs), self.classes, self.threshold, self.config["head"]["name"])
+
+    # --- persistence ----------------------------------------------------------------------
+    def save(self, out_dir: str | Path, extra_files: Callable[[Path], list[str]] | None = None,
+             overwrite: bool = False) -> Path:
+        """Write the model folder; backbone weights that cannot be had again by name travel with it."""
+        backbone = self._backbone
+        carry_backbone = backbone is not None and not backbone.weights_source.startswith(("embedded:", "timm:"))
+        config = {k: v for k, v in self.config.items() if not k.startswith("_")}
+        if carry_backbone:
+            config["backbone_file"] = BACKBONE_FILE
+
+        def write(tmp: Path) -> list[str]:
+            spec = save_head(self.head, tmp, "head")
+            config["head"] = {**config["head"], "spec": spec}
+            names = list(spec.get("files", []))
+            if carry_backbone:
+                with atomic_path(tmp / BACKBONE_FILE) as target:
+                    save_file({k: v.contiguous() for k, v in backbone.model.state_dict().items()}, str(target))
+                names.append(BACKBONE_FILE)
+            if extra_files:
+                names += extra_files(tmp)
+            return names
+
+        model_dir = write_model_dir(out_dir, config, write, overwrite=overwrite)
+        self.config = {**config, "_model_dir": str(Path(model_dir).resolve())}
+        return model_dir
+
+    @classmethod
+    def load(cls, model_dir: str | Path) -> "MitoscopeModel":
+        config = read_model_config(model_dir)
+        if config.get("kind") != "window-features":
+            raise ModelError(f"{model_dir}: model kind {config.get('kind')!r} is not a window-feature model")
+        try:
+            head = load_head(Path(model_dir), config["head"]["spec"])
+        except ModelError:
+            raise
+        except Exception as exc:  # anything else from a damaged head file is still the model's fault
+            raise ModelError(f"{model_dir}: cannot load the head ({type(exc).__name__}: {exc})") from None
+        config["_model_dir"] = str(Path(model_dir).resolve())
+        return cls(config, head)
+
+
+def train(
+    data_dir: str | Path,
+    labels_csv: str | Path | None,
+    out_dir: str | Path,
+    config: TrainConfig = TrainConfig(),
+    cache: FeatureCache | None = None,
+    progress: Progress | None = None,
+    overwrite: bool = False,
+) -> TrainResult:
+    """Extract features, cross-validate, fit the head on all images and save the model."""
+    config = config.validate()
+    check_out_dir(out_dir, overwrite)  # refuse now, not after the features and the fitting
+    data = load_labelled_images(data_dir, labels_csv, config.positive)
+    if config.cv and min(np.bincount(data.y, minlength=2)) < config.cv:
+        raise InputError(
+            f"{labels_csv or data_dir}: {config.cv}-fold cross-validation needs at least {config.cv} images of each "
+            f"class, got {np.bincount(data.y, minlength=2).tolist()} ({', '.join(data.classes)}); lower --cv"
+        )
+    backbone = create_backbone(config.backbone, weights=config.weights, pretrained=config.pretrained)
+    extractor = FeatureExtractor(backbone, config.window, config.overlap, config.batch_size, config.device,
+                                 mode=config.extraction)
+    read_options = config.read_options
+    feats = extract_dataset(data.paths, extractor, read_options, cache, progress=stage_progress(progress, "features"))
+    train_size = None
+    if config.head in FIXED_GRID_HEADS:
+        train_size = modal_size(feats)
+        feats, _ = features_at_size(data.paths, feats, train_size, extractor, read_options, cache, progress)
+    bags = [f.features for f in feats]
+
+    def new_head() -> Any:
+        return seeded(build_head(config.head, config.head_params), config.seed)
+
+    cv_result = None
+    if config.cv:
+        cv_result = cross_validate(new_head, bags, data.y, n_splits=config.cv, seed=config.seed, classes=data.classes,
+                                   groups=data.groups, progress=stage_progress(progress, "cross-validation"))
+    if progress:
+        progress("final fit", 0, 1)
+    head = new_head().fit(bags, data.y)
+    if progress:
+        progress("final fit", 1, 1)
+    threshold = float(cv_result.threshold) if cv_result is not None else 0.5
+    model_config = {
+        "kind": "window-features",
+        "backbone": backbone.describe(),
+        "tiling": {"window": config.window, "overlap": config.overlap, "extraction": config.extraction},
+        "read": read_options.to_dict(),
+        "classes": list(data.classes),
+        "positive": data.classes[1],
+        "threshold": threshold,
+        "threshold_rule": "max F1 on cross-validated out-of-fold predictions" if cv_result else "0.5 (no CV)",
+        "train_image_size": list(train_size) if train_size else None,
+        "head": {"name": config.head, "params": config.head_params},
+        "training": {
+            "n_images": len(data.paths),
+            "n_per_class": dict(zip(data.classes, np.bincount(data.y, minlength=2).tolist())),
+            "cv_folds": config.cv,
+            "seed": config.seed,
+            "labels": str(labels_csv) if labels_csv else None,
+        },
+    }
+    model = MitoscopeModel(model_config, head, backbone)
+
+    def extra(tmp: Path) -> list[str]:
+        names = []
+        history_owner = getattr(head, "dense_", None) or head
+        if hasattr(history_owner, "plot_history") and getattr(history_owner, "history_", None):
+            history_owner.plot_history(tmp / "training_curves.png")
+            names.append("training_curves.png")
+        if cv_result is not None:
+            write_report(tmp, cv_result.metrics, data.y, cv_result.oof_proba, data.classes,
+                         extra={"evaluation": f"{config.cv}-fold cross-validation, out-of-fold predictions",
+                                "per_fold": cv_result.per_fold})
+            names += ["metrics.json", "roc.png", "confusion_matrix.png"]
+        return names
+
+    model_dir = model.save(out_dir, extra, overwrite=overwrite)
+    return TrainResult(model=model, cv_metrics=cv_result.metrics if cv_result else None, model_dir=Path(model_dir))
+
+
+def load_model(model_dir: str | Path, max_pixels: int | None = None) -> Any:
+    """Load any saved mitoscope model (window-feature heads or a fine-tuned network).
+
+    ``max_pixels`` replaces the pixel limit the model was trained with, for these reads only.
+    """
+    config = read_model_config(model_dir)
+    if config.get("kind") == "finetuned":
+        from .finetune import FineTunedModel
+
+        model = FineTunedModel.load(model_dir)
+    else:
+        model = MitoscopeModel.load(model_dir)
+    if max_pixels is not None:
+        read = {**model.config.get("read", {}), "max_pixels": max_pixels}
+        ReadOptions.from_dict(read)  # a bad limit is an InputError now, not mid-prediction
+        model.config["read"] = read
+    return model
+
+
+def rows_to_csv(rows: list[dict[str, Any]]) -> str:
+    columns: list[str] = []
+    for row in rows:
+        columns += [c for c in row if c not in columns]
+    buffer = stdio.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return buffer.getvalue()
+
+
+def predict(
+    model_dir: str | Path,
+    inputs: Sequence[str | Path],
+    out_csv: str | Path,
+    cache: FeatureCache | None = None,
+    progress: Progress | None = None,
+    max_pixels: int | None = None,
+) -> list[dict[str, Any]]:
+    model = load_model(model_dir, max_pixels)
+    paths = find_images(inputs)
+    pred = model.predict_paths(paths, cache=cache, progress=progress)
+    rows = prediction_rows(pred, model.classes, model.threshold, model.config["head"]["name"])
+    out_csv = Path(out_csv)
+    out_csv.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out_csv, rows_to_csv(rows))
+    return rows
+
+
+def labels_as_model_classes(data: LabelledImages, model: Any, source: str) -> np.ndarray:
+    """0/1 targets of an evaluation set, in the model's own class words."""
+    unknown = sorted(set(data.labels) - set(model.classes))
+    if unknown:
+        raise InputError(f"{source}: labels {unknown} are not the model's classes {list(model.classes)}")
+    return np.array([int(label == model.positive) for label in data.labels])
+
+
+def evaluate(
+    model_dir: str | Path,
+    data_dir: str | Path,
+    labels_csv: str | Path | None,
+    out_dir: str | Path,
+    cache: FeatureCache | None = None,
+    progress: Progress | None = None,
+    max_pixels: int | None = None,
+) -> dict[str, Any]:
+    model = load_model(model_dir, max_pixels)
+    data = load_labelled_images(data_dir, labels_csv, model.positive)
+    y = labels_as_model_classes(data, model, str(labels_csv or data_dir))
+    pred = model.predict_paths(data.paths, cache=cache, progress=progress)
+    proba, members = pred.proba, pred.members
+    metrics = compute_metrics(y, proba, model.threshold, model.classes)
+    extra = {
+        "evaluation": f"saved model {Path(model_dir)} on {labels_csv or data_dir}",
+        "n_resized": int(sum(bool(n) for n in pred.notes)),
+        "members": {name: compute_metrics(y, p, 0.5, model.classes) for name, p in members.items()},
+    }
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_report(out_dir, metrics, y, proba, model.classes, extra=extra)
+    rows = prediction_rows(pred, model.classes, model.threshold, model.config["head"]["name"])
+    for row, truth in zip(rows, data.labels):
+        row["True"] = truth
+    atomic_write_text(out_dir / "predictions.csv", rows_to_csv(rows))
+    return metrics
