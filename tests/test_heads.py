@@ -251,9 +251,8 @@ def test_concat_heads_reject_mismatched_bag_sizes(name, toy, fitted):
         make_head(name, **fast_params(name)).fit(bags, y)
     head, _ = fitted[name]
     mixed = [toy[2][0], toy[2][1][:4]]
-    with pytest.raises(
-        InputError, match=r"expected every image to have 9 windows \(the training grid.*got 4 for image 1"
-    ):
+    expected = r"expected every image to have 9 windows \(the training grid.*got 4 for image 1"
+    with pytest.raises(InputError, match=expected):
         head.predict_proba(mixed)
 
 
@@ -261,7 +260,8 @@ def test_concat_heads_reject_mismatched_bag_sizes(name, toy, fitted):
 def test_bad_inputs_raise_input_errors(name, toy, fitted):
     head, _ = fitted[name]
     good = toy[2][:3]
-    with pytest.raises(InputError, match=r"expected 16 features per window \(as in training\), got 8 for image 1"):
+    expected = r"expected 16 features per window \(as in training\), got 8 for image 1"
+    with pytest.raises(InputError, match=expected):
         head.predict_proba([good[0], good[1][:, :8]])
     with pytest.raises(InputError, match=r"2-D .* image 0, got shape \(16,\)"):
         head.predict_proba([good[0][0]])
@@ -373,6 +373,19 @@ def test_dense_head_restores_its_best_weights(toy, fitted):
     assert loss == pytest.approx(best, rel=1e-4)
 
 
+def test_dense_l1_l2_penalty_shrinks_the_hidden_weights():
+    bags, y = shifted_bags(16, seed=9)
+    quick = dict(
+        DENSE_FAST, max_epochs=15, validation_fraction=0.0, learning_rate=1e-2, batch_size=4
+    )
+    free = DenseHead(**quick, l1=0.0, l2=0.0).fit(bags, y)
+    penalised = DenseHead(**quick, l1=0.01, l2=0.01).fit(bags, y)
+    assert "validation_fraction is 0" in penalised.history_["note"]
+    free_size = free.network_.hidden.weight.abs().mean().item()
+    penalised_size = penalised.network_.hidden.weight.abs().mean().item()
+    assert penalised_size < 0.2 * free_size
+
+
 @pytest.mark.parametrize("cls, params", [(DenseHead, DENSE_FAST), (AttentionHead, ATTENTION_FAST)])
 def test_tiny_dataset_trains_without_early_stopping(cls, params, tmp_path):
     bags, _ = shifted_bags(3, seed=8)
@@ -402,9 +415,8 @@ def test_save_load_round_trip(name, toy, fitted, tmp_path):
         for a, b in zip(loaded.window_scores(toy[2]), head.window_scores(toy[2])):
             np.testing.assert_array_equal(a, b)
     if name == "ensemble":
-        np.testing.assert_array_equal(
-            loaded.predict_proba_members(toy[2])["forest"], head.predict_proba_members(toy[2])["forest"]
-        )
+        for member, proba in head.predict_proba_members(toy[2]).items():
+            np.testing.assert_array_equal(loaded.predict_proba_members(toy[2])[member], proba)
     if hasattr(head, "history_"):
         assert loaded.history_ == head.history_
         assert loaded.plot_history(tmp_path / "plots" / "h.png").is_file()

@@ -99,11 +99,11 @@ def _check_bags(bags: Any, n_features: int | None = None) -> list[np.ndarray]:
             )
         if array.shape[0] == 0:
             raise InputError(f"expected at least one window for image {index}, got none")
-        expected = n_features if n_features is not None else (
-            checked[0].shape[1] if checked else array.shape[1]
-        )
+        if n_features is not None:
+            expected, origin = n_features, "as in training"
+        else:
+            expected, origin = (checked[0] if checked else array).shape[1], "as image 0"
         if array.shape[1] != expected:
-            origin = "as in training" if n_features is not None else "as image 0"
             raise InputError(
                 f"expected {expected} features per window ({origin}), "
                 f"got {array.shape[1]} for image {index}"
@@ -230,7 +230,9 @@ def _resolve_device(device: Any) -> torch.device:
     try:
         return torch.device(device)
     except (RuntimeError, TypeError) as error:
-        raise InputError(f"expected a torch device such as 'cpu' or 'cuda', got {device!r}") from error
+        raise InputError(
+            f"expected a torch device such as 'cpu' or 'cuda', got {device!r}"
+        ) from error
 
 
 # --------------------------------------------------------------------------------------------
@@ -321,12 +323,13 @@ class _TorchHead(_Head):
         batch_size: int,
         seed: int,
         device: torch.device,
-        penalty: Callable[[], torch.Tensor] | None = None,
+        add_penalty_gradient: Callable[[], None] | None = None,
     ) -> dict[str, Any]:
         """Train ``network`` and return its history; the best validation weights are kept.
 
-        ``forward(indices, training)`` gives the logits of the images at ``indices``.
-        The recorded losses are the class-weighted cross-entropy without the weight
+        ``forward(indices, training)`` gives the logits of the images at ``indices``;
+        ``add_penalty_gradient()`` runs after each backward pass to add a weight penalty's
+        gradient. The recorded losses are the class-weighted cross-entropy without the
         penalty, so training and validation curves are comparable.
         """
         if self.max_epochs < 1:
@@ -347,11 +350,17 @@ class _TorchHead(_Head):
             "note": "",
         }
         if split is None:
-            history["note"] = (
-                f"too few images for a stratified validation split ({len(y)} images); "
-                f"trained for a fixed {self.max_epochs} epochs without early stopping"
+            reason = (
+                "validation_fraction is 0" if self.validation_fraction == 0
+                else f"too few images for a stratified validation split ({len(y)} images)"
             )
-            logger.warning("%s: %s", type(self).__name__, history["note"])
+            history["note"] = (
+                f"{reason}; trained for a fixed {self.max_epochs} epochs without early stopping"
+            )
+            logger.log(
+                logging.INFO if self.validation_fraction == 0 else logging.WARNING,
+                "%s: %s", type(self).__name__, history["note"],
+            )
 
         def weighted_loss(logits: torch.Tensor, batch: torch.Tensor) -> torch.Tensor:
             losses = F.binary_cross_entropy_with_logits(logits, targets[batch], reduction="none")
@@ -366,9 +375,10 @@ class _TorchHead(_Head):
                 batch = batch.to(device)
                 logits = forward(batch, True)
                 data_loss = weighted_loss(logits, batch)
-                loss = data_loss if penalty is None else data_loss + penalty()
                 optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+                data_loss.backward()
+                if add_penalty_gradient is not None:
+                    add_penalty_gradient()
                 optimizer.step()
                 loss_sum += float(data_loss.detach()) * len(batch)
                 correct += int(((logits.detach() >= 0) == (targets[batch] > 0.5)).sum())
@@ -513,13 +523,17 @@ class DenseHead(_TorchHead):
             optimizer = torch.optim.Adam(network.parameters(), lr=self.learning_rate)
             hidden_weight = network.hidden.weight
 
-            def penalty() -> torch.Tensor:
-                # Keras l1_l2 regulariser: added to the loss of every batch.
-                return self.l1 * hidden_weight.abs().sum() + self.l2 * hidden_weight.square().sum()
+            def add_penalty_gradient() -> None:
+                # Keras' l1_l2 regulariser adds l1 * sum|w| + l2 * sum w^2 to every batch's
+                # loss; its gradient is added directly, which skips building a graph over the
+                # (possibly 57M-weight) matrix and roughly halves a CPU step.
+                with torch.no_grad():
+                    hidden_weight.grad.add_(torch.sign(hidden_weight), alpha=self.l1)
+                    hidden_weight.grad.add_(hidden_weight, alpha=2.0 * self.l2)
 
             self.history_ = self._train_network(
                 network, optimizer, lambda batch, training: network(inputs[batch]),
-                labels, self.batch_size, seed, device, penalty,
+                labels, self.batch_size, seed, device, add_penalty_gradient,
             )
             self.network_ = network
 
@@ -754,7 +768,9 @@ class _GatedAttentionNetwork(nn.Module):
         return self.classifier(bag).squeeze(-1), attention_logits, weights
 
 
-def _pad(bags: Sequence[np.ndarray] | Sequence[torch.Tensor], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def _pad(
+    bags: Sequence[np.ndarray] | Sequence[torch.Tensor], device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Stack bags of different sizes into (B, N_max, D) with a (B, N_max) validity mask."""
     tensors = [torch.as_tensor(bag) for bag in bags]
     longest = max(t.shape[0] for t in tensors)
@@ -854,7 +870,9 @@ class AttentionHead(_TorchHead):
             keep[torch.randint(bag.shape[0], (1,), generator=generator)] = True
         return bag[keep.to(bag.device)]
 
-    def _run(self, bags: Sequence[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray], list[np.ndarray]]:
+    def _run(
+        self, bags: Sequence[np.ndarray]
+    ) -> tuple[np.ndarray, list[np.ndarray], list[np.ndarray]]:
         """Bag probabilities, attention logits and attention weights for every image."""
         checked = _check_bags(bags, self.n_features_in_)
         network, device = self._network_for_inference()
@@ -991,7 +1009,10 @@ def _check_file_name(name: str) -> None:
 def _save_tensors(network: nn.Module, path: Path, class_name: str) -> None:
     from safetensors.torch import save_file
 
-    tensors = {key: value.detach().cpu().contiguous().clone() for key, value in network.state_dict().items()}
+    tensors = {
+        key: value.detach().cpu().contiguous().clone()
+        for key, value in network.state_dict().items()
+    }
     _atomic_write(path, lambda temp: save_file(tensors, str(temp), metadata={"class": class_name}))
 
 
@@ -1117,10 +1138,14 @@ def load_head(directory: str | os.PathLike[str], spec: Mapping[str, Any]) -> _He
     head = _construct(cls, _params_from_json(spec.get("params"), cls.__name__))
     files = spec.get("files")
     if not isinstance(files, list) or not all(isinstance(f, str) for f in files):
-        raise ModelError(f"head spec for {cls.__name__}: expected a list of file names, got {files!r}")
+        raise ModelError(
+            f"head spec for {cls.__name__}: expected a list of file names, got {files!r}"
+        )
     for file_name in files:
         if Path(file_name).name != file_name:
-            raise ModelError(f"head spec for {cls.__name__}: expected plain file names, got {file_name!r}")
+            raise ModelError(
+                f"head spec for {cls.__name__}: expected plain file names, got {file_name!r}"
+            )
 
     def only_file(suffix: str) -> Path:
         matching = [f for f in files if f.endswith(suffix)]
@@ -1132,7 +1157,8 @@ def load_head(directory: str | os.PathLike[str], spec: Mapping[str, Any]) -> _He
 
     if cls is DenseHead:
         state = _spec_state(spec, ("n_features_in_", "n_windows_", "history_"))
-        network = _DenseNetwork(state["n_windows_"] * state["n_features_in_"], head.hidden, head.dropout)
+        n_inputs = state["n_windows_"] * state["n_features_in_"]
+        network = _DenseNetwork(n_inputs, head.hidden, head.dropout)
         head.network_ = _load_tensors(network, only_file(".safetensors"))
         head.history_ = state["history_"]
         head.n_windows_ = state["n_windows_"]
@@ -1145,9 +1171,8 @@ def load_head(directory: str | os.PathLike[str], spec: Mapping[str, Any]) -> _He
         head.history_ = state["history_"]
     elif cls is ForestHead:
         state = _spec_state(spec, ("n_features_in_", "n_windows_"))
-        head.forest_ = _load_sklearn(
-            only_file(".skops"), RandomForestClassifier, state["n_windows_"] * state["n_features_in_"]
-        )
+        n_inputs = state["n_windows_"] * state["n_features_in_"]
+        head.forest_ = _load_sklearn(only_file(".skops"), RandomForestClassifier, n_inputs)
         head.n_windows_ = state["n_windows_"]
     elif cls is PooledHead:
         state = _spec_state(spec, ("n_features_in_",))

@@ -147,7 +147,7 @@ def score_map(boxes: Any, scores: Any, image_size: Sequence[int], scale: float =
     counts = counts.cumsum(axis=0).cumsum(axis=1)[:out_h, :out_w]
     result = np.full((out_h, out_w), np.nan)
     covered = counts > 0
-    result[covered] = totals[covered]
+    result[covered] = totals[covered] / counts[covered]
     # Rounding in the cumulative sums can leave a mean a hair outside its windows' range.
     if values.size:
         np.clip(result, values.min(), values.max(), out=result)

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
+import torch
 
 from .artifacts import check_out_dir, read_model_config, write_model_dir
 from safetensors.torch import save_file
@@ -355,7 +356,11 @@ def train(
             f"{labels_csv or data_dir}: {config.cv}-fold cross-validation needs at least {config.cv} images of each "
             f"class, got {np.bincount(data.y, minlength=2).tolist()} ({', '.join(data.classes)}); lower --cv"
         )
-    backbone = create_backbone(config.backbone, weights=config.weights, pretrained=config.pretrained)
+    # Random-init weights come from the seed, not from whatever the process drew before:
+    # the same arguments give the same model (and the feature cache can be reused).
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed)
+        backbone = create_backbone(config.backbone, weights=config.weights, pretrained=config.pretrained)
     extractor = FeatureExtractor(backbone, config.window, config.overlap, config.batch_size, config.device,
                                  mode=config.extraction)
     read_options = config.read_options

@@ -1,0 +1,1554 @@
+"""End-to-end fine-tuning of a pretrained CNN on whole images (the write-up's Round-2 classifier).
+
+The SOFTEC AIC'24 Round-2 model is an ImageNet EfficientNet-B4 fine-tuned on the whole
+images resized to 512 x 512, in two phases:
+
+1. **head** - a new classification head is trained on the frozen pretrained base. The base
+   stays exactly as it was: its parameters are frozen *and* its BatchNorm layers are kept in
+   eval mode, so their running statistics do not drift either.
+2. **full** - the base is unfrozen (all of it, or the last N blocks, as timm's coarse
+   ``group_matcher`` groups them: for EfficientNets the last N of ``model.blocks``, with
+   ``conv_head``/``bn2`` going with the last block) and trained with the head at a lower
+   learning rate. Frozen parts keep their BatchNorm in eval mode.
+
+Each phase keeps the checkpoint of its best validation epoch (validation loss or AUC) and
+reloads it at its end; early stopping ends a phase that stops improving. The validation
+images are a stratified (and, when the labels CSV has a ``group``/``slide`` column,
+grouped) split of the training images (``val_fraction``). The decision threshold is the
+max-F1 one on the validation predictions, or on the out-of-fold predictions with ``cv``.
+
+**Pre-training stage** (optional, ``pretrain_data``). The write-up first adapted the base to
+microscopy on the Round-1 images, far larger than 512 px: each is cut into ``tile``-sized
+tiles (``tile_overlap``, the grid of :func:`mitoscope.tiling.make_grid`), each tile resized
+to ``size`` and labelled with its image's label; both phases run on the tiles, then the
+main stage (both phases again) trains on ``DATA_DIR`` starting from the adapted network,
+head included. Labelling tiles with their image's label is *noisy for Mitosis images*:
+a Mitosis image holds a few mitotic cells, so most of its tiles show none and are
+nonetheless called Mitosis. ``negatives_only_tiles`` avoids that: tiles are cut from Normal
+images only (every tile of a Normal image is truly normal), and Mitosis images enter whole,
+resized to ``size``. The pre-training images must not be among ``DATA_DIR``'s (checked).
+With ``cv`` the pre-training runs once, before the folds (it never sees ``DATA_DIR``).
+
+**Augmentation** (``mitoscope.augment``): flips, quarter turns, small zoom, brightness and
+contrast, and H&E stain jitter in HED space (on by default; switch it off for fluorescence).
+Class imbalance: ``balance="pos_weight"`` weights the positive class's loss by
+negatives/positives, ``"sampler"`` draws balanced batches instead.
+
+**Pooling**: ``avg`` (the write-up: global average pooling, dropout, one logit) or
+``attention`` (gated-attention MIL over the positions of the final feature map). Both give a
+per-position heatmap at prediction time: the attention weights (they sum to 1), or for
+``avg`` the class-activation map (the head applied at each position; their mean is the
+logit). Position ``(i, j)`` is reported as the cell ``image_size / map_size`` it covers,
+mapped back to the image as read (the receptive field is larger than the cell).
+
+**Hardware** (Lightning): mixed precision on GPU (``precision="16-mixed"``/``"bf16-mixed"``,
+``"auto"`` picks bf16 where supported; CPU runs in 32-bit), gradient accumulation
+(``accumulate``), and multi-GPU / multi-node DDP through Lightning's own ``ddp`` strategy,
+chosen when ``devices > 1`` or ``num_nodes > 1``. ``batch_size`` is per device: the
+effective batch is ``batch_size x devices x num_nodes x accumulate``.
+
+Two GPUs on one machine::
+
+    mitoscope finetune scenes/ --labels scenes/labels.csv --out model/ --devices 2
+
+Lightning starts the second process itself by running the same command again (with
+``LOCAL_RANK=1``): every process reads the images and trains its share of each batch; only
+rank 0 writes the model. From Python, run the training from a script (not a notebook) for
+the same reason.
+
+A SLURM cluster (2 nodes x 4 GPUs); Lightning recognises SLURM from its environment
+(``SLURM_NTASKS``, ``SLURM_PROCID``, ...) and takes the ranks and the main address from it::
+
+    #!/bin/bash
+    #SBATCH --nodes=2 --ntasks-per-node=4 --gpus-per-node=4 --cpus-per-task=8
+    srun mitoscope finetune scenes/ --labels scenes/labels.csv --out /shared/model \\
+        --devices 4 --num-nodes 2 --workers 6 --cache-dir /shared/cache
+
+``--devices`` must equal ``--ntasks-per-node`` and ``--num-nodes`` ``--nodes``. The
+checkpoints live in a work folder next to ``--out`` (``.NAME.finetune-work``, removed at the
+end), which every rank reads: ``--out`` must be on a filesystem all nodes share.
+
+Python API::
+
+    from mitoscope.finetune import FineTuneConfig, finetune, FineTunedModel
+    result = finetune("scenes/", "scenes/labels.csv", "model/", FineTuneConfig(size=512, pool="attention"))
+    model = FineTunedModel.load("model/")
+    pred = model.predict_paths(["new.png"], with_window_scores=True)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import csv
+import io as stdio
+import json
+import logging
+import math
+import os
+import shutil
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .artifacts import read_model_config, write_model_dir
+from .atomic import atomic_path, atomic_write_json, atomic_write_text
+from .augment import AugmentConfig, augment_batch, dihedral, invert_dihedral
+from .backbones import Backbone, create_backbone
+from .errors import InputError, ModelError, WeightsUnavailableError
+from .evaluation import best_f1_threshold, compute_metrics, cross_validate, write_report
+from .features import FeatureCache, file_sha256, pick_device, resize_image
+from .heads import _GatedAttentionNetwork
+from .io import LabelledImages, ReadOptions, load_labelled_images, read_image
+from .tiling import crop_windows, make_grid, validate_tiling
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "FineTuneConfig",
+    "FineTuneNetwork",
+    "FineTuneResult",
+    "FineTunedModel",
+    "FineTuner",
+    "ImageStore",
+    "finetune",
+    "fit_phase",
+    "position_boxes",
+    "register_cli",
+    "set_trainable",
+    "tile_boxes",
+    "validation_split",
+]
+
+DEFAULT_FINETUNE_BACKBONE = "efficientnet_b4"
+OFFLINE_ALTERNATIVE = "tf_efficientnet_lite0"
+NETWORK_FILE = "network.safetensors"
+HEAD_NAME = "finetuned"
+POOLS = ("avg", "attention")
+MONITORS = {"loss": "min", "auc": "max"}
+BALANCES = ("pos_weight", "sampler", "none")
+PRECISIONS = ("auto", "32", "32-true", "16-mixed", "bf16-mixed")
+# The 8 symmetries of the square used by test-time augmentation: (quarter turns, flip).
+TTA_TRANSFORMS = tuple((k, flip) for flip in (False, True) for k in range(4))
+
+# (stage description, done, total), as everywhere in the package
+Progress = Callable[[str, int, int], None]
+
+
+# --------------------------------------------------------------------------------------------
+# Configuration
+# --------------------------------------------------------------------------------------------
+
+
+def parse_unfreeze(value: str | int) -> str | int:
+    """``"all"`` or a positive number of blocks (timm's coarse parameter groups)."""
+    if isinstance(value, str) and value.strip().lower() == "all":
+        return "all"
+    try:
+        blocks = int(value)
+    except (TypeError, ValueError):
+        blocks = 0
+    if blocks < 1 or isinstance(value, bool):
+        raise InputError(f"--unfreeze expects 'all' or a positive number of blocks, got {value!r}")
+    return blocks
+
+
+def parse_devices(value: str | int) -> str | int:
+    """``"auto"``, a device count, or a comma-separated list of device indices (Lightning's forms)."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        if value < 1 and value != -1:
+            raise InputError(f"--devices expects a positive count, -1, 'auto' or a list like 0,1; got {value}")
+        return value
+    text = str(value).strip()
+    if text == "auto":
+        return text
+    if text.lstrip("-").isdigit():
+        return parse_devices(int(text))
+    parts = [p.strip() for p in text.split(",") if p.strip()]
+    if parts and all(p.isdigit() for p in parts):
+        return ",".join(parts) + ("," if len(parts) == 1 else "")
+    raise InputError(f"--devices expects a positive count, -1, 'auto' or a list like 0,1; got {value!r}")
+
+
+@dataclass(frozen=True)
+class FineTuneConfig:
+    """Everything ``mitoscope finetune`` can be told; :meth:`validate` checks it before any work."""
+
+    backbone: str = DEFAULT_FINETUNE_BACKBONE
+    weights: str | None = None
+    pretrained: bool = True
+    size: int = 512
+    pool: str = "avg"
+    dropout: float = 0.3
+    attention_hidden: int = 256
+    attention_dim: int = 128
+    epochs_head: int = 5
+    epochs_full: int = 20
+    lr_head: float = 1e-3
+    lr_full: float = 1e-4
+    weight_decay: float = 0.0
+    unfreeze: str | int = "all"
+    batch_size: int = 16
+    accumulate: int = 1
+    precision: str = "auto"
+    accelerator: str = "auto"
+    devices: str | int = 1
+    num_nodes: int = 1
+    workers: int | None = None
+    val_fraction: float = 0.2
+    monitor: str = "loss"
+    patience: int = 5
+    balance: str = "pos_weight"
+    cv: int = 0
+    seed: int = 0
+    positive: str | None = None
+    channels: tuple[int, int, int] | None = None
+    tta: bool = False
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    pretrain_data: str | None = None
+    pretrain_labels: str | None = None
+    tile: int = 1600
+    tile_overlap: float = 0.25
+    negatives_only_tiles: bool = False
+    progress_bar: bool = False
+
+    def validate(self) -> "FineTuneConfig":
+        def positive_int(name: str, minimum: int = 1) -> None:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+                raise InputError(f"--{name.replace('_', '-')} must be an integer >= {minimum}, got {value!r}")
+
+        if self.pool not in POOLS:
+            raise InputError(f"--pool must be one of {', '.join(POOLS)}, got {self.pool!r}")
+        if self.monitor not in MONITORS:
+            raise InputError(f"--monitor must be one of {', '.join(MONITORS)}, got {self.monitor!r}")
+        if self.balance not in BALANCES:
+            raise InputError(f"--balance must be one of {', '.join(BALANCES)}, got {self.balance!r}")
+        if str(self.precision) not in PRECISIONS:
+            raise InputError(f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        if isinstance(self.size, bool) or not isinstance(self.size, (int, np.integer)):
+            raise InputError(f"--size must be an integer number of pixels, got {self.size!r}")
+        for name in ("epochs_head", "epochs_full", "accumulate", "batch_size", "num_nodes", "patience",
+                     "attention_hidden", "attention_dim"):
+            positive_int(name, 0 if name.startswith("epochs") else 1)
+        if self.epochs_head + self.epochs_full < 1:
+            raise InputError("--epochs-head and --epochs-full are both 0: nothing to train")
+        for name in ("lr_head", "lr_full"):
+            if not 0.0 < float(getattr(self, name)) < 1.0:
+                raise InputError(f"--{name.replace('_', '-')} must be in (0, 1), got {getattr(self, name)!r}")
+        if not 0.0 <= self.weight_decay < 1.0:
+            raise InputError(f"weight_decay must be in [0, 1), got {self.weight_decay!r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise InputError(f"--dropout must be in [0, 1), got {self.dropout!r}")
+        if not 0.0 < self.val_fraction <= 0.5:
+            raise InputError(f"--val-fraction must be in (0, 0.5], got {self.val_fraction!r}")
+        if self.cv != 0 and (isinstance(self.cv, bool) or self.cv < 2):
+            raise InputError(f"--cv must be 0 (no cross-validation) or at least 2, got {self.cv}")
+        if self.workers is not None and self.workers < 0:
+            raise InputError(f"--workers must be >= 0, got {self.workers}")
+        parse_unfreeze(self.unfreeze)
+        parse_devices(self.devices)
+        if self.weights is not None and not Path(self.weights).is_file():
+            raise InputError(f"{self.weights}: weights file not found")
+        if self.pretrain_labels is not None and self.pretrain_data is None:
+            raise InputError("--pretrain-labels was given without --pretrain-data")
+        if self.pretrain_data is not None:
+            if not isinstance(self.tile, (int, np.integer)) or self.tile < 32:
+                raise InputError(f"--tile must be an integer of at least 32 pixels, got {self.tile!r}")
+            validate_tiling(int(self.tile), float(self.tile_overlap))
+        self.read_options  # noqa: B018 - validates --channels
+        return replace(self, unfreeze=parse_unfreeze(self.unfreeze), devices=parse_devices(self.devices))
+
+    @property
+    def read_options(self) -> ReadOptions:
+        return ReadOptions(channels=self.channels)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["augment"] = self.augment.to_dict()
+        return data
+
+
+# --------------------------------------------------------------------------------------------
+# Images held in memory, resized to the training size
+# --------------------------------------------------------------------------------------------
+
+
+def tile_boxes(height: int, width: int, tile: int, overlap: float) -> np.ndarray:
+    """(N, 4) ``[x0, y0, x1, y1]`` tiles covering an image (``tiling.make_grid``'s grid)."""
+    return make_grid(height, width, tile, overlap).boxes()
+
+
+def _read_ahead(paths: Sequence[Path], work: Callable[[Path], Any], progress: Progress | None, stage: str) -> list[Any]:
+    """``work(path)`` for every path, in order, the next one running on a thread meanwhile."""
+    results: list[Any] = []
+    if progress:
+        progress(stage, 0, len(paths))
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        pending = pool.submit(work, paths[0]) if paths else None
+        for index in range(len(paths)):
+            result = pending.result()
+            if index + 1 < len(paths):
+                pending = pool.submit(work, paths[index + 1])
+            results.append(result)
+            if progress:
+                progress(stage, index + 1, len(paths))
+    return results
+
+
+class ImageStore:
+    """Images (or their tiles) read once and resized to ``size`` x ``size``, as uint8 arrays.
+
+    The arrays live in memory (``n x size x size x 3`` bytes: 2000 images at 512 px take
+    1.5 GB). With ``cache_dir`` each image's resized copy is also kept on disk (one
+    safetensors file per image, keyed by the file's bytes, the reading options, the size and
+    the tiling, written atomically), so that a rerun does not decode large images again.
+    """
+
+    def __init__(self, size: int, read_options: ReadOptions, cache_dir: str | Path | None = None) -> None:
+        self.size = int(size)
+        self.read_options = read_options
+        self.cache_dir = Path(cache_dir) if cache_dir else None
+
+    def _settings(self, tile: int | None, overlap: float) -> dict[str, Any]:
+        return {"kind": "resized-images", "size": self.size, "read": self.read_options.to_dict(),
+                "tile": tile, "overlap": overlap if tile else None}
+
+    def _compute(self, path: Path, tile: int | None, overlap: float) -> tuple[np.ndarray, np.ndarray, tuple[int, int]]:
+        image = read_image(path, self.read_options)
+        height, width = image.shape[:2]
+        if tile is None:
+            boxes = np.array([[0, 0, width, height]], dtype=np.int64)
+            crops = [image]
+        else:
+            grid = make_grid(height, width, tile, overlap)
+            boxes = grid.boxes()
+            crops = list(crop_windows(image, grid))
+        arrays = np.stack([resize_image(crop, (self.size, self.size)) for crop in crops])
+        return arrays, boxes, (height, width)
+
+    def _load_one(self, path: Path, tile: int | None, overlap: float) -> tuple[np.ndarray, np.ndarray, tuple[int, int]]:
+        if self.cache_dir is None:
+            return self._compute(path, tile, overlap)
+        from safetensors import SafetensorError
+        from safetensors.numpy import load_file, save_file
+
+        key = FeatureCache.key(file_sha256(path), self._settings(tile, overlap))
+        entry = self.cache_dir / key[:2] / f"{key}.safetensors"
+        if entry.is_file():
+            try:
+                stored = load_file(str(entry))
+                return stored["images"], stored["boxes"], tuple(int(v) for v in stored["image_size"])
+            except (SafetensorError, OSError, KeyError) as exc:  # a damaged entry is recomputed, not trusted
+                logger.warning("%s: damaged cache entry ignored (%s)", entry, exc)
+        arrays, boxes, image_size = self._compute(path, tile, overlap)
+        entry.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(entry) as temp:
+            save_file({"images": arrays, "boxes": boxes, "image_size": np.asarray(image_size, dtype=np.int64)},
+                      str(temp), metadata={"image": str(path)})
+        return arrays, boxes, image_size
+
+    def load(
+        self,
+        paths: Sequence[Path],
+        tile: int | None = None,
+        overlap: float = 0.0,
+        progress: Progress | None = None,
+        stage: str = "reading images",
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Resized images (``tile=None``) or tiles: ``(arrays (M, S, S, 3), owner (M,), boxes (M, 4))``.
+
+        ``owner[m]`` is the index in ``paths`` of the image array ``m`` comes from;
+        ``boxes[m]`` where it lies in that image as read.
+        """
+        loaded = _read_ahead([Path(p) for p in paths], lambda p: self._load_one(p, tile, overlap), progress, stage)
+        arrays = np.concatenate([a for a, _, _ in loaded]) if loaded else np.zeros((0, self.size, self.size, 3), np.uint8)
+        owner = np.concatenate([np.full(len(a), i, dtype=np.int64) for i, (a, _, _) in enumerate(loaded)]) if loaded else np.zeros(0, np.int64)
+        boxes = np.concatenate([b for _, b, _ in loaded]) if loaded else np.zeros((0, 4), np.int64)
+        return arrays, owner, boxes
+
+
+class _ArrayDataset(torch.utils.data.Dataset):
+    """(uint8 CHW image tensor, float target) pairs of ``images[indices]``."""
+
+    def __init__(self, images: np.ndarray, y: np.ndarray, indices: np.ndarray) -> None:
+        self.images = images
+        self.y = np.asarray(y, dtype=np.float32)
+        self.indices = np.asarray(indices, dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, item: int) -> tuple[torch.Tensor, torch.Tensor]:
+        index = self.indices[item]
+        image = torch.from_numpy(np.ascontiguousarray(self.images[index].transpose(2, 0, 1)))
+        return image, torch.tensor(self.y[index])
+
+
+def validation_split(
+    y: np.ndarray, groups: np.ndarray | None, fraction: float, seed: int, source: str = "labels"
+) -> tuple[np.ndarray, np.ndarray]:
+    """Stratified (grouped when ``groups`` is given) (train, validation) positions; both hold both classes."""
+    from sklearn.model_selection import StratifiedGroupKFold, train_test_split
+
+    y = np.asarray(y, dtype=np.int64)
+    counts = np.bincount(y, minlength=2)
+    if counts.min() < 2:
+        raise InputError(
+            f"{source}: a validation split needs at least 2 images of each class (one to train on, one to "
+            f"validate on); got {counts.tolist()} (negative, positive)"
+        )
+    positions = np.arange(len(y))
+    if groups is None:
+        n_val = min(max(2, math.ceil(fraction * len(y))), len(y) - 2)
+        train, val = train_test_split(positions, test_size=n_val, stratify=y, random_state=seed)
+        return np.sort(train), np.sort(val)
+    groups = np.asarray(groups)
+    n_groups = np.unique(groups).size
+    n_splits = min(max(2, round(1.0 / fraction)), n_groups)
+    if n_splits >= 2:
+        splitter = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
+        for train, val in splitter.split(positions, y, groups):
+            if np.unique(y[val]).size == 2 and np.unique(y[train]).size == 2:
+                return np.sort(train), np.sort(val)
+    raise InputError(
+        f"{source}: cannot hold out a validation split of whole groups with both classes on each side "
+        f"({n_groups} groups); use more groups or a labels file without a group column"
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# The network: a timm backbone's feature map, then average or attention pooling
+# --------------------------------------------------------------------------------------------
+
+
+class AveragePoolHead(nn.Module):
+    """Global average pooling -> dropout -> one logit (the write-up's head)."""
+
+    def __init__(self, n_features: int, dropout: float) -> None:
+        super().__init__()
+        self.dropout = nn.Dropout(dropout)
+        self.classifier = nn.Linear(n_features, 1)
+
+    def forward(self, maps: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.dropout(maps.mean(dim=(2, 3)))).squeeze(-1)
+
+    def position_scores(self, maps: torch.Tensor) -> torch.Tensor:
+        """(B, h, w) class-activation map: the head at each position; its mean is the logit."""
+        weight = self.classifier.weight[0].to(maps.dtype)
+        return torch.einsum("bchw,c->bhw", maps, weight) + self.classifier.bias.to(maps.dtype)
+
+
+class FineTuneNetwork(nn.Module):
+    """A timm backbone (``num_classes=0``) whose final feature map is pooled into one logit."""
+
+    def __init__(self, backbone: nn.Module, pool: str = "avg", dropout: float = 0.3,
+                 attention_hidden: int = 256, attention_dim: int = 128) -> None:
+        super().__init__()
+        if pool not in POOLS:
+            raise InputError(f"pool must be one of {', '.join(POOLS)}, got {pool!r}")
+        self.backbone = backbone
+        self.pool = pool
+        n_features = int(backbone.num_features)
+        if pool == "avg":
+            self.head: nn.Module = AveragePoolHead(n_features, dropout)
+        else:
+            # The same gated-attention MIL network as the window-feature AttentionHead; its
+            # standardisation buffers stay at 0/1 here (feature maps come out of BatchNorm).
+            self.head = _GatedAttentionNetwork(n_features, attention_hidden, attention_dim, dropout)
+
+    def feature_map(self, images: torch.Tensor) -> torch.Tensor:
+        return self.backbone.forward_features(images)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        maps = self.feature_map(images)
+        if self.pool == "avg":
+            return self.head(maps)
+        return self.head(maps.flatten(2).transpose(1, 2))[0]
+
+    def forward_positions(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits (B,) and per-position scores (B, h, w): attention weights, or the CAM for ``avg``."""
+        maps = self.feature_map(images)
+        if self.pool == "avg":
+            return self.head(maps), self.head.position_scores(maps)
+        logits, _, weights = self.head(maps.flatten(2).transpose(1, 2))
+        return logits, weights.view(maps.shape[0], maps.shape[2], maps.shape[3])
+
+
+def build_network(config: FineTuneConfig, pretrained: bool | None = None) -> tuple[FineTuneNetwork, Backbone]:
+    """The backbone with its pretrained weights and a new head (initialised from ``config.seed``)."""
+    pretrained = config.pretrained if pretrained is None else pretrained
+    try:
+        backbone = create_backbone(config.backbone, weights=config.weights, pretrained=pretrained)
+    except WeightsUnavailableError as exc:
+        message = str(exc)
+        if OFFLINE_ALTERNATIVE not in message:
+            message += f"; offline, use --backbone {OFFLINE_ALTERNATIVE} (its weights are embedded)"
+        raise WeightsUnavailableError(message) from None
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed)
+        network = FineTuneNetwork(backbone.model, config.pool, config.dropout, config.attention_hidden,
+                                  config.attention_dim)
+    return network, backbone
+
+
+def check_input_size(network: FineTuneNetwork, name: str, size: int) -> tuple[int, int]:
+    """Check that the network takes ``size`` x ``size`` images; return its feature-map shape.
+
+    The size must be at least 32 and a multiple of the backbone's total stride (32 for
+    EfficientNets), so that the feature map tiles the image exactly; a dry forward pass on a
+    zero image catches anything else the backbone cannot take.
+    """
+    info = getattr(network.backbone, "feature_info", None)
+    stride = int(info[-1]["reduction"]) if info else 32
+    if size < 32 or size % stride:
+        raise InputError(
+            f"--size {size} does not suit backbone {name}: expected at least 32 and a multiple of its "
+            f"stride {stride} (e.g. {max(stride, 32 * math.ceil(max(size, 1) / 32) // stride * stride)})"
+        )
+    was_training = network.training
+    network.eval()
+    try:
+        with torch.inference_mode():
+            maps = network.feature_map(torch.zeros(1, 3, size, size))
+            if maps.ndim == 4:
+                network(torch.zeros(1, 3, size, size))
+    except Exception as exc:  # the backbone's own complaint, in one line
+        raise InputError(
+            f"backbone {name} cannot take {size}x{size} images ({type(exc).__name__}: {' '.join(str(exc).split())[:200]})"
+        ) from None
+    finally:
+        network.train(was_training)
+    if maps.ndim != 4:
+        raise InputError(
+            f"backbone {name} gives a sequence of tokens, not a 2-D feature map, at --size {size}: "
+            f"fine-tuning needs a CNN (e.g. efficientnet_b4 or {OFFLINE_ALTERNATIVE})"
+        )
+    return int(maps.shape[2]), int(maps.shape[3])
+
+
+def set_trainable(network: FineTuneNetwork, unfreeze: str | int | None) -> list[str]:
+    """Freeze the backbone except ``unfreeze`` (None: nothing, "all", or the last N timm groups).
+
+    The head always trains. Returns the names of the backbone parameters left trainable.
+    Groups are timm's coarse ``group_matcher`` groups (stem, then one per stage; for
+    EfficientNets ``conv_head``/``bn2`` belong to the last stage).
+    """
+    from timm.models import group_parameters
+
+    backbone = network.backbone
+    for parameter in backbone.parameters():
+        parameter.requires_grad_(False)
+    for parameter in network.head.parameters():
+        parameter.requires_grad_(True)
+    if unfreeze is None:
+        return []
+    if unfreeze == "all":
+        names = [name for name, _ in backbone.named_parameters()]
+    else:
+        groups = group_parameters(backbone, backbone.group_matcher(coarse=True))
+        chosen = sorted(groups)[-int(unfreeze):]
+        names = [name for group in chosen for name in groups[group]]
+    wanted = set(names)
+    for name, parameter in backbone.named_parameters():
+        if name in wanted:
+            parameter.requires_grad_(True)
+    return [name for name, _ in backbone.named_parameters() if name in wanted]
+
+
+def _trainable_state(network: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu().contiguous() for k, v in network.state_dict().items()}
+
+
+# --------------------------------------------------------------------------------------------
+# Lightning
+# --------------------------------------------------------------------------------------------
+
+
+def _lightning() -> Any:
+    import lightning as L
+
+    return L
+
+
+def _binary_auc(y: np.ndarray, proba: np.ndarray) -> float:
+    from sklearn.metrics import roc_auc_score
+
+    return float(roc_auc_score(y, proba)) if np.unique(y).size == 2 else float("nan")
+
+
+def _make_module_class() -> type:
+    L = _lightning()
+
+    class FineTuneModule(L.LightningModule):
+        """One phase of training: weighted BCE, augmentation on the device, epoch metrics and history."""
+
+        def __init__(self, network: FineTuneNetwork, lr: float, pos_weight: float, augment: AugmentConfig | None,
+                     mean: Sequence[float], std: Sequence[float], weight_decay: float = 0.0, seed: int = 0,
+                     tag: dict[str, Any] | None = None) -> None:
+            super().__init__()
+            self.network = network
+            self.lr = float(lr)
+            self.weight_decay = float(weight_decay)
+            self.augment = augment
+            self.seed = int(seed)
+            self.tag = dict(tag or {})
+            # Not persistent: checkpoints hold the network's weights only.
+            self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
+            self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
+            self.register_buffer("pos_weight", torch.tensor(float(pos_weight)), persistent=False)
+            self.history: list[dict[str, Any]] = []
+            self._outputs: dict[str, list[tuple[torch.Tensor, ...]]] = {"train": [], "val": []}
+            self._val_metrics: dict[str, float] = {}
+            self._batches_seen = 0
+
+        def train(self, mode: bool = True) -> "FineTuneModule":
+            super().train(mode)
+            if mode:
+                # Frozen parts stay in eval mode: BatchNorm statistics and dropout of a frozen
+                # part must not change what it computes.
+                for module in self.network.backbone.modules():
+                    parameters = list(module.parameters())
+                    if parameters and not any(p.requires_grad for p in parameters):
+                        module.eval()
+            return self
+
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            trainable = [p for p in self.network.parameters() if p.requires_grad]
+            return torch.optim.AdamW(trainable, lr=self.lr, weight_decay=self.weight_decay)
+
+        def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+            images, targets = batch
+            x = images.float() / 255.0
+            if self.trainer.training and self.augment is not None:
+                # A seed per (seed, rank, batch): reproducible, and different on every rank.
+                state = np.random.SeedSequence([self.seed, self.global_rank, self._batches_seen]).generate_state(1)
+                self._batches_seen += 1
+                x = augment_batch(x, self.augment, torch.Generator().manual_seed(int(state[0])))
+            x = (x - self.mean) / self.std
+            if x.is_cuda:
+                x = x.contiguous(memory_format=torch.channels_last)
+            return x, targets
+
+        def _step(self, batch: Any, split: str) -> torch.Tensor:
+            images, targets = batch
+            logits = self.network(images).float()
+            losses = F.binary_cross_entropy_with_logits(logits, targets, pos_weight=self.pos_weight, reduction="none")
+            self._outputs[split].append((logits.detach(), targets.detach(), losses.detach()))
+            return losses.mean()
+
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            return self._step(batch, "train")
+
+        def validation_step(self, batch: Any, batch_idx: int) -> None:
+            self._step(batch, "val")
+
+        def _epoch_metrics(self, split: str) -> dict[str, float]:
+            outputs = self._outputs[split]
+            self._outputs[split] = []
+            if not outputs:
+                return {}
+            logits, targets, losses = (torch.cat(parts) for parts in zip(*outputs))
+            if self.trainer.world_size > 1:  # every rank saw a share: gather them all
+                logits, targets, losses = (self.all_gather(t).flatten() for t in (logits, targets, losses))
+            proba = torch.sigmoid(logits).cpu().numpy()
+            y = (targets > 0.5).cpu().numpy().astype(np.int64)
+            return {
+                f"{split}_loss": float(losses.mean()),
+                f"{split}_accuracy": float(np.mean((proba >= 0.5) == (y == 1))),
+                f"{split}_auc": _binary_auc(y, proba),
+            }
+
+        def on_validation_epoch_end(self) -> None:
+            self._val_metrics = self._epoch_metrics("val")
+            # Every rank computed the same numbers from the gathered predictions: no sync needed.
+            self.log_dict({k: v for k, v in self._val_metrics.items()}, prog_bar=True)
+
+        def on_train_epoch_end(self) -> None:
+            metrics = self._epoch_metrics("train")
+            self.log_dict(metrics, prog_bar=False)
+            lr = float(self.trainer.optimizers[0].param_groups[0]["lr"])
+            self.history.append({**self.tag, "epoch": self.current_epoch + 1, "lr": lr, **metrics, **self._val_metrics})
+            self._val_metrics = {}
+
+    return FineTuneModule
+
+
+@dataclass(frozen=True)
+class Phase:
+    """One phase: which part trains, for how many epochs, at which learning rate."""
+
+    name: str  # "head" or "full"
+    epochs: int
+    lr: float
+    unfreeze: str | int | None  # None: the head only
+
+
+@dataclass
+class PhaseResult:
+    name: str
+    best_path: str
+    best_epoch: int
+    best_score: float
+    epochs_run: int
+    lr: float
+    n_trainable: int
+    history: list[dict[str, Any]]
+
+
+@contextlib.contextmanager
+def _quiet_lightning(quiet: bool) -> Iterator[None]:
+    """Silence Lightning's start-up chatter (devices found, tips) and its data-loader hints."""
+    names = ("lightning.pytorch", "lightning.fabric")
+    saved = {name: logging.getLogger(name).level for name in names}
+    try:
+        if quiet:
+            for name in names:
+                logging.getLogger(name).setLevel(logging.WARNING)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
+            warnings.filterwarnings("ignore", message=r".*smaller than the logging interval.*")
+            warnings.filterwarnings("ignore", message=r".*`isinstance\(treespec, LeafSpec\)` is deprecated.*")
+            yield
+    finally:
+        for name, level in saved.items():
+            logging.getLogger(name).setLevel(level)
+
+
+def _on_gpu(config: FineTuneConfig) -> bool:
+    if config.accelerator == "cpu":
+        return False
+    return config.accelerator in ("gpu", "cuda") or torch.cuda.is_available()
+
+
+def resolve_precision(config: FineTuneConfig) -> str:
+    """Lightning's precision: bf16/16-bit mixed on GPU ("auto" picks), 32-bit on CPU."""
+    precision = str(config.precision)
+    gpu = _on_gpu(config)
+    if precision == "auto":
+        if not gpu:
+            return "32-true"
+        return "bf16-mixed" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "16-mixed"
+    if precision in ("32", "32-true"):
+        return "32-true"
+    if not gpu:
+        raise InputError(f"--precision {precision} needs a GPU; on CPU use --precision 32 (or auto)")
+    return precision
+
+
+def _strategy(config: FineTuneConfig) -> str:
+    devices = config.devices
+    several = (isinstance(devices, int) and (devices > 1 or devices == -1)) or (
+        isinstance(devices, str) and devices not in ("auto",) and len([d for d in devices.split(",") if d]) > 1)
+    return "ddp" if several or config.num_nodes > 1 else "auto"
+
+
+def _workers(config: FineTuneConfig) -> int:
+    if config.workers is not None:
+        return int(config.workers)
+    return min(4, max(0, (os.cpu_count() or 1) - 1)) if _on_gpu(config) else 0
+
+
+def fit_phase(
+    network: FineTuneNetwork,
+    images: np.ndarray,
+    y: np.ndarray,
+    train_indices: np.ndarray,
+    val_indices: np.ndarray,
+    phase: Phase,
+    config: FineTuneConfig,
+    work_dir: Path,
+    mean: Sequence[float],
+    std: Sequence[float],
+    tag: dict[str, Any] | None = None,
+    callbacks: Sequence[Any] = (),
+) -> PhaseResult:
+    """Train one phase with Lightning, then reload its best checkpoint into ``network``."""
+    L = _lightning()
+    from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint, TQDMProgressBar
+
+    trainable = set_trainable(network, phase.unfreeze)
+    y = np.asarray(y, dtype=np.int64)
+    train_y = y[train_indices]
+    n_pos, n_neg = int(train_y.sum()), int(len(train_y) - train_y.sum())
+    pos_weight = n_neg / max(n_pos, 1) if config.balance == "pos_weight" else 1.0
+    module = _make_module_class()(
+        network, phase.lr, pos_weight, config.augment, mean, std, config.weight_decay,
+        seed=config.seed, tag={**(tag or {}), "phase": phase.name},
+    )
+    generator = torch.Generator().manual_seed(config.seed)
+    sampler = None
+    if config.balance == "sampler":
+        weights = np.where(train_y == 1, 1.0 / max(n_pos, 1), 1.0 / max(n_neg, 1))
+        sampler = torch.utils.data.WeightedRandomSampler(weights.tolist(), len(train_y), replacement=True, generator=generator)
+    workers = _workers(config)
+    loader_args = {"num_workers": workers, "pin_memory": _on_gpu(config), "persistent_workers": workers > 0}
+    train_loader = torch.utils.data.DataLoader(
+        _ArrayDataset(images, y, train_indices), batch_size=config.batch_size, shuffle=sampler is None,
+        sampler=sampler, generator=generator if sampler is None else None,
+        # A last batch of one image would break BatchNorm in training mode at small feature maps.
+        drop_last=len(train_indices) > config.batch_size, **loader_args,
+    )
+    val_loader = torch.utils.data.DataLoader(
+        _ArrayDataset(images, y, val_indices), batch_size=config.batch_size, shuffle=False, **loader_args)
+
+    monitor = f"val_{config.monitor}"
+    checkpoint = ModelCheckpoint(
+        dirpath=work_dir, filename=f"{phase.name}-{{epoch}}", monitor=monitor, mode=MONITORS[config.monitor],
+        save_top_k=1, save_weights_only=True, auto_insert_metric_name=False,
+    )
+    stopper = EarlyStopping(monitor=monitor, mode=MONITORS[config.monitor], patience=config.patience)
+    bars = [TQDMProgressBar()] if config.progress_bar else []
+    trainer = L.Trainer(
+        max_epochs=phase.epochs,
+        accelerator=config.accelerator,
+        devices=config.devices,
+        num_nodes=config.num_nodes,
+        strategy=_strategy(config),
+        precision=resolve_precision(config),
+        accumulate_grad_batches=config.accumulate,
+        callbacks=[checkpoint, stopper, *bars, *callbacks],
+        logger=False,
+        enable_model_summary=False,
+        enable_progress_bar=config.progress_bar,
+        default_root_dir=work_dir,
+        num_sanity_val_steps=0,
+        log_every_n_steps=1,
+    )
+    with _quiet_lightning(not config.progress_bar):
+        trainer.fit(module, train_loader, val_loader)
+    if not checkpoint.best_model_path:
+        raise InputError(f"phase {phase.name}: no validation epoch finished, so there is no best checkpoint to keep")
+    saved = torch.load(checkpoint.best_model_path, map_location="cpu", weights_only=True)
+    module.load_state_dict(saved["state_dict"])
+    trainer.strategy.barrier()  # every rank has read the checkpoint before rank 0 may delete it
+    best_epoch = int(saved["epoch"]) + 1
+    score = checkpoint.best_model_score
+    logger.info("%s phase %s: best epoch %d of %d (%s %.4f)", (tag or {}).get("stage", ""), phase.name, best_epoch,
+                trainer.current_epoch, monitor, float(score) if score is not None else float("nan"))
+    network.train(False)
+    return PhaseResult(
+        name=phase.name, best_path=str(checkpoint.best_model_path), best_epoch=best_epoch,
+        best_score=float(score) if score is not None else float("nan"), epochs_run=len(module.history),
+        lr=phase.lr, n_trainable=sum(p.numel() for p in network.parameters() if p.requires_grad),
+        history=module.history,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Inference on resized uint8 images
+# --------------------------------------------------------------------------------------------
+
+
+@torch.inference_mode()
+def forward_images(
+    network: FineTuneNetwork,
+    images: np.ndarray,
+    mean: Sequence[float],
+    std: Sequence[float],
+    device: torch.device,
+    tta: bool = False,
+    positions: bool = False,
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Probabilities (B,) of (B, S, S, 3) uint8 images and, with ``positions``, (B, h, w) maps.
+
+    Test-time augmentation averages the probabilities (and the maps, turned back) over the
+    8 flips and quarter turns of the square.
+    """
+    network.eval()
+    x = torch.from_numpy(np.ascontiguousarray(images)).to(device).permute(0, 3, 1, 2).float() / 255.0
+    mean_t = torch.tensor(mean, device=device, dtype=torch.float32).view(1, 3, 1, 1)
+    std_t = torch.tensor(std, device=device, dtype=torch.float32).view(1, 3, 1, 1)
+    x = (x - mean_t) / std_t
+    transforms = TTA_TRANSFORMS if tta else ((0, False),)
+    proba_sum = torch.zeros(x.shape[0], dtype=torch.float64, device=device)
+    maps_sum = None
+    for k, flip in transforms:
+        view = dihedral(x, k, flip)
+        if device.type == "cuda":
+            view = view.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            if positions:
+                logits, maps = network.forward_positions(view)
+            else:
+                logits, maps = network(view), None
+        proba_sum += torch.sigmoid(logits.double())
+        if maps is not None:
+            maps = invert_dihedral(maps.double(), k, flip)
+            maps_sum = maps if maps_sum is None else maps_sum + maps
+    proba = (proba_sum / len(transforms)).cpu().numpy()
+    maps_out = None if maps_sum is None else (maps_sum / len(transforms)).cpu().numpy()
+    return proba, maps_out
+
+
+def predict_arrays(network: FineTuneNetwork, images: np.ndarray, indices: np.ndarray, mean: Sequence[float],
+                   std: Sequence[float], device: torch.device, tta: bool, batch_size: int = 16) -> np.ndarray:
+    """Probabilities of ``images[indices]`` in batches."""
+    network.to(device)
+    out = [forward_images(network, images[indices[i:i + batch_size]], mean, std, device, tta)[0]
+           for i in range(0, len(indices), batch_size)]
+    return np.concatenate(out) if out else np.zeros(0)
+
+
+def position_boxes(image_size: tuple[int, int], map_shape: tuple[int, int]) -> np.ndarray:
+    """(h*w, 4) int64 ``[x0, y0, x1, y1]``: the cell of each feature-map position, row-major,
+    in the coordinates of the image as read (cell = image size / map size); they tile the image."""
+    height, width = image_size
+    rows, cols = map_shape
+    ys = np.round(np.arange(rows + 1) * height / rows).astype(np.int64)
+    xs = np.round(np.arange(cols + 1) * width / cols).astype(np.int64)
+    yy, xx = np.meshgrid(np.arange(rows), np.arange(cols), indexing="ij")
+    yy, xx = yy.ravel(), xx.ravel()
+    return np.stack([xs[xx], ys[yy], xs[xx + 1], ys[yy + 1]], axis=1)
+
+
+# --------------------------------------------------------------------------------------------
+# The estimator: two phases on images held in memory
+# --------------------------------------------------------------------------------------------
+
+
+class FineTuner:
+    """Two-phase fine-tuning as a scikit-learn style estimator over image indices.
+
+    ``fit(indices, y)`` trains a copy of ``network`` on ``images[indices]`` (the arrays of an
+    :class:`ImageStore`) with an inner validation split; ``predict_proba(indices)`` gives the
+    (n, 2) class probabilities. Indices stand for images so that
+    :func:`mitoscope.evaluation.cross_validate` can drive it like any head.
+    Learned state: ``network_``, ``history_``, ``phases_``, ``val_indices_``, ``val_proba_``.
+    """
+
+    def __init__(self, network: FineTuneNetwork, config: FineTuneConfig, images: np.ndarray, y: np.ndarray,
+                 groups: np.ndarray | None, mean: Sequence[float], std: Sequence[float], work_dir: Path,
+                 stage: str = "main", callbacks: Sequence[Any] = ()) -> None:
+        self.network = network
+        self.config = config
+        self.images = images
+        self.y = np.asarray(y, dtype=np.int64)
+        self.groups = None if groups is None else np.asarray(groups)
+        self.mean = list(mean)
+        self.std = list(std)
+        self.work_dir = Path(work_dir)
+        self.stage = stage
+        self.callbacks = list(callbacks)
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device("cpu") if not _on_gpu(self.config) else pick_device(None)
+
+    def fit(self, indices: Sequence[int], y: Sequence[int] | None = None) -> "FineTuner":
+        L = _lightning()
+        indices = np.asarray(list(indices), dtype=np.int64)
+        if y is not None and not np.array_equal(np.asarray(y, dtype=np.int64), self.y[indices]):
+            raise InputError(f"{self.stage}: labels passed to fit differ from those of the images")
+        config = self.config
+        train_pos, val_pos = validation_split(self.y[indices], None if self.groups is None else self.groups[indices],
+                                              config.val_fraction, config.seed, source=self.stage)
+        train_indices, val_indices = indices[train_pos], indices[val_pos]
+        L.seed_everything(config.seed, workers=True, verbose=False)
+        network = copy.deepcopy(self.network)
+        phases = [Phase("head", config.epochs_head, config.lr_head, None),
+                  Phase("full", config.epochs_full, config.lr_full, config.unfreeze)]
+        results = []
+        for phase in phases:
+            if phase.epochs < 1:
+                continue
+            results.append(fit_phase(
+                network, self.images, self.y, train_indices, val_indices, phase, config,
+                self.work_dir / phase.name, self.mean, self.std, tag={"stage": self.stage}, callbacks=self.callbacks,
+            ))
+        set_trainable(network, None)
+        network.eval()
+        self.network_ = network
+        self.phases_ = results
+        self.history_ = [row for result in results for row in result.history]
+        self.train_indices_ = train_indices
+        self.val_indices_ = val_indices
+        self.val_proba_ = predict_arrays(network, self.images, val_indices, self.mean, self.std, self.device,
+                                         config.tta, config.batch_size)
+        network.cpu()
+        return self
+
+    def predict_proba(self, indices: Sequence[int]) -> np.ndarray:
+        if not hasattr(self, "network_"):
+            raise ModelError("FineTuner is not fitted yet: call fit first")
+        indices = np.asarray(list(indices), dtype=np.int64)
+        proba = predict_arrays(self.network_, self.images, indices, self.mean, self.std, self.device,
+                               self.config.tta, self.config.batch_size)
+        self.network_.cpu()
+        return np.column_stack([1.0 - proba, proba])
+
+
+# --------------------------------------------------------------------------------------------
+# The saved model
+# --------------------------------------------------------------------------------------------
+
+
+class FineTunedModel:
+    """A fine-tuned network with its classes, threshold and preprocessing; what ``load_model`` returns
+    for ``"kind": "finetuned"``."""
+
+    def __init__(self, config: dict[str, Any], network: FineTuneNetwork) -> None:
+        self.config = config
+        self.network = network.eval()
+
+    @property
+    def classes(self) -> tuple[str, str]:
+        return tuple(self.config["classes"])
+
+    @property
+    def positive(self) -> str:
+        return self.config["positive"]
+
+    @property
+    def threshold(self) -> float:
+        return float(self.config["threshold"])
+
+    @property
+    def size(self) -> int:
+        return int(self.config["image_size"])
+
+    @property
+    def tta(self) -> bool:
+        return bool(self.config.get("tta", False))
+
+    @property
+    def read_options(self) -> ReadOptions:
+        return ReadOptions.from_dict(self.config["read"])
+
+    @property
+    def map_shape(self) -> tuple[int, int]:
+        return tuple(self.config["network"]["feature_map"])
+
+    def _read(self, path: Path) -> tuple[np.ndarray, tuple[int, int]]:
+        image = read_image(path, self.read_options)
+        return resize_image(image, (self.size, self.size)), image.shape[:2]
+
+    def predict_paths(
+        self,
+        paths: Sequence[str | Path],
+        cache: Any = None,
+        progress: Progress | None = None,
+        batch_size: int = 16,
+        device: str | None = None,
+        with_window_scores: bool = False,
+        tta: bool | None = None,
+    ) -> Any:
+        """Predict image files (any size: each is resized to the training size).
+
+        ``cache`` is accepted for the pipeline's sake and unused (no window features here).
+        ``tta`` overrides the model's stored test-time-augmentation setting. With
+        ``with_window_scores`` every image gets one score per feature-map position
+        (attention weights, or the class-activation map for ``avg`` pooling) and ``boxes``
+        the cells they stand for.
+        """
+        from .pipeline import Predictions
+
+        paths = [Path(p) for p in paths]
+        for path in paths:
+            if not path.is_file():
+                raise InputError(f"{path}: image file not found")
+        use_tta = self.tta if tta is None else bool(tta)
+        torch_device = pick_device(device)
+        self.network.to(torch_device)
+        mean, std = self.config["backbone"]["mean"], self.config["backbone"]["std"]
+        proba: list[np.ndarray] = []
+        maps: list[np.ndarray] = []
+        sizes: list[tuple[int, int]] = []
+        batch: list[np.ndarray] = []
+
+        def flush() -> None:
+            if batch:
+                p, m = forward_images(self.network, np.stack(batch), mean, std, torch_device, use_tta, with_window_scores)
+                proba.append(p)
+                if m is not None:
+                    maps.extend(m)
+                batch.clear()
+
+        def step(path: Path) -> tuple[np.ndarray, tuple[int, int]]:
+            return self._read(path)
+
+        if progress:
+            progress("predicting", 0, len(paths))
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            pending = pool.submit(step, paths[0]) if paths else None
+            for index in range(len(paths)):
+                array, image_size = pending.result()
+                if index + 1 < len(paths):
+                    pending = pool.submit(step, paths[index + 1])
+                batch.append(array)
+                sizes.append((int(image_size[0]), int(image_size[1])))
+                if len(batch) >= batch_size:
+                    flush()
+                if progress:
+                    progress("predicting", index + 1, len(paths))
+        flush()
+        self.network.cpu()
+        size = self.size
+        notes = ["" if s == (size, size) else f"resized {s[1]}x{s[0]} to {size}x{size}" for s in sizes]
+        scores = [m.ravel().astype(np.float64) for m in maps] if with_window_scores else None
+        return Predictions(
+            paths=paths,
+            proba=np.concatenate(proba) if proba else np.zeros(0),
+            members={},
+            notes=notes,
+            window_scores=scores,
+            boxes=[position_boxes(s, self.map_shape) for s in sizes],
+            image_sizes=sizes,
+        )
+
+    def predict(self, paths: Sequence[str | Path], **kwargs: Any) -> list[dict[str, Any]]:
+        """One row per image: Image, Label, Probability, finetuned, Note (as the window-feature models)."""
+        from .pipeline import prediction_rows
+
+        return prediction_rows(self.predict_paths(paths, **kwargs), self.classes, self.threshold, self.config["head"]["name"])
+
+    def save(self, out_dir: str | Path, extra_files: Callable[[Path], list[str]] | None = None,
+             overwrite: bool = False) -> Path:
+        from safetensors.torch import save_file
+
+        config = {k: v for k, v in self.config.items() if not k.startswith("_")}
+
+        def write(tmp: Path) -> list[str]:
+            with atomic_path(tmp / NETWORK_FILE) as target:
+                save_file(_trainable_state(self.network), str(target))
+            names = [NETWORK_FILE]
+            if extra_files:
+                names += extra_files(tmp)
+            return names
+
+        model_dir = write_model_dir(out_dir, config, write, overwrite=overwrite)
+        self.config = {**config, "_model_dir": str(Path(model_dir).resolve())}
+        return Path(model_dir)
+
+    @classmethod
+    def load(cls, model_dir: str | Path) -> "FineTunedModel":
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        model_dir = Path(model_dir)
+        config = read_model_config(model_dir)
+        path = model_dir / "model.json"
+        if config.get("kind") != "finetuned":
+            raise ModelError(f"{path}: model kind {config.get('kind')!r} is not a fine-tuned network")
+        for key in ("backbone", "network", "image_size", "read"):
+            if key not in config:
+                raise ModelError(f"{path}: incomplete fine-tuned model description: key {key!r} is missing")
+        net = config["network"]
+        file = model_dir / net.get("file", NETWORK_FILE)
+        name = config["backbone"]["name"]
+        try:
+            backbone = create_backbone(name, pretrained=False)
+            network = FineTuneNetwork(backbone.model, net["pool"], float(net.get("dropout", 0.0)),
+                                      int(net.get("attention_hidden", 256)), int(net.get("attention_dim", 128)))
+        except (InputError, KeyError, TypeError, ValueError) as exc:
+            raise ModelError(f"{path}: cannot rebuild the network {name!r} ({type(exc).__name__}: {exc})") from None
+        try:
+            state = load_file(str(file))
+            network.load_state_dict(state, strict=True)
+        except (SafetensorError, OSError) as exc:
+            raise ModelError(f"{file}: cannot read the network weights ({exc})") from None
+        except RuntimeError as exc:
+            first = " ".join(str(exc).split())[:240]
+            raise ModelError(
+                f"{file}: weights do not fit {name} with {net['pool']} pooling (a different architecture?): {first}"
+            ) from None
+        config["_model_dir"] = str(model_dir.resolve())
+        return cls(config, network.eval())
+
+
+# --------------------------------------------------------------------------------------------
+# History: CSV, JSON, plot
+# --------------------------------------------------------------------------------------------
+
+HISTORY_COLUMNS = ("stage", "phase", "epoch", "lr", "train_loss", "train_accuracy", "train_auc",
+                   "val_loss", "val_accuracy", "val_auc")
+
+
+def history_csv(rows: Sequence[dict[str, Any]]) -> str:
+    buffer = stdio.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(HISTORY_COLUMNS), extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: ("" if row.get(k) is None else row.get(k)) for k in HISTORY_COLUMNS})
+    return buffer.getvalue()
+
+
+def plot_history(rows: Sequence[dict[str, Any]], phases: Sequence[tuple[str, PhaseResult]], path: Path) -> Path:
+    """Loss, accuracy and AUC per epoch (training and validation) across stages and phases."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(13, 4), layout="constrained")
+    FigureCanvasAgg(figure)
+    axes_row = figure.subplots(1, 3)
+    x = np.arange(1, len(rows) + 1)
+    for axes, metric in zip(axes_row, ("loss", "accuracy", "auc")):
+        for split, style in (("train", "-"), ("val", "--")):
+            values = [np.nan if r.get(f"{split}_{metric}") is None else r[f"{split}_{metric}"] for r in rows]
+            axes.plot(x, values, style, marker="o", markersize=3, label=f"{'training' if split == 'train' else 'validation'}")
+        start = 0
+        for label, result in phases:
+            if start:
+                axes.axvline(start + 0.5, color="grey", linewidth=0.8)
+            axes.annotate(label, (start + 1, 1.0), xycoords=("data", "axes fraction"), va="top", fontsize=7, color="grey")
+            best = start + result.best_epoch
+            if 1 <= best <= len(rows):
+                value = rows[best - 1].get(f"val_{metric}")
+                if value is not None:
+                    axes.plot([best], [value], marker="*", markersize=11, color="tab:red",
+                              label="best epoch (kept)" if start == 0 else None)
+            start += result.epochs_run
+        axes.set_xlabel("epoch (all phases)")
+        axes.set_ylabel(metric)
+        axes.legend(fontsize=8)
+    figure.suptitle("fine-tuning history: head on the frozen base, then the unfrozen base")
+    with atomic_path(path) as temp:
+        figure.savefig(temp, format="png", dpi=100)
+    return path
+
+
+# --------------------------------------------------------------------------------------------
+# The whole procedure
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class FineTuneResult:
+    model: FineTunedModel | None  # None on DDP ranks other than 0
+    cv_metrics: dict[str, Any] | None
+    model_dir: Path | None
+    history: list[dict[str, Any]]
+    validation_metrics: dict[str, Any] | None
+
+
+def _work_dir(out_dir: Path) -> Path:
+    # Next to the output (same filesystem, shared by every DDP rank), never in the cwd.
+    return out_dir.parent / f".{out_dir.name}.finetune-work"
+
+
+def _check_out_dir(out_dir: Path, overwrite: bool) -> None:
+    if out_dir.exists() and not out_dir.is_dir():
+        raise InputError(f"{out_dir}: exists and is not a folder")
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
+        raise InputError(f"{out_dir}: output folder exists and is not empty (choose another --out or pass --overwrite)")
+
+
+def _load_pretrain_set(config: FineTuneConfig, store: ImageStore, data: LabelledImages,
+                       progress: Progress | None) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, Any]]:
+    """Tiles (and, with ``negatives_only_tiles``, whole positive images) of the pre-training set."""
+    pre = load_labelled_images(config.pretrain_data, config.pretrain_labels, config.positive)
+    overlap = {p.resolve() for p in pre.paths} & {p.resolve() for p in data.paths}
+    if overlap:
+        raise InputError(
+            f"{config.pretrain_labels or config.pretrain_data}: {len(overlap)} pre-training image(s) are also training "
+            f"images (e.g. {sorted(overlap)[0]}); the pre-training set must be separate"
+        )
+    tiled = [i for i in range(len(pre.paths)) if not (config.negatives_only_tiles and pre.y[i] == 1)]
+    whole = [i for i in range(len(pre.paths)) if config.negatives_only_tiles and pre.y[i] == 1]
+    arrays, owner, _ = store.load([pre.paths[i] for i in tiled], config.tile, config.tile_overlap, progress,
+                                  "tiling pre-training images")
+    parts, labels, groups = [arrays], [pre.y[tiled][owner]], [np.asarray(tiled)[owner]]
+    if whole:
+        whole_arrays, whole_owner, _ = store.load([pre.paths[i] for i in whole], None, 0.0, progress,
+                                                  "reading pre-training positives")
+        parts.append(whole_arrays)
+        labels.append(pre.y[whole][whole_owner])
+        groups.append(np.asarray(whole)[whole_owner])
+    images = np.concatenate(parts)
+    y = np.concatenate(labels).astype(np.int64)
+    group_of = np.concatenate(groups).astype(str)  # a tile's group is its image: no image on both sides
+    summary = {
+        "data": str(config.pretrain_data), "labels": str(config.pretrain_labels) if config.pretrain_labels else None,
+        "n_images": len(pre.paths), "tile": config.tile, "tile_overlap": config.tile_overlap,
+        "negatives_only_tiles": config.negatives_only_tiles, "n_samples": int(len(y)),
+        "n_per_class": dict(zip(pre.classes, np.bincount(y, minlength=2).tolist())),
+    }
+    return images, y, group_of, summary
+
+
+def finetune(
+    data_dir: str | Path,
+    labels_csv: str | Path | None,
+    out_dir: str | Path,
+    config: FineTuneConfig = FineTuneConfig(),
+    cache_dir: str | Path | None = None,
+    progress: Progress | None = None,
+    overwrite: bool = False,
+    callbacks: Sequence[Any] = (),
+) -> FineTuneResult:
+    """Fine-tune (optionally pre-train on tiles, optionally cross-validate) and save the model.
+
+    Every check that can fail (options, labels, weights, image size, output folder) runs
+    before any training. The model folder is written atomically at the end by DDP rank 0.
+    """
+    config = config.validate()
+    out_dir = Path(out_dir)
+    _check_out_dir(out_dir, overwrite)
+    data = load_labelled_images(data_dir, labels_csv, config.positive)
+    source = str(labels_csv or data_dir)
+    groups = None if data.groups is None else np.asarray(data.groups)
+    counts = np.bincount(data.y, minlength=2)
+    if config.cv and counts.min() < config.cv:
+        raise InputError(
+            f"{source}: {config.cv}-fold cross-validation needs at least {config.cv} images of each class, got "
+            f"{counts.tolist()} ({', '.join(data.classes)}); lower --cv"
+        )
+    if config.cv and groups is not None and np.unique(groups).size < config.cv:
+        raise InputError(f"{source}: {config.cv}-fold grouped cross-validation needs at least {config.cv} groups, "
+                         f"got {np.unique(groups).size}; lower --cv")
+    validation_split(data.y, groups, config.val_fraction, config.seed, source)  # fails now rather than after hours
+    network, backbone = build_network(config)
+    map_shape = check_input_size(network, config.backbone, config.size)
+    mean, std = list(backbone.data_config["mean"]), list(backbone.data_config["std"])
+
+    store = ImageStore(config.size, config.read_options, cache_dir)
+    work = _work_dir(out_dir)
+    work.mkdir(parents=True, exist_ok=True)
+    is_zero = True
+    try:
+        pretrain_summary = None
+        stage_phases: list[tuple[str, PhaseResult]] = []
+        history: list[dict[str, Any]] = []
+        if config.pretrain_data is not None:
+            pre_images, pre_y, pre_groups, pretrain_summary = _load_pretrain_set(config, store, data, progress)
+            tuner = FineTuner(network, config, pre_images, pre_y, pre_groups, mean, std, work / "pretrain",
+                              stage="pretrain", callbacks=callbacks)
+            tuner.fit(np.arange(len(pre_y)), pre_y)
+            network = tuner.network_
+            history += tuner.history_
+            stage_phases += [(f"pretrain/{r.name}", r) for r in tuner.phases_]
+            pretrain_summary["phases"] = [_phase_summary(r) for r in tuner.phases_]
+            del pre_images
+
+        images, _, _ = store.load(data.paths, None, 0.0, progress, "reading images")
+        cv_result = None
+        fold_histories: list[list[dict[str, Any]]] = []
+        if config.cv:
+            tuners: list[FineTuner] = []
+
+            def new_tuner() -> FineTuner:
+                fold = len(tuners) + 1
+                tuners.append(FineTuner(network, config, images, data.y, groups, mean, std, work / f"fold{fold}",
+                                        stage=f"fold {fold}", callbacks=callbacks))
+                return tuners[-1]
+
+            cv_result = cross_validate(
+                new_tuner, list(range(len(data.y))), data.y, n_splits=config.cv, seed=config.seed, groups=groups,
+                classes=data.classes,
+                progress=(lambda done, total: progress("cross-validation folds", done, total)) if progress else None,
+            )
+            fold_histories = [tuner.history_ for tuner in tuners]
+        final = FineTuner(network, config, images, data.y, groups, mean, std, work / "final", stage="main",
+                          callbacks=callbacks).fit(np.arange(len(data.y)), data.y)
+        history += final.history_
+        stage_phases += [(r.name if config.pretrain_data is None else f"main/{r.name}", r) for r in final.phases_]
+        val_y = data.y[final.val_indices_]
+        if cv_result is not None:
+            threshold = float(cv_result.threshold)
+            rule = f"max F1 on {config.cv}-fold cross-validated out-of-fold predictions"
+        else:
+            threshold = best_f1_threshold(val_y, final.val_proba_)
+            rule = "max F1 on the validation split's predictions"
+        validation_metrics = compute_metrics(val_y, final.val_proba_, threshold, data.classes)
+        validation_metrics["notes"].append(
+            "validation split of the final fit: it also chose the best checkpoints (and the threshold without --cv), "
+            "so these numbers are optimistic"
+        )
+        is_zero = _is_global_zero()
+        model_config = {
+            "kind": "finetuned",
+            "backbone": backbone.describe(),
+            "network": {
+                "file": NETWORK_FILE, "pool": config.pool, "dropout": config.dropout,
+                "attention_hidden": config.attention_hidden, "attention_dim": config.attention_dim,
+                "feature_map": list(map_shape),
+            },
+            "image_size": config.size,
+            "read": config.read_options.to_dict(),
+            "classes": list(data.classes),
+            "positive": data.classes[1],
+            "threshold": threshold,
+            "threshold_rule": rule,
+            "tta": config.tta,
+            "augment": config.augment.to_dict(),
+            "head": {"name": HEAD_NAME, "pool": config.pool},
+            "training": {
+                "data": str(data_dir), "labels": str(labels_csv) if labels_csv else None,
+                "n_images": len(data.paths),
+                "n_per_class": dict(zip(data.classes, counts.tolist())),
+                "grouped": groups is not None,
+                "n_train": int(len(final.train_indices_)), "n_validation": int(len(final.val_indices_)),
+                "cv_folds": config.cv,
+                "phases": [_phase_summary(r) for r in final.phases_],
+                "pretrain": pretrain_summary,
+                "settings": {k: v for k, v in config.to_dict().items() if k not in ("progress_bar",)},
+                "precision": resolve_precision(config),
+            },
+        }
+        model = FineTunedModel(model_config, final.network_)
+        if not is_zero:
+            return FineTuneResult(None, cv_result.metrics if cv_result else None, None, history, validation_metrics)
+
+        def extra(tmp: Path) -> list[str]:
+            atomic_write_text(tmp / "history.csv", history_csv(history))
+            atomic_write_json(tmp / "history.json", {
+                "rows": history, "phases": [{"label": label, **_phase_summary(r)} for label, r in stage_phases],
+                "cv_folds": fold_histories, "validation": validation_metrics,
+            })
+            plot_history(history, stage_phases, tmp / "training_curves.png")
+            names = ["history.csv", "history.json", "training_curves.png"]
+            if cv_result is not None:
+                write_report(tmp, cv_result.metrics, data.y, cv_result.oof_proba, data.classes, extra={
+                    "evaluation": f"{config.cv}-fold {'grouped ' if groups is not None else ''}cross-validation of the "
+                                  f"whole two-phase fine-tuning, out-of-fold predictions",
+                    "per_fold": cv_result.per_fold,
+                })
+                names += ["metrics.json", "roc.png", "confusion_matrix.png"]
+            return names
+
+        model_dir = model.save(out_dir, extra, overwrite=overwrite)
+        return FineTuneResult(model, cv_result.metrics if cv_result else None, model_dir, history, validation_metrics)
+    finally:
+        if is_zero:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def _phase_summary(result: PhaseResult) -> dict[str, Any]:
+    return {"phase": result.name, "lr": result.lr, "epochs_run": result.epochs_run, "best_epoch": result.best_epoch,
+            "best_score": result.best_score, "n_trainable_parameters": result.n_trainable}
+
+
+def _is_global_zero() -> bool:
+    # After Lightning's DDP launch every process has RANK (or SLURM_PROCID) set; alone, we are rank 0.
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank() == 0
+    return int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) or 0) == 0
+
+
+# --------------------------------------------------------------------------------------------
+# Command line
+# --------------------------------------------------------------------------------------------
+
+
+class _StageBars:
+    """The library's (stage, done, total) progress as tqdm bars (Lightning draws tqdm bars too)."""
+
+    def __init__(self) -> None:
+        self.bars: dict[str, Any] = {}
+
+    def __call__(self, stage: str, done: int, total: int) -> None:
+        from tqdm.auto import tqdm
+
+        if stage not in self.bars:
+            self.bars[stage] = tqdm(total=total, desc=stage, unit="image" if "fold" not in stage else "fold",
+                                    leave=True, dynamic_ncols=True)
+        bar = self.bars[stage]
+        bar.n = done
+        bar.refresh()
+        if done >= total:
+            bar.close()
+
+    def close(self) -> None:
+        for bar in self.bars.values():
+            bar.close()
+
+
+def register_cli(app: Any) -> None:
+    """Add the ``finetune`` command to a typer app (``mitoscope.cli`` calls this)."""
+    from typing import Optional
+
+    import typer
+
+    @app.command("finetune")
+    def finetune_command(
+        data_dir: Path = typer.Argument(..., help="Folder of images (paths in the CSV are relative to it)."),
+        labels: Optional[Path] = typer.Option(None, "--labels", help="CSV: `Image,Label` or `path,label` (a `group`/`slide` column makes CV and validation grouped). Omit for one sub-folder per class."),
+        out: Path = typer.Option(..., "--out", help="Model folder to write."),
+        backbone: str = typer.Option(DEFAULT_FINETUNE_BACKBONE, "--backbone", help=f"timm CNN name (the write-up: efficientnet_b4; offline: {OFFLINE_ALTERNATIVE})."),
+        weights: Optional[Path] = typer.Option(None, "--weights", help="Backbone weights file (.safetensors or .pth), e.g. efficientnet_b4 weights copied from a machine online."),
+        pretrained: bool = typer.Option(True, "--pretrained/--no-pretrained", help="--no-pretrained: random initial weights (tests and smoke runs only)."),
+        size: int = typer.Option(512, "--size", help="Images (and tiles) are resized to SIZE x SIZE; a multiple of 32."),
+        pool: str = typer.Option("avg", "--pool", help="avg (the write-up) | attention (gated attention over feature-map positions, MIL; gives a heatmap)."),
+        dropout: float = typer.Option(0.3, "--dropout", help="Dropout before the classifier."),
+        pretrain_data: Optional[Path] = typer.Option(None, "--pretrain-data", help="Large images to pre-train on, cut into tiles first."),
+        pretrain_labels: Optional[Path] = typer.Option(None, "--pretrain-labels", help="Labels CSV of --pretrain-data."),
+        tile: int = typer.Option(1600, "--tile", help="Tile size in pixels for --pretrain-data."),
+        tile_overlap: float = typer.Option(0.25, "--tile-overlap", help="Tile overlap, 0 to <1."),
+        negatives_only_tiles: bool = typer.Option(False, "--negatives-only-tiles", help="Tile only Normal pre-training images; Mitosis images enter whole (most tiles of a Mitosis image hold no mitosis, so labelling them Mitosis is noise)."),
+        epochs_head: int = typer.Option(5, "--epochs-head", help="Epochs of phase 1 (head on the frozen base)."),
+        epochs_full: int = typer.Option(20, "--epochs-full", help="Epochs of phase 2 (unfrozen base)."),
+        lr_head: float = typer.Option(1e-3, "--lr-head", help="Learning rate of phase 1."),
+        lr_full: float = typer.Option(1e-4, "--lr-full", help="Learning rate of phase 2 (lower)."),
+        unfreeze: str = typer.Option("all", "--unfreeze", help="Phase 2 trains 'all' the base or its last N blocks (timm groups)."),
+        batch_size: int = typer.Option(16, "--batch-size", help="Images per batch and per device."),
+        accumulate: int = typer.Option(1, "--accumulate", help="Gradient accumulation: batches per optimizer step."),
+        precision: str = typer.Option("auto", "--precision", help="auto | 32 | 16-mixed | bf16-mixed (mixed precision needs a GPU)."),
+        accelerator: str = typer.Option("auto", "--accelerator", help="auto | cpu | gpu."),
+        devices: str = typer.Option("1", "--devices", help="Devices per node: a count, 'auto', or indices like 0,1; more than one uses DDP."),
+        num_nodes: int = typer.Option(1, "--num-nodes", help="Nodes for multi-node DDP (SLURM: srun)."),
+        workers: Optional[int] = typer.Option(None, "--workers", help="Data-loader workers (default: 0 on CPU, up to 4 on GPU)."),
+        val_fraction: float = typer.Option(0.2, "--val-fraction", help="Share of the training images held out for checkpoints, early stopping and the threshold."),
+        monitor: str = typer.Option("loss", "--monitor", help="Best-epoch criterion: loss (validation loss) | auc (validation AUC)."),
+        patience: int = typer.Option(5, "--patience", help="Early stopping: epochs without improvement."),
+        balance: str = typer.Option("pos_weight", "--balance", help="Class imbalance: pos_weight (loss) | sampler (balanced batches) | none."),
+        cv: int = typer.Option(0, "--cv", help="K-fold cross-validation of the whole procedure (grouped when the CSV has groups), then a final fit; 0 = none."),
+        seed: int = typer.Option(0, "--seed"),
+        positive: Optional[str] = typer.Option(None, "--positive", help="Label of the positive class (default: the one reading 'mitosis')."),
+        channels: Optional[str] = typer.Option(None, "--channels", help="Source channels for R,G,B, e.g. 1,0,2."),
+        tta: bool = typer.Option(False, "--tta/--no-tta", help="Test-time augmentation: average over the 8 flips/quarter turns (stored in the model)."),
+        stain_jitter: bool = typer.Option(True, "--stain-jitter/--no-stain-jitter", help="H&E stain jitter in HED space (switch off for fluorescence)."),
+        cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="Keep resized images (and tiles) here for reruns."),
+        overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing model folder."),
+    ) -> None:
+        """Fine-tune a pretrained CNN end to end on whole images (the write-up's Round-2 model).
+
+        Images are resized to --size; phase 1 trains a new head on the frozen base, phase 2
+        unfreezes the base at a lower learning rate; each phase keeps its best validation
+        epoch. With --pretrain-data the large images are first cut into --tile tiles
+        labelled with their image's label, which is noisy for Mitosis images (most of their
+        tiles show no mitosis): --negatives-only-tiles tiles Normal images only and uses
+        Mitosis images whole. Writes the model, history.csv/json, training_curves.png and,
+        with --cv, metrics.json.
+
+        Example: mitoscope finetune scenes/ --labels scenes/labels.csv --out model/ --size 512 --cv 5
+        """
+        import time
+
+        from .cli import console, fail, metrics_table
+        from .errors import MitoscopeError
+        from .io import parse_channels
+
+        bars = _StageBars()
+        try:
+            config = FineTuneConfig(
+                backbone=backbone, weights=str(weights) if weights else None, pretrained=pretrained, size=size,
+                pool=pool, dropout=dropout, epochs_head=epochs_head, epochs_full=epochs_full, lr_head=lr_head,
+                lr_full=lr_full, unfreeze=unfreeze, batch_size=batch_size, accumulate=accumulate,
+                precision=precision, accelerator=accelerator, devices=devices, num_nodes=num_nodes,
+                workers=workers, val_fraction=val_fraction, monitor=monitor, patience=patience, balance=balance,
+                cv=cv, seed=seed, positive=positive, channels=parse_channels(channels) if channels else None,
+                tta=tta, augment=AugmentConfig(stain_jitter=stain_jitter),
+                pretrain_data=str(pretrain_data) if pretrain_data else None,
+                pretrain_labels=str(pretrain_labels) if pretrain_labels else None,
+                tile=tile, tile_overlap=tile_overlap, negatives_only_tiles=negatives_only_tiles, progress_bar=True,
+            )
+            started = time.perf_counter()
+            result = finetune(data_dir, labels, out, config, cache_dir, bars, overwrite)
+        except MitoscopeError as exc:
+            bars.close()
+            fail(exc)
+        bars.close()
+        if result.model_dir is None:  # a DDP rank other than 0
+            return
+        if result.cv_metrics:
+            console.print(metrics_table(f"{cv}-fold cross-validation (fine-tuned {backbone})", result.cv_metrics))
+        if result.validation_metrics:
+            console.print(metrics_table("validation split (optimistic: it chose the checkpoints)", result.validation_metrics))
+        console.print(f"model written to [bold]{result.model_dir}[/bold] in {time.perf_counter() - started:.0f} s")

@@ -1,0 +1,347 @@
+"""Window features and their on-disk cache, on precisely constructed images.
+
+The backbone is timm's tiny ``test_efficientnet`` with random weights: the tests check the
+bookkeeping (grids, boxes, translation, caching, atomicity), not what the features mean.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.numpy import save_file
+
+import mitoscope
+from mitoscope.backbones import state_dict_sha256
+from mitoscope.features import (
+    FeatureCache,
+    FeatureExtractor,
+    ImageFeatures,
+    extract_dataset,
+    resize_image,
+)
+from mitoscope.io import ReadOptions
+from mitoscope.tiling import make_grid
+
+WINDOW = 64
+
+
+def noise_image(seed: int, height: int = 96, width: int = 96) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
+
+
+def write_png(path: Path, image: np.ndarray) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(image).save(path)
+    return path
+
+
+def cache_entries(root: Path) -> list[Path]:
+    return sorted(p for p in root.rglob("*.safetensors") if not p.name.startswith("."))
+
+
+def litter(root: Path) -> list[Path]:
+    """Anything a half-finished write could leave: hidden or temporary files."""
+    return [p for p in root.rglob("*") if p.is_file() and (p.name.startswith(".") or ".tmp" in p.name)]
+
+
+def safetensors_metadata(path: Path) -> dict[str, str]:
+    # The safetensors layout: 8-byte little-endian header length, then a JSON header.
+    raw = path.read_bytes()
+    header_len = int.from_bytes(raw[:8], "little")
+    return json.loads(raw[8 : 8 + header_len])["__metadata__"]
+
+
+class CountingModel(torch.nn.Module):
+    """Wraps the backbone network to count forward passes."""
+
+    def __init__(self, inner: torch.nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+        self.calls = 0
+
+    def forward(self, batch: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        return self.inner(batch)
+
+
+@pytest.fixture(scope="module")
+def small_backbone(tiny_backbone):
+    """The tiny backbone fed windows at their own 64 px instead of upsampled to 160: same
+    bookkeeping, a sixth of the work."""
+    return dataclasses.replace(tiny_backbone, data_config={**tiny_backbone.data_config, "input_size": (3, 64, 64)})
+
+
+@pytest.fixture(scope="module")
+def extractor(small_backbone) -> FeatureExtractor:
+    return FeatureExtractor(small_backbone, window=WINDOW, overlap=0.5, batch_size=8, device="cpu")
+
+
+@pytest.fixture()
+def counted(small_backbone) -> FeatureExtractor:
+    """A fresh extractor whose network counts its calls."""
+    extractor = FeatureExtractor(small_backbone, window=WINDOW, overlap=0.5, batch_size=8, device="cpu")
+    extractor.model = CountingModel(extractor.model)
+    return extractor
+
+
+@pytest.fixture(scope="module")
+def four_images(tmp_path_factory) -> list[Path]:
+    """Four 64x96 PNGs (a 1x2 window grid each)."""
+    folder = tmp_path_factory.mktemp("features-images")
+    return [write_png(folder / f"img{i}.png", noise_image(100 + i, 64, 96)) for i in range(4)]
+
+
+@pytest.fixture(scope="module")
+def reference(four_images, extractor) -> list[ImageFeatures]:
+    """Features of ``four_images`` computed directly, without any cache."""
+    return [extractor.extract(np.asarray(Image.open(path).convert("RGB"))) for path in four_images]
+
+
+# --------------------------------------------------------------------------- extraction
+
+
+@pytest.mark.parametrize("height, width", [(100, 150), (96, 96), (40, 50)])
+def test_extract_follows_the_tiling(extractor, small_backbone, height, width):
+    image = noise_image(1, height, width)
+    feats = extractor.extract(image)
+    grid = make_grid(height, width, WINDOW, 0.5)
+    assert feats.features.shape == (grid.n_windows, small_backbone.num_features)
+    assert feats.features.dtype == np.float32
+    assert np.isfinite(feats.features).all()
+    assert feats.boxes.dtype == np.int64
+    np.testing.assert_array_equal(feats.boxes, grid.boxes())
+    assert feats.grid_shape == grid.shape
+    assert feats.image_size == (height, width)
+    # The snapped last windows reach the right and bottom edges (or the padded window).
+    assert feats.boxes[:, 2].max() == max(width, WINDOW)
+    assert feats.boxes[:, 3].max() == max(height, WINDOW)
+
+
+def test_a_window_gets_the_same_feature_wherever_it_is(extractor):
+    patch = noise_image(7, WINDOW, WINDOW)
+    first = noise_image(8, 128, 128)
+    second = noise_image(9, 128, 128)
+    first[0:64, 0:64] = patch  # window (row 0, col 0)
+    second[32:96, 64:128] = patch  # window (row 1, col 2) of the 3x3 grid with stride 32
+    feats_first = extractor.extract(first)
+    feats_second = extractor.extract(second)
+    assert feats_first.grid_shape == feats_second.grid_shape == (3, 3)
+    index = 1 * 3 + 2
+    np.testing.assert_array_equal(feats_second.boxes[index], [64, 32, 128, 96])
+    np.testing.assert_allclose(feats_first.features[0], feats_second.features[index], rtol=1e-4, atol=1e-5)
+    alone = extractor.embed_windows(patch[None])[0]
+    np.testing.assert_allclose(alone, feats_first.features[0], rtol=1e-4, atol=1e-5)
+    # ...and windows of other content do not match (the check above can fail).
+    assert not np.allclose(feats_first.features[0], feats_second.features[0], rtol=1e-4, atol=1e-5)
+
+
+def test_resize_to_reports_boxes_in_original_coordinates(extractor):
+    image = noise_image(3, 120, 200)
+    feats = extractor.extract(image, resize_to=(60, 100))
+    small = make_grid(60, 100, WINDOW, 0.5)
+    assert feats.image_size == (120, 200)
+    assert feats.grid_shape == small.shape
+    np.testing.assert_array_equal(feats.boxes, small.boxes() * 2)
+    assert feats.boxes[:, 2].max() == 200  # the last window ends at the original right edge
+    direct = extractor.extract(resize_image(image, (60, 100)))
+    np.testing.assert_allclose(feats.features, direct.features, rtol=1e-5, atol=1e-6)
+
+
+# --------------------------------------------------------------------------- cache
+
+
+def test_cache_hit_returns_identical_arrays_without_running_the_model(tmp_path, four_images, counted):
+    cache = FeatureCache(tmp_path / "cache")
+    first = extract_dataset(four_images, counted, ReadOptions(), cache)
+    calls_first = counted.model.calls
+    assert calls_first >= len(four_images)
+    assert len(cache_entries(cache.root)) == len(four_images)
+    again = extract_dataset(four_images, counted, ReadOptions(), cache)
+    assert counted.model.calls == calls_first
+    for a, b in zip(first, again):
+        np.testing.assert_array_equal(a.features, b.features)
+        np.testing.assert_array_equal(a.boxes, b.boxes)
+        assert a.features.dtype == b.features.dtype == np.float32
+        assert a.boxes.dtype == b.boxes.dtype == np.int64
+        assert tuple(a.grid_shape) == tuple(b.grid_shape)
+        assert tuple(a.image_size) == tuple(b.image_size)
+
+
+def test_no_cache_always_runs_the_model(four_images, counted):
+    extract_dataset(four_images[:1], counted, ReadOptions(), None)
+    calls = counted.model.calls
+    extract_dataset(four_images[:1], counted, ReadOptions(), None)
+    assert counted.model.calls == 2 * calls > 0
+
+
+def test_cache_key_follows_everything_that_changes_the_features(tmp_path, small_backbone):
+    image = noise_image(11, 64, 64)
+    path = write_png(tmp_path / "a.png", image)
+    cache = FeatureCache(tmp_path / "cache")
+
+    def n_after(extractor: FeatureExtractor, options: ReadOptions = ReadOptions(), target: Path = path) -> int:
+        extract_dataset([target], extractor, options, cache)
+        return len(cache_entries(cache.root))
+
+    base = FeatureExtractor(small_backbone, window=WINDOW, overlap=0.5, device="cpu")
+    assert n_after(base) == 1
+    assert n_after(base) == 1  # same settings: a hit
+    assert n_after(FeatureExtractor(small_backbone, window=48, overlap=0.5, device="cpu")) == 2
+    assert n_after(FeatureExtractor(small_backbone, window=WINDOW, overlap=0.25, device="cpu")) == 3
+
+    model = copy.deepcopy(small_backbone.model)
+    with torch.no_grad():
+        next(model.parameters()).add_(0.01)
+    other_weights = dataclasses.replace(small_backbone, model=model, weights_id=state_dict_sha256(model))
+    assert other_weights.weights_id != small_backbone.weights_id
+    assert n_after(FeatureExtractor(other_weights, window=WINDOW, overlap=0.5, device="cpu")) == 4
+
+    assert n_after(base, ReadOptions(channels=(1, 0, 2))) == 5
+    assert n_after(base, ReadOptions(percentiles=(1.0, 99.0))) == 6
+    # The pixel limit only guards decoding: same pixels, same entry.
+    assert n_after(base, ReadOptions(max_pixels=10**6)) == 6
+
+    # Keyed by content, not by name: a copy hits, a changed pixel misses.
+    copy_path = tmp_path / "copy.png"
+    copy_path.write_bytes(path.read_bytes())
+    assert n_after(base, target=copy_path) == 6
+    changed = image.copy()
+    changed[0, 0] ^= 0xFF
+    write_png(path, changed)
+    assert n_after(base) == 7
+
+
+def test_interrupted_run_resumes_from_the_entries_already_written(tmp_path, four_images, counted, reference):
+    cache = FeatureCache(tmp_path / "cache")
+    real_extract = counted.extract
+    calls = {"n": 0}
+
+    def failing_extract(image, resize_to=None):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise RuntimeError("interrupted on the third image")
+        return real_extract(image, resize_to=resize_to)
+
+    counted.extract = failing_extract
+    with pytest.raises(RuntimeError, match="third image"):
+        extract_dataset(four_images, counted, ReadOptions(), cache)
+    assert len(cache_entries(cache.root)) == 2
+    assert litter(cache.root) == []
+
+    extracted = []
+
+    def recording_extract(image, resize_to=None):
+        extracted.append(image.copy())
+        return real_extract(image, resize_to=resize_to)
+
+    counted.extract = recording_extract
+    resumed = extract_dataset(four_images, counted, ReadOptions(), cache)
+    assert len(extracted) == 2
+    assert len(cache_entries(cache.root)) == 4
+    for a, b in zip(resumed, reference):
+        np.testing.assert_allclose(a.features, b.features, rtol=1e-5, atol=1e-6)
+
+
+def test_a_write_cut_short_leaves_no_entry_and_no_temp_file(tmp_path, four_images, extractor, monkeypatch):
+    cache = FeatureCache(tmp_path / "cache")
+
+    def half_write(tensors, filename, metadata=None):
+        Path(filename).write_bytes(b"\x00" * 100)  # half a file, then Ctrl-C
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("mitoscope.features.save_file", half_write)
+    with pytest.raises(KeyboardInterrupt):
+        extract_dataset(four_images[:1], extractor, ReadOptions(), cache)
+    assert cache_entries(cache.root) == []
+    assert litter(cache.root) == []
+
+
+def test_a_cache_that_cannot_be_written_costs_time_not_results(tmp_path, four_images, extractor, monkeypatch, caplog):
+    def refuse(self, key, feats, provenance):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(FeatureCache, "save", refuse)
+    with caplog.at_level(logging.WARNING, logger="mitoscope.features"):
+        feats = extract_dataset(four_images[:1], extractor, ReadOptions(), FeatureCache(tmp_path / "cache"))
+    assert feats[0].features.shape[0] == 2
+    assert "No space left" in caplog.text
+
+
+def corrupt_truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def corrupt_garbage(path: Path) -> None:
+    path.write_bytes(b"this is not a safetensors file at all" * 10)
+
+
+def corrupt_wrong_shapes(path: Path) -> None:
+    # A readable safetensors file whose arrays do not fit its own grid.
+    save_file(
+        {"features": np.zeros((2, 3), np.float32), "boxes": np.zeros((2, 4), np.int64)},
+        str(path),
+        metadata={"grid_shape": "[1, 2]", "image_size": "[64, 96]", "provenance": "{}"},
+    )
+
+
+@pytest.mark.parametrize("corrupt", [corrupt_truncate, corrupt_garbage, corrupt_wrong_shapes])
+def test_a_corrupt_entry_is_recomputed_never_read(tmp_path, four_images, counted, caplog, corrupt):
+    cache = FeatureCache(tmp_path / "cache")
+    good = extract_dataset(four_images[:1], counted, ReadOptions(), cache)[0]
+    (entry,) = cache_entries(cache.root)
+    corrupt(entry)
+    calls = counted.model.calls
+    with caplog.at_level(logging.WARNING, logger="mitoscope.features"):
+        again = extract_dataset(four_images[:1], counted, ReadOptions(), cache)[0]
+    assert counted.model.calls > calls
+    assert entry.name in caplog.text
+    np.testing.assert_array_equal(again.features, good.features)
+    np.testing.assert_array_equal(again.boxes, good.boxes)
+    # The entry was rewritten whole: the next run is a hit.
+    calls = counted.model.calls
+    extract_dataset(four_images[:1], counted, ReadOptions(), cache)
+    assert counted.model.calls == calls
+
+
+def test_entries_carry_their_provenance(tmp_path, four_images, extractor, small_backbone):
+    cache = FeatureCache(tmp_path / "cache")
+    options = ReadOptions(channels=(2, 1, 0))
+    feats = extract_dataset(four_images[:1], extractor, options, cache)[0]
+    (entry,) = cache_entries(cache.root)
+    meta = safetensors_metadata(entry)
+    assert json.loads(meta["grid_shape"]) == list(feats.grid_shape)
+    assert json.loads(meta["image_size"]) == [64, 96]
+    provenance = json.loads(meta["provenance"])
+    assert provenance["image"] == str(four_images[0])
+    assert provenance["mitoscope"] == mitoscope.__version__
+    assert provenance["extractor"]["backbone"] == "test_efficientnet"
+    assert provenance["extractor"]["weights_sha256"] == small_backbone.weights_id
+    assert provenance["extractor"]["window"] == WINDOW
+    assert provenance["extractor"]["overlap"] == 0.5
+    assert provenance["read"]["channels"] == [2, 1, 0]
+
+
+def test_extract_dataset_keeps_order_and_reports_progress(tmp_path, four_images, extractor, reference):
+    cache = FeatureCache(tmp_path / "cache")
+    extract_dataset(four_images[1:2], extractor, ReadOptions(), cache)  # one of four already cached
+    seen: list[tuple[int, int]] = []
+    feats = extract_dataset(four_images, extractor, ReadOptions(), cache, progress=lambda d, t: seen.append((d, t)))
+    assert seen[0] == (1, 4) and seen[-1] == (4, 4)
+    assert [d for d, _ in seen] == sorted(d for d, _ in seen)
+    for got, expected in zip(feats, reference):
+        assert isinstance(got, ImageFeatures)
+        np.testing.assert_allclose(got.features, expected.features, rtol=1e-5, atol=1e-6)
+
+
+def test_extract_dataset_names_a_missing_image(tmp_path, four_images, extractor):
+    missing = tmp_path / "nope.png"
+    with pytest.raises(mitoscope.errors.InputError, match="nope.png"):
+        extract_dataset([four_images[0], missing], extractor, ReadOptions(), FeatureCache(tmp_path / "cache"))
