@@ -284,9 +284,9 @@ def corrupt_garbage(path: Path) -> None:
 
 
 def corrupt_wrong_shapes(path: Path) -> None:
-    # A readable safetensors file whose arrays do not fit its own grid.
+    # A readable safetensors file whose arrays do not fit its own 1x2 grid.
     save_file(
-        {"features": np.zeros((2, 3), np.float32), "boxes": np.zeros((2, 4), np.int64)},
+        {"features": np.zeros((3, 256), np.float32), "boxes": np.zeros((3, 4), np.int64)},
         str(path),
         metadata={"grid_shape": "[1, 2]", "image_size": "[64, 96]", "provenance": "{}"},
     )
@@ -345,3 +345,12 @@ def test_extract_dataset_names_a_missing_image(tmp_path, four_images, extractor)
     missing = tmp_path / "nope.png"
     with pytest.raises(mitoscope.errors.InputError, match="nope.png"):
         extract_dataset([four_images[0], missing], extractor, ReadOptions(), FeatureCache(tmp_path / "cache"))
+
+
+def test_a_cached_image_over_the_pixel_limit_is_refused_too(tmp_path, four_images, counted):
+    cache = FeatureCache(tmp_path / "cache")
+    extract_dataset(four_images[:1], counted, ReadOptions(), cache)
+    calls = counted.model.calls
+    with pytest.raises(mitoscope.errors.InputError, match=rf"{four_images[0].name}.*6,143"):
+        extract_dataset(four_images[:1], counted, ReadOptions(max_pixels=64 * 96 - 1), cache)
+    assert counted.model.calls == calls

@@ -152,7 +152,7 @@ def predict(
 
     try:
         with progress_bars() as progress:
-            rows = run_predict(model_dir, images, out, cache_from(cache_dir, no_cache), progress, max_pixels)
+            rows = run_predict(model_dir, images, out, cache_from(cache_dir, no_cache), progress, max_pixels=max_pixels)
     except MitoscopeError as exc:
         fail(exc)
     console.print(f"{len(rows)} predictions written to [bold]{out}[/bold]")
@@ -176,7 +176,8 @@ def evaluate(
 
     try:
         with progress_bars() as progress:
-            metrics = run_evaluate(model_dir, data_dir, labels, out, cache_from(cache_dir, no_cache), progress, max_pixels)
+            metrics = run_evaluate(model_dir, data_dir, labels, out, cache_from(cache_dir, no_cache), progress,
+                                   max_pixels=max_pixels)
     except MitoscopeError as exc:
         fail(exc)
     console.print(metrics_table("evaluation", metrics))

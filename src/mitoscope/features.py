@@ -64,7 +64,8 @@ def resize_image(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """Resize an (H, W, 3) uint8 image to ``size`` = (H, W) with area-aware antialiasing."""
     if image.shape[:2] == tuple(size):
         return image
-    tensor = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None].float()
+    # "W": torch warns on read-only arrays (e.g. np.asarray of a PIL image); copy only then.
+    tensor = torch.from_numpy(np.require(image, requirements=["C", "W"])).permute(2, 0, 1)[None].float()
     out = F.interpolate(tensor, size=tuple(size), mode="bilinear", antialias=True, align_corners=False)
     return out[0].permute(1, 2, 0).round().clamp(0, 255).to(torch.uint8).numpy()
 
@@ -278,6 +279,13 @@ def extract_dataset(
         key = FeatureCache.key(file_sha256(path), settings) if cache else None
         cached = cache.load(key) if cache and key else None
         if cached is not None:
+            # The same limit as reading, so a warm cache never lets an image through that a cold one refuses.
+            height, width = cached.image_size
+            if height * width > read_options.max_pixels:
+                raise InputError(
+                    f"{path}: image is {width}x{height} = {height * width:,} pixels, over the limit of "
+                    f"{read_options.max_pixels:,} pixels (max_pixels; raise it only for files you trust)"
+                )
             results[index] = cached
         else:
             todo.append((index, key))

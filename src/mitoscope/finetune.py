@@ -82,7 +82,6 @@ import contextlib
 import copy
 import csv
 import io as stdio
-import json
 import logging
 import math
 import os
@@ -91,7 +90,7 @@ import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
@@ -135,6 +134,7 @@ POOLS = ("avg", "attention")
 MONITORS = {"loss": "min", "auc": "max"}
 BALANCES = ("pos_weight", "sampler", "none")
 PRECISIONS = ("auto", "32", "32-true", "16-mixed", "bf16-mixed")
+ACCELERATORS = ("auto", "cpu", "gpu", "cuda")
 # The 8 symmetries of the square used by test-time augmentation: (quarter turns, flip).
 TTA_TRANSFORMS = tuple((k, flip) for flip in (False, True) for k in range(4))
 
@@ -231,6 +231,10 @@ class FineTuneConfig:
             raise InputError(f"--monitor must be one of {', '.join(MONITORS)}, got {self.monitor!r}")
         if self.balance not in BALANCES:
             raise InputError(f"--balance must be one of {', '.join(BALANCES)}, got {self.balance!r}")
+        if self.accelerator not in ACCELERATORS:
+            raise InputError(f"--accelerator must be one of {', '.join(ACCELERATORS)}, got {self.accelerator!r}")
+        if self.accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
+            raise InputError(f"--accelerator {self.accelerator}: no CUDA GPU is visible here; use --accelerator cpu")
         if str(self.precision) not in PRECISIONS:
             raise InputError(f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if isinstance(self.size, bool) or not isinstance(self.size, (int, np.integer)):
@@ -331,7 +335,8 @@ class ImageStore:
             grid = make_grid(height, width, tile, overlap)
             boxes = grid.boxes()
             crops = list(crop_windows(image, grid))
-        arrays = np.stack([resize_image(crop, (self.size, self.size)) for crop in crops])
+        # C order explicitly: resize_image returns transposed views, and safetensors writes raw memory.
+        arrays = np.ascontiguousarray(np.stack([resize_image(crop, (self.size, self.size)) for crop in crops]))
         return arrays, boxes, (height, width)
 
     def _load_one(self, path: Path, tile: int | None, overlap: float) -> tuple[np.ndarray, np.ndarray, tuple[int, int]]:
@@ -412,15 +417,16 @@ def validation_split(
         return np.sort(train), np.sort(val)
     groups = np.asarray(groups)
     n_groups = np.unique(groups).size
-    n_splits = min(max(2, round(1.0 / fraction)), n_groups)
-    if n_splits >= 2:
+    # Fewer, larger folds when few groups would leave a class out of the validation fold.
+    groups_per_class = min(np.unique(groups[y == label]).size for label in (0, 1))
+    for n_splits in range(min(max(2, round(1.0 / fraction)), groups_per_class, int(counts.min())), 1, -1):
         splitter = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
         for train, val in splitter.split(positions, y, groups):
             if np.unique(y[val]).size == 2 and np.unique(y[train]).size == 2:
                 return np.sort(train), np.sort(val)
     raise InputError(
         f"{source}: cannot hold out a validation split of whole groups with both classes on each side "
-        f"({n_groups} groups); use more groups or a labels file without a group column"
+        f"({n_groups} groups); it needs at least 2 groups holding each class"
     )
 
 
@@ -511,7 +517,7 @@ def check_input_size(network: FineTuneNetwork, name: str, size: int) -> tuple[in
     if size < 32 or size % stride:
         raise InputError(
             f"--size {size} does not suit backbone {name}: expected at least 32 and a multiple of its "
-            f"stride {stride} (e.g. {max(stride, 32 * math.ceil(max(size, 1) / 32) // stride * stride)})"
+            f"stride {stride} (e.g. {max(32, stride, round(size / stride) * stride)})"
         )
     was_training = network.training
     network.eval()
@@ -620,6 +626,10 @@ def _make_module_class() -> type:
                         module.eval()
             return self
 
+        def on_fit_start(self) -> None:
+            if self.device.type == "cuda":  # NHWC convolutions are faster on tensor cores
+                self.network.to(memory_format=torch.channels_last)
+
         def configure_optimizers(self) -> torch.optim.Optimizer:
             trainable = [p for p in self.network.parameters() if p.requires_grad]
             return torch.optim.AdamW(trainable, lr=self.lr, weight_decay=self.weight_decay)
@@ -681,6 +691,18 @@ def _make_module_class() -> type:
     return FineTuneModule
 
 
+def _phase_bar(label: str) -> Any:
+    """Lightning's tqdm bar (it shows the ETA of the epoch), titled with the stage and phase."""
+    from lightning.pytorch.callbacks import TQDMProgressBar
+
+    class PhaseBar(TQDMProgressBar):
+        def on_train_epoch_start(self, trainer: Any, *args: Any) -> None:
+            super().on_train_epoch_start(trainer, *args)
+            self.train_progress_bar.set_description(f"{label} epoch {trainer.current_epoch + 1}/{trainer.max_epochs}")
+
+    return PhaseBar()
+
+
 @dataclass(frozen=True)
 class Phase:
     """One phase: which part trains, for how many epochs, at which learning rate."""
@@ -715,6 +737,9 @@ def _quiet_lightning(quiet: bool) -> Iterator[None]:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
             warnings.filterwarnings("ignore", message=r".*smaller than the logging interval.*")
+            warnings.filterwarnings("ignore", message=r".*all_gather is deprecated.*")
+            # Frozen parts are in eval mode on purpose (see FineTuneModule.train).
+            warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training.*")
             warnings.filterwarnings("ignore", message=r".*`isinstance\(treespec, LeafSpec\)` is deprecated.*")
             yield
     finally:
@@ -756,6 +781,35 @@ def _workers(config: FineTuneConfig) -> int:
     return min(4, max(0, (os.cpu_count() or 1) - 1)) if _on_gpu(config) else 0
 
 
+def make_trainer(config: FineTuneConfig, max_epochs: int, callbacks: Sequence[Any], work_dir: Path) -> Any:
+    """A Lightning Trainer for one phase; a setting this machine cannot honour is an InputError."""
+    L = _lightning()
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
+
+    try:
+        return L.Trainer(
+            max_epochs=max_epochs,
+            accelerator=config.accelerator,
+            devices=config.devices,
+            num_nodes=config.num_nodes,
+            strategy=_strategy(config),
+            precision=resolve_precision(config),
+            accumulate_grad_batches=config.accumulate,
+            callbacks=list(callbacks),
+            logger=False,  # the history is kept by the module itself: no log files anywhere
+            enable_model_summary=False,
+            enable_progress_bar=config.progress_bar,
+            default_root_dir=work_dir,
+            num_sanity_val_steps=0,
+            log_every_n_steps=1,
+        )
+    except MisconfigurationException as exc:  # e.g. more --devices than this machine has
+        raise InputError(
+            f"cannot train with --accelerator {config.accelerator} --devices {config.devices} "
+            f"--num-nodes {config.num_nodes} here: {' '.join(str(exc).split())[:300]}"
+        ) from None
+
+
 def fit_phase(
     network: FineTuneNetwork,
     images: np.ndarray,
@@ -771,10 +825,9 @@ def fit_phase(
     callbacks: Sequence[Any] = (),
 ) -> PhaseResult:
     """Train one phase with Lightning, then reload its best checkpoint into ``network``."""
-    L = _lightning()
-    from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint, TQDMProgressBar
+    from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 
-    trainable = set_trainable(network, phase.unfreeze)
+    set_trainable(network, phase.unfreeze)
     y = np.asarray(y, dtype=np.int64)
     train_y = y[train_indices]
     n_pos, n_neg = int(train_y.sum()), int(len(train_y) - train_y.sum())
@@ -805,24 +858,9 @@ def fit_phase(
         save_top_k=1, save_weights_only=True, auto_insert_metric_name=False,
     )
     stopper = EarlyStopping(monitor=monitor, mode=MONITORS[config.monitor], patience=config.patience)
-    bars = [TQDMProgressBar()] if config.progress_bar else []
-    trainer = L.Trainer(
-        max_epochs=phase.epochs,
-        accelerator=config.accelerator,
-        devices=config.devices,
-        num_nodes=config.num_nodes,
-        strategy=_strategy(config),
-        precision=resolve_precision(config),
-        accumulate_grad_batches=config.accumulate,
-        callbacks=[checkpoint, stopper, *bars, *callbacks],
-        logger=False,
-        enable_model_summary=False,
-        enable_progress_bar=config.progress_bar,
-        default_root_dir=work_dir,
-        num_sanity_val_steps=0,
-        log_every_n_steps=1,
-    )
+    bars = [_phase_bar(f"{(tag or {}).get('stage', '')} {phase.name}".strip())] if config.progress_bar else []
     with _quiet_lightning(not config.progress_bar):
+        trainer = make_trainer(config, phase.epochs, [checkpoint, stopper, *bars, *callbacks], work_dir)
         trainer.fit(module, train_loader, val_loader)
     if not checkpoint.best_model_path:
         raise InputError(f"phase {phase.name}: no validation epoch finished, so there is no best checkpoint to keep")
@@ -1304,12 +1342,17 @@ def finetune(
         raise InputError(f"{source}: {config.cv}-fold grouped cross-validation needs at least {config.cv} groups, "
                          f"got {np.unique(groups).size}; lower --cv")
     validation_split(data.y, groups, config.val_fraction, config.seed, source)  # fails now rather than after hours
+    with _quiet_lightning(True):
+        make_trainer(config, 1, [], Path(os.devnull))  # devices, precision: checked now, not after the images are read
     network, backbone = build_network(config)
     map_shape = check_input_size(network, config.backbone, config.size)
     mean, std = list(backbone.data_config["mean"]), list(backbone.data_config["std"])
 
     store = ImageStore(config.size, config.read_options, cache_dir)
     work = _work_dir(out_dir)
+    # Checkpoints of an interrupted run must not mix with ours. Every DDP rank runs this before
+    # its first fit, and no rank writes a checkpoint before all of them have joined that fit.
+    shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True, exist_ok=True)
     is_zero = True
     try:
@@ -1364,7 +1407,8 @@ def finetune(
         is_zero = _is_global_zero()
         model_config = {
             "kind": "finetuned",
-            "backbone": backbone.describe(),
+            "backbone": {**backbone.describe(), "note": "weights_* describe the pretrained weights fine-tuning "
+                         f"started from; the fine-tuned weights are {NETWORK_FILE}"},
             "network": {
                 "file": NETWORK_FILE, "pool": config.pool, "dropout": config.dropout,
                 "attention_hidden": config.attention_hidden, "attention_dim": config.attention_dim,
@@ -1462,8 +1506,6 @@ class _StageBars:
 
 def register_cli(app: Any) -> None:
     """Add the ``finetune`` command to a typer app (``mitoscope.cli`` calls this)."""
-    from typing import Optional
-
     import typer
 
     @app.command("finetune")

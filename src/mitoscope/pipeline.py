@@ -106,6 +106,8 @@ def build_head(name: str, params: dict[str, Any]) -> Any:
         member, sep, param = key.partition("__")
         if sep and member in members:
             routed[member][param] = value
+        elif key in members and isinstance(value, dict):  # e.g. dense='{"max_epochs": 5}'
+            routed[key].update(value)
         elif key in own or not members:
             direct[key] = value
         else:
@@ -452,22 +454,62 @@ def rows_to_csv(rows: list[dict[str, Any]]) -> str:
     return buffer.getvalue()
 
 
+def score_label(model: Any) -> str:
+    head = model.config["head"]["name"]
+    return {"pooled": "window score (logistic-regression logit)"}.get(head, "attention weight (higher = more mitotic)")
+
+
 def predict(
     model_dir: str | Path,
     inputs: Sequence[str | Path],
     out_csv: str | Path,
     cache: FeatureCache | None = None,
     progress: Progress | None = None,
+    heatmaps_dir: str | Path | None = None,
+    top_k: int = 3,
     max_pixels: int | None = None,
 ) -> list[dict[str, Any]]:
+    """Predict images into a CSV; with ``heatmaps_dir`` also write each image's heatmap,
+    window-score CSV and top-k window crops. ``max_pixels`` replaces the model's pixel limit."""
     model = load_model(model_dir, max_pixels)
     paths = find_images(inputs)
-    pred = model.predict_paths(paths, cache=cache, progress=progress)
+    pred = model.predict_paths(paths, cache=cache, progress=progress, with_window_scores=heatmaps_dir is not None)
+    if heatmaps_dir is not None:
+        from .heatmaps import require_window_scores, write_heatmaps
+
+        require_window_scores(pred)
     rows = prediction_rows(pred, model.classes, model.threshold, model.config["head"]["name"])
     out_csv = Path(out_csv)
     out_csv.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out_csv, rows_to_csv(rows))
+    if heatmaps_dir is not None:
+        write_heatmaps(heatmaps_dir, pred, model.read_options, top_k=top_k, score_label=score_label(model))
     return rows
+
+
+def localize(
+    model_dir: str | Path,
+    data_dir: str | Path,
+    boxes_csv: str | Path,
+    out_dir: str | Path,
+    labels_csv: str | Path | None = None,
+    cache: FeatureCache | None = None,
+    progress: Progress | None = None,
+) -> dict[str, Any]:
+    """Score how well a model's window scores point at known mitoses (``boxes.csv``):
+    pointing game over Mitosis images and window-level ROC AUC -> ``localization.json``."""
+    from .localization import localization_report, write_localization
+
+    model = load_model(model_dir)
+    if labels_csv is None and (Path(data_dir) / "labels.csv").is_file():
+        labels_csv = Path(data_dir) / "labels.csv"
+    data = load_labelled_images(data_dir, labels_csv, model.positive)
+    y = labels_as_model_classes(data, model, str(labels_csv or data_dir))
+    pred = model.predict_paths(data.paths, cache=cache, progress=progress, with_window_scores=True)
+    report = localization_report(pred, boxes_csv, labels=y)
+    report["model"] = str(model_dir)
+    write_localization(out_dir, report)
+    return report
 
 
 def labels_as_model_classes(data: LabelledImages, model: Any, source: str) -> np.ndarray:
@@ -487,6 +529,8 @@ def evaluate(
     progress: Progress | None = None,
     max_pixels: int | None = None,
 ) -> dict[str, Any]:
+    if Path(out_dir).exists() and not Path(out_dir).is_dir():
+        raise InputError(f"{out_dir}: report output exists and is a file, expected a folder")
     model = load_model(model_dir, max_pixels)
     data = load_labelled_images(data_dir, labels_csv, model.positive)
     y = labels_as_model_classes(data, model, str(labels_csv or data_dir))

@@ -1,0 +1,410 @@
+"""End-to-end fine-tuning (Round 2): phases, checkpoints, persistence, tiling, attention, CLI.
+
+Everything runs on timm's tiny ``test_efficientnet`` (random weights, asked for explicitly)
+at 64 px on a dozen synthetic images, one epoch per phase, so the file stays fast.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+L = pytest.importorskip("lightning")
+
+from mitoscope.augment import AugmentConfig, augment_batch, dihedral, hed_to_rgb, rgb_to_hed  # noqa: E402
+from mitoscope.errors import InputError, ModelError, WeightsUnavailableError  # noqa: E402
+from mitoscope.finetune import (  # noqa: E402
+    FineTuneConfig,
+    FineTunedModel,
+    ImageStore,
+    Phase,
+    build_network,
+    check_input_size,
+    finetune,
+    fit_phase,
+    register_cli,
+    resolve_precision,
+    set_trainable,
+    tile_boxes,
+    validation_split,
+)
+from mitoscope.io import ReadOptions, load_labelled_images  # noqa: E402
+from mitoscope.synthetic import make_synthetic_dataset  # noqa: E402
+
+SIZE = 64
+
+
+def tiny_config(**changes) -> FineTuneConfig:
+    settings = dict(backbone="test_efficientnet", pretrained=False, size=SIZE, epochs_head=1, epochs_full=1,
+                    batch_size=4, accelerator="cpu", seed=0)
+    settings.update(changes)
+    return FineTuneConfig(**settings)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # Tiny convolutions on a shared machine run ~10x faster on one thread than fighting for two.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> tuple[Path, Path]:
+    folder = tmp_path_factory.mktemp("ft-data") / "set"
+    labels = make_synthetic_dataset(folder, n_images=12, size=(SIZE, SIZE), cells=(3, 5), mitoses=(1, 1),
+                                    cell_radius=(5, 7), seed=3)
+    return folder, labels
+
+
+@pytest.fixture(scope="module")
+def arrays(dataset):
+    folder, labels = dataset
+    data = load_labelled_images(folder, labels)
+    images, owner, _ = ImageStore(SIZE, ReadOptions()).load(data.paths)
+    assert np.array_equal(owner, np.arange(len(data.paths)))
+    return images, data.y
+
+
+@pytest.fixture(scope="module")
+def attention_model(dataset, tmp_path_factory):
+    folder, labels = dataset
+    out = tmp_path_factory.mktemp("ft-model") / "attention"
+    result = finetune(folder, labels, out, tiny_config(pool="attention"))
+    return result, out
+
+
+def backbone_state(network) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in network.backbone.state_dict().items()}
+
+
+# ----------------------------------------------------------------------------- tiling, store
+
+
+def test_tiles_of_a_3000x2000_image_cover_it_with_the_asked_overlap():
+    boxes = tile_boxes(2000, 3000, 1600, 0.25)
+    covered = np.zeros((2000, 3000), dtype=bool)
+    for x0, y0, x1, y1 in boxes:
+        assert (x1 - x0, y1 - y0) == (1600, 1600)
+        assert 0 <= x0 and 0 <= y0 and x1 <= 3000 and y1 <= 2000
+        covered[y0:y1, x0:x1] = True
+    assert covered.all()
+    for axis in (0, 1):  # neighbouring tiles overlap by at least a quarter of a tile
+        starts = np.unique(boxes[:, axis])
+        assert len(starts) >= 2
+        assert np.all(np.diff(starts) <= 1600 * (1 - 0.25))
+
+
+def test_image_store_resizes_each_tile_of_the_image_as_read(tmp_path):
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 256, (200, 300, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(tmp_path / "big.png")
+    store = ImageStore(32, ReadOptions(), cache_dir=tmp_path / "cache")
+    arrays, owner, boxes = store.load([tmp_path / "big.png"], tile=160, overlap=0.25)
+    assert arrays.shape == (len(boxes), 32, 32, 3) and arrays.dtype == np.uint8
+    assert np.array_equal(boxes, tile_boxes(200, 300, 160, 0.25)) and set(owner) == {0}
+    from mitoscope.features import resize_image
+
+    x0, y0, x1, y1 = boxes[-1]
+    assert np.array_equal(arrays[-1], resize_image(pixels[y0:y1, x0:x1], (32, 32)))
+    again, _, _ = store.load([tmp_path / "big.png"], tile=160, overlap=0.25)  # from the disk cache now
+    assert np.array_equal(again, arrays) and any((tmp_path / "cache").rglob("*.safetensors"))
+
+
+def test_validation_split_is_stratified_and_keeps_groups_together():
+    y = np.array([0, 0, 0, 0, 1, 1, 1, 1, 0, 1])
+    groups = np.array(["a", "a", "b", "b", "c", "c", "d", "d", "e", "f"])
+    train, val = validation_split(y, groups, 0.3, seed=0)
+    assert set(y[val]) == {0, 1} and set(y[train]) == {0, 1}
+    assert not set(groups[train]) & set(groups[val])
+    with pytest.raises(InputError, match="at least 2 images of each class"):
+        validation_split(np.array([0, 0, 0, 1]), None, 0.2, seed=0)
+
+
+def test_pretraining_tiles_negatives_and_keeps_positives_whole(dataset, tmp_path):
+    from mitoscope.finetune import _load_pretrain_set
+
+    folder, labels = dataset
+    big = tmp_path / "big"
+    big_labels = make_synthetic_dataset(big, n_images=4, size=(128, 128), cells=(3, 5), mitoses=(1, 1),
+                                        cell_radius=(5, 7), seed=5)
+    pre = load_labelled_images(big, big_labels)
+    main = load_labelled_images(folder, labels)
+    config = tiny_config(pretrain_data=str(big), pretrain_labels=str(big_labels), tile=64, tile_overlap=0.0,
+                         negatives_only_tiles=True).validate()
+    images, y, groups, summary = _load_pretrain_set(config, ImageStore(SIZE, ReadOptions()), main, None)
+    n_negative, n_positive = int((pre.y == 0).sum()), int(pre.y.sum())
+    assert len(y) == 4 * n_negative + n_positive  # four 64 px tiles per Normal image, Mitosis images whole
+    assert int(y.sum()) == n_positive and images.shape == (len(y), SIZE, SIZE, 3)
+    assert len(set(groups)) == len(pre.paths)  # a tile's group is its image
+    noisy = _load_pretrain_set(replace(config, negatives_only_tiles=False), ImageStore(SIZE, ReadOptions()), main, None)
+    assert len(noisy[1]) == 16 and int(noisy[1].sum()) == 4 * n_positive  # every tile takes its image's label
+
+    result = finetune(folder, labels, tmp_path / "model", replace(config, epochs_full=0))
+    assert [(r["stage"], r["phase"]) for r in result.history] == [("pretrain", "head"), ("main", "head")]
+    assert result.model.config["training"]["pretrain"]["n_samples"] == len(y)
+    with pytest.raises(InputError, match="also training images"):
+        finetune(folder, labels, tmp_path / "again", replace(config, pretrain_data=str(folder),
+                                                            pretrain_labels=str(labels)))
+
+
+# ----------------------------------------------------------------------------- phases
+
+
+class OptimizerProbe(L.Callback):
+    """Records, at the start of training, each optimizer group's lr and its parameters."""
+
+    def on_train_start(self, trainer, module):
+        self.lrs = [group["lr"] for optimizer in trainer.optimizers for group in optimizer.param_groups]
+        self.params = {id(p) for optimizer in trainer.optimizers for group in optimizer.param_groups for p in group["params"]}
+
+
+def test_phase_one_leaves_the_base_exactly_unchanged_and_phase_two_trains_it(arrays, tmp_path):
+    images, y = arrays
+    config = tiny_config().validate()
+    network, backbone = build_network(config)
+    mean, std = backbone.data_config["mean"], backbone.data_config["std"]
+    train, val = validation_split(y, None, 0.25, seed=0)
+    before = backbone_state(network)
+    head_before = {k: v.clone() for k, v in network.head.state_dict().items()}
+
+    probe = OptimizerProbe()
+    head = fit_phase(network, images, y, train, val, Phase("head", 1, 0.01, None), config, tmp_path / "head",
+                     mean, std, callbacks=[probe])
+    after_head = backbone_state(network)
+    assert all(torch.equal(before[k], after_head[k]) for k in before)  # weights and BN running stats
+    assert any(not torch.equal(head_before[k], v) for k, v in network.head.state_dict().items())
+    assert probe.lrs == [0.01] and [row["lr"] for row in head.history] == [0.01]
+    assert probe.params == {id(p) for p in network.head.parameters()}
+
+    probe = OptimizerProbe()
+    full = fit_phase(network, images, y, train, val, Phase("full", 1, 0.002, 1), config, tmp_path / "full",
+                     mean, std, callbacks=[probe])
+    after_full = backbone_state(network)
+    last_stage = [k for k in before if k.startswith(("blocks.4.", "conv_head", "bn2"))]
+    earlier = [k for k in before if k.startswith(("conv_stem", "bn1", "blocks.0."))]
+    assert any(not torch.equal(before[k], after_full[k]) for k in last_stage)
+    assert all(torch.equal(before[k], after_full[k]) for k in earlier)  # frozen blocks: BN stats included
+    assert probe.lrs == [0.002] and full.history[0]["lr"] == 0.002
+    history_keys = {"train_loss", "train_accuracy", "train_auc", "val_loss", "val_accuracy", "val_auc"}
+    assert history_keys <= set(full.history[0])
+
+
+def test_unfreeze_counts_timm_groups_from_the_end():
+    network, _ = build_network(tiny_config().validate())
+    assert set_trainable(network, None) == []
+    assert all(p.requires_grad for p in network.head.parameters())
+    last = set_trainable(network, 1)
+    assert last and all(n.startswith(("blocks.4.", "conv_head", "bn2")) for n in last)
+    assert any(n.startswith("conv_head") for n in last)
+    two = set_trainable(network, 2)
+    assert set(last) < set(two) and any(n.startswith("blocks.3.") for n in two)
+    assert len(set_trainable(network, "all")) == len(list(network.backbone.parameters()))
+
+
+class SpoilLaterEpochs(L.Callback):
+    """Keeps epoch 1's weights, then makes every later epoch's weights bad before validation."""
+
+    def on_validation_epoch_start(self, trainer, module):
+        if trainer.current_epoch == 0:
+            self.first = {k: v.detach().clone() for k, v in module.network.state_dict().items()}
+        else:
+            with torch.no_grad():
+                module.network.head.classifier.weight.zero_()
+                module.network.head.classifier.bias.fill_(40.0)  # everything "positive", surely
+
+
+def test_the_best_checkpoint_is_the_one_reloaded(arrays, tmp_path):
+    images, y = arrays
+    config = tiny_config(monitor="loss").validate()
+    network, backbone = build_network(config)
+    train, val = validation_split(y, None, 0.25, seed=0)
+    spoil = SpoilLaterEpochs()
+    result = fit_phase(network, images, y, train, val, Phase("head", 3, 0.01, None), config, tmp_path,
+                       backbone.data_config["mean"], backbone.data_config["std"], callbacks=[spoil])
+    assert result.epochs_run == 3 and result.best_epoch == 1
+    losses = [row["val_loss"] for row in result.history]
+    assert losses[0] < min(losses[1:])
+    kept = network.state_dict()
+    assert all(torch.equal(spoil.first[k], kept[k]) for k in kept)
+    saved = torch.load(result.best_path, map_location="cpu", weights_only=True)["state_dict"]
+    assert all(torch.equal(saved[f"network.{k}"], kept[k]) for k in kept)
+
+
+# ----------------------------------------------------------------------------- saved model
+
+
+def test_predictions_after_save_and_load_match_exactly(attention_model, dataset, tmp_path):
+    result, out = attention_model
+    folder, _ = dataset
+    paths = sorted((folder / "images").glob("*.png"))[:5]
+    odd = tmp_path / "odd.png"
+    Image.open(paths[0]).resize((90, 70)).save(odd)
+    paths.append(odd)
+    before = result.model.predict_paths(paths, with_window_scores=True)
+    loaded = FineTunedModel.load(out)
+    after = loaded.predict_paths(paths, with_window_scores=True)
+    assert np.array_equal(before.proba, after.proba)
+    assert all(np.array_equal(a, b) for a, b in zip(before.window_scores, after.window_scores))
+    assert after.members == {} and after.notes[-1] == f"resized 90x70 to {SIZE}x{SIZE}" and after.notes[0] == ""
+    config = json.loads((out / "model.json").read_text())
+    assert config["kind"] == "finetuned" and config["head"]["name"] == "finetuned"
+    assert config["backbone"]["name"] == "test_efficientnet" and config["image_size"] == SIZE
+    assert config["network"]["pool"] == "attention" and config["augment"]["stain_jitter"] is True
+    assert 0.0 < config["threshold"] < 1.0 and config["classes"] == ["Normal", "Mitosis"]
+    assert {"history.csv", "history.json", "training_curves.png", "network.safetensors"} <= set(config["files"])
+
+
+def test_attention_weights_sum_to_one_and_their_cells_tile_the_image(attention_model, tmp_path):
+    result, out = attention_model
+    model = FineTunedModel.load(out)
+    image = tmp_path / "wide.png"
+    Image.fromarray(np.random.default_rng(1).integers(0, 256, (70, 130, 3), dtype=np.uint8)).save(image)
+    for tta in (False, True):
+        pred = model.predict_paths([image], with_window_scores=True, tta=tta)
+        weights, boxes = pred.window_scores[0], pred.boxes[0]
+        assert weights.shape == (len(boxes),) == (int(np.prod(model.map_shape)),)
+        assert np.all(weights >= 0) and weights.sum() == pytest.approx(1.0, abs=1e-6)
+        covered = np.zeros((70, 130), dtype=np.int64)
+        for x0, y0, x1, y1 in boxes:
+            covered[y0:y1, x0:x1] += 1
+        assert np.all(covered == 1)  # every pixel in exactly one cell
+        assert pred.image_sizes == [(70, 130)]
+
+
+def test_a_network_file_that_does_not_fit_the_architecture_is_a_model_error(attention_model, tmp_path):
+    import shutil
+
+    _, out = attention_model
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    config = json.loads((copy / "model.json").read_text())
+    config["network"]["pool"] = "avg"  # the weights hold an attention head
+    (copy / "model.json").write_text(json.dumps(config))
+    with pytest.raises(ModelError, match="network.safetensors"):
+        FineTunedModel.load(copy)
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize("size", [16, 48])
+def test_a_size_the_backbone_cannot_take_is_an_input_error(dataset, tmp_path, size):
+    folder, labels = dataset
+    with pytest.raises(InputError, match=f"--size {size}.*test_efficientnet"):
+        finetune(folder, labels, tmp_path / "model", tiny_config(size=size))
+    assert not (tmp_path / "model").exists() and not list(tmp_path.iterdir())
+
+
+def test_a_backbone_without_a_feature_map_is_an_input_error():
+    network, _ = build_network(tiny_config(backbone="test_vit").validate())
+    with pytest.raises(InputError, match="test_vit"):
+        check_input_size(network, "test_vit", SIZE)
+
+
+def test_a_labels_file_with_one_class_is_an_input_error(dataset, tmp_path):
+    folder, labels = dataset
+    one_class = tmp_path / "one.csv"
+    rows = list(csv.reader(labels.open()))
+    one_class.write_text("\n".join([",".join(rows[0])] + [f"{r[0]},Mitosis" for r in rows[1:]]) + "\n")
+    with pytest.raises(InputError, match="two classes"):
+        finetune(folder, one_class, tmp_path / "model", tiny_config())
+    assert not (tmp_path / "model").exists()
+
+
+def test_mixed_precision_on_cpu_is_refused():
+    assert resolve_precision(tiny_config(precision="auto")) == "32-true"
+    with pytest.raises(InputError, match="needs a GPU"):
+        resolve_precision(tiny_config(precision="16-mixed"))
+
+
+def test_unavailable_weights_name_the_offline_alternative(monkeypatch):
+    import mitoscope.finetune as ft
+
+    def offline(*args, **kwargs):
+        raise WeightsUnavailableError("cannot get pretrained weights for 'efficientnet_b4' (LocalEntryNotFoundError)")
+
+    monkeypatch.setattr(ft, "create_backbone", offline)
+    with pytest.raises(WeightsUnavailableError, match="tf_efficientnet_lite0"):
+        build_network(FineTuneConfig().validate())
+
+
+# ----------------------------------------------------------------------------- augmentation
+
+
+def test_torch_colour_deconvolution_matches_scikit_image():
+    from skimage.color import hed2rgb, rgb2hed
+
+    rgb = np.random.default_rng(2).random((5, 7, 3))
+    hed = rgb_to_hed(torch.from_numpy(rgb).permute(2, 0, 1)[None])[0].permute(1, 2, 0).numpy()
+    assert np.allclose(hed, rgb2hed(rgb), atol=1e-10)
+    back = hed_to_rgb(torch.from_numpy(hed).permute(2, 0, 1)[None])[0].permute(1, 2, 0).numpy()
+    assert np.allclose(back, hed2rgb(hed), atol=1e-10)
+
+
+def test_geometric_augmentation_only_turns_and_flips_each_image():
+    images = torch.rand(6, 3, 16, 16)
+    config = AugmentConfig(scale=0.0, brightness=0.0, contrast=0.0, stain_jitter=False)
+    out = augment_batch(images, config, torch.Generator().manual_seed(0))
+    again = augment_batch(images, config, torch.Generator().manual_seed(0))
+    assert torch.equal(out, again)
+    for image, result in zip(images, out):
+        variants = [dihedral(image[None], k, flip)[0] for k in range(4) for flip in (False, True)]
+        assert any(torch.equal(result, v) for v in variants)
+    assert not torch.equal(out, images)
+    coloured = augment_batch(images, AugmentConfig(), torch.Generator().manual_seed(1))
+    assert coloured.shape == images.shape and 0.0 <= coloured.min() and coloured.max() <= 1.0
+
+
+# ----------------------------------------------------------------------------- CLI end to end
+
+
+def test_cli_finetune_then_predict_and_evaluate_like_round_one(dataset, tmp_path, monkeypatch):
+    import typer
+    from typer.testing import CliRunner
+
+    from mitoscope import pipeline
+
+    folder, labels = dataset
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    app = typer.Typer()
+    register_cli(app)
+    app.command("noop")(lambda: None)  # two commands, so that `finetune` is a sub-command as in mitoscope
+    out = tmp_path / "model"
+    args = ["finetune", str(folder), "--labels", str(labels), "--out", str(out), "--backbone", "test_efficientnet",
+            "--no-pretrained", "--size", str(SIZE), "--epochs-head", "1", "--epochs-full", "1", "--batch-size", "4",
+            "--cv", "2", "--accelerator", "cpu", "--tta"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert list(cwd.iterdir()) == []  # nothing written into the working directory
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # work folder removed
+    report = json.loads((out / "metrics.json").read_text())
+    keys = {"f1", "auc", "accuracy", "precision", "recall", "balanced_accuracy", "confusion_matrix"}
+    assert keys <= set(report) and "2-fold" in report["evaluation"]
+    history = list(csv.DictReader((out / "history.csv").open()))
+    assert [(r["stage"], r["phase"]) for r in history] == [("main", "head"), ("main", "full")]
+    assert json.loads((out / "model.json").read_text())["tta"] is True
+
+    rows = pipeline.predict(out, [folder / "images"], tmp_path / "pred.csv")
+    round_one = pipeline.train(folder, labels, tmp_path / "round1", pipeline.TrainConfig(
+        head="pooled", backbone="test_efficientnet", pretrained=False, window=SIZE, cv=0))
+    round_one_rows = round_one.model.predict([folder / "images" / rows[0]["Image"]])
+    expected = ["finetuned" if c == "pooled" else c for c in round_one_rows[0]]
+    with open(tmp_path / "pred.csv", newline="") as handle:
+        assert next(csv.reader(handle)) == expected == ["Image", "Label", "Probability", "finetuned", "Note"]
+    metrics = pipeline.evaluate(out, folder, labels, tmp_path / "eval")
+    assert keys <= set(metrics) and metrics["n_images"] == 12
+    assert {"metrics.json", "predictions.csv", "roc.png"} <= {p.name for p in (tmp_path / "eval").iterdir()}
+
+    failed = CliRunner().invoke(app, args)  # the model folder now exists
+    assert failed.exit_code == 2 and "not empty" in failed.output
