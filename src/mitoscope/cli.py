@@ -140,22 +140,54 @@ def predict(
     model_dir: Path = typer.Argument(..., help="A model folder written by `mitoscope train`."),
     images: list[Path] = typer.Argument(..., help="Image files or folders."),
     out: Path = typer.Option(Path("predictions.csv"), "--out", help="CSV to write."),
+    heatmaps: Optional[Path] = typer.Option(None, "--heatmaps", help="Folder for per-image heatmap PNGs, window-score CSVs and top-k crops (heads: attention, pooled; finetune --pool attention)."),
+    top_k: int = typer.Option(3, "--top-k", help="Top-scoring windows saved as crops with --heatmaps."),
     cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help=CACHE_HELP),
     no_cache: bool = typer.Option(False, "--no-cache"),
     max_pixels: Optional[int] = typer.Option(None, "--max-pixels", help=MAX_PIXELS_HELP + " Default: the model's."),
 ) -> None:
     """Predict new images: CSV with Image, Label, Probability and one column per head.
 
-    Example: mitoscope predict model/ new_images/ --out predictions.csv
+    Example: mitoscope predict model/ new_images/ --out predictions.csv --heatmaps heatmaps/
     """
     from .pipeline import predict as run_predict
 
     try:
         with progress_bars() as progress:
-            rows = run_predict(model_dir, images, out, cache_from(cache_dir, no_cache), progress, max_pixels=max_pixels)
+            rows = run_predict(model_dir, images, out, cache_from(cache_dir, no_cache), progress,
+                               heatmaps_dir=heatmaps, top_k=top_k, max_pixels=max_pixels)
     except MitoscopeError as exc:
         fail(exc)
     console.print(f"{len(rows)} predictions written to [bold]{out}[/bold]")
+    if heatmaps is not None:
+        console.print(f"heatmaps written to [bold]{heatmaps}[/bold]")
+
+
+@app.command()
+def localize(
+    model_dir: Path = typer.Argument(..., help="A model whose head gives window scores (attention, pooled; finetune --pool attention)."),
+    data_dir: Path = typer.Argument(..., help="Folder of labelled images."),
+    boxes: Path = typer.Option(..., "--boxes", help="boxes.csv with Image,x,y,w,h of the true mitoses (as written by compose_scenes.py)."),
+    out: Path = typer.Option(..., "--out", help="Folder for localization.json."),
+    labels: Optional[Path] = typer.Option(None, "--labels", help="Labels CSV (default: DATA_DIR/labels.csv)."),
+    cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help=CACHE_HELP),
+    no_cache: bool = typer.Option(False, "--no-cache"),
+) -> None:
+    """Score how well the heatmaps point at true mitoses: pointing game and window AUC.
+
+    Example: mitoscope localize model/ test_scenes/ --boxes test_scenes/boxes.csv --out loc/
+    """
+    from .pipeline import localize as run_localize
+
+    try:
+        with progress_bars() as progress:
+            report = run_localize(model_dir, data_dir, boxes, out, labels, cache_from(cache_dir, no_cache), progress)
+    except MitoscopeError as exc:
+        fail(exc)
+    auc = report.get("window_auc")
+    console.print(f"pointing game {report['pointing_game']:.3f}  window AUC {'-' if auc is None else format(auc, '.3f')}  "
+                  f"({report['n_mitosis_images']} Mitosis images)")
+    console.print(f"written to [bold]{Path(out) / 'localization.json'}[/bold]")
 
 
 @app.command()
@@ -220,6 +252,16 @@ def demo(
     console.print(f"report:      [bold]{result.report_dir / 'metrics.json'}[/bold] (+ roc.png, confusion_matrix.png)")
     console.print(f"predictions: [bold]{result.predictions_csv}[/bold]")
     console.print(f"done in {time.perf_counter() - started:.0f} s")
+
+
+def register_commands() -> None:
+    # finetune lives with its Lightning code; it registers itself on the same app.
+    from .finetune import register_cli
+
+    register_cli(app)
+
+
+register_commands()
 
 
 def main() -> None:
