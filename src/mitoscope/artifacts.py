@@ -9,7 +9,6 @@ loading checks every hash, so a tampered or truncated file is a clear error.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 import sys
@@ -18,19 +17,11 @@ from pathlib import Path
 from typing import Any, Callable
 
 from . import __version__
-from .atomic import atomic_write_json
+from .atomic import atomic_write_json, sha256_file
 from .errors import InputError, ModelError
 
 FORMAT_VERSION = 1
 MODEL_FILE = "model.json"
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def environment_versions() -> dict[str, str]:

@@ -256,9 +256,11 @@ def demo(
 
 def register_commands() -> None:
     # finetune lives with its Lightning code; it registers itself on the same app.
+    from .distributed import register_cli as register_extract
     from .finetune import register_cli
 
     register_cli(app)
+    register_extract(app)
 
 
 register_commands()

@@ -26,7 +26,7 @@ from safetensors import SafetensorError
 from safetensors.numpy import load_file, save_file
 
 from . import __version__
-from .atomic import atomic_path
+from .atomic import atomic_path, sha256_file as file_sha256
 from .backbones import Backbone
 from .errors import InputError
 from .io import ReadOptions, read_image
@@ -170,14 +170,6 @@ class FeatureExtractor:
 def default_cache_dir() -> Path:
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
     return Path(base) / "mitoscope" / "features"
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def read_metadata(path: str | Path) -> dict[str, str]:

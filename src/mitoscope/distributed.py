@@ -1,0 +1,571 @@
+"""Fill the feature cache on its own, on one device or many: ``mitoscope extract``.
+
+``mitoscope train`` extracts window features as it goes; on a large data set that is most of
+the time. ``extract`` does only that part, with the same cache keys as ``train`` (image bytes,
+backbone and weights hash, tiling, extraction mode, reading options), so a ``train`` run
+afterwards with the same backbone, tiling and reading options finds every image cached and
+goes straight to the head. With a fixed-grid head (``--head ensemble|dense|forest``, the
+default ``ensemble``) it also caches, as ``train`` would, the images whose size is not the most
+common one resized to that size.
+
+It runs through Lightning's distributed predict loop: a ``LightningModule`` whose
+``predict_step`` extracts one image and writes its cache entry, a ``DataLoader`` over the
+images still to do, and ``Trainer(strategy="ddp", devices=N, num_nodes=M).predict(...)``.
+Lightning gives each rank its share of that loader through a distributed sampler that never
+repeats an item (a plain ``DistributedSampler`` pads the last round with repeats, which would
+extract some images twice). How it keeps every entry written exactly once:
+
+- images already cached are found before distributing: each rank hashes a strided share of
+  the files, the shares are gathered, and every rank builds the same list of what is left;
+- each remaining image belongs to one rank, which alone reads it, extracts it and writes its
+  entry (atomically: a temporary file in the same folder, then ``os.replace``);
+- each entry records in its provenance the rank and world size that wrote it, and the run
+  reports how many entries each rank wrote.
+
+A file that cannot be read does not stop the other ranks: every failure is gathered and the
+run ends with an error naming the files (the entries of the other images are kept).
+
+Two GPUs on one machine (Lightning starts the second process itself by running the same
+command again with ``LOCAL_RANK=1``)::
+
+    mitoscope extract scenes/ --labels scenes/labels.csv --devices 2 --accelerator gpu
+
+A SLURM cluster, 2 nodes x 4 GPUs (Lightning recognises SLURM from its environment:
+``SLURM_NTASKS``, ``SLURM_PROCID``, ...; ``--devices`` must equal ``--ntasks-per-node`` and
+``--num-nodes`` ``--nodes``). The cache folder must be on a filesystem every node sees::
+
+    #!/bin/bash
+    #SBATCH --nodes=2 --ntasks-per-node=4 --gpus-per-node=4 --cpus-per-task=8
+    srun mitoscope extract scenes/ --labels scenes/labels.csv --cache-dir /shared/cache \\
+        --devices 4 --num-nodes 2 --accelerator gpu --workers 6
+
+then, on any one machine: ``mitoscope train scenes/ --labels scenes/labels.csv --out model/
+--cache-dir /shared/cache``. From Python, call :func:`extract_to_cache` from a script, not a
+notebook (with ``devices > 1`` Lightning re-runs the script for the other ranks).
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import logging
+import os
+import warnings
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Iterator, Optional, Sequence
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from . import __version__
+from .backbones import DEFAULT_BACKBONE, Backbone, create_backbone
+from .errors import InputError, MitoscopeError
+from .features import EXTRACTION_MODES, FeatureCache, FeatureExtractor, default_cache_dir, file_sha256
+from .io import DEFAULT_MAX_PIXELS, ReadOptions, load_labelled_images, read_image
+from .tiling import validate_tiling
+
+logger = logging.getLogger(__name__)
+
+# Heads whose input is every window concatenated in grid order: train resizes odd-sized images
+# to the most common size, so their resized features are cached too (pipeline.FIXED_GRID_HEADS).
+FIXED_GRID_HEADS = ("ensemble", "dense", "forest")
+HEAD_CHOICES = ("ensemble", "dense", "forest", "pooled", "attention")
+ACCELERATORS = ("auto", "cpu", "gpu", "cuda")
+MAX_LISTED_ERRORS = 5
+
+
+@dataclass(frozen=True)
+class ExtractConfig:
+    """What ``mitoscope extract`` can be told; the extraction options mirror ``TrainConfig``'s."""
+
+    backbone: str = DEFAULT_BACKBONE
+    weights: str | None = None
+    pretrained: bool = True
+    window: int = 224
+    overlap: float = 0.5
+    extraction: str = "windows"
+    channels: tuple[int, int, int] | None = None
+    seed: int = 0
+    positive: str | None = None
+    head: str = "ensemble"
+    batch_size: int = 32
+    accelerator: str = "auto"
+    devices: str | int = 1
+    num_nodes: int = 1
+    workers: int | None = None
+    max_pixels: int = DEFAULT_MAX_PIXELS
+
+    def validate(self) -> "ExtractConfig":
+        from .finetune import parse_devices
+
+        validate_tiling(self.window, self.overlap)
+        if self.extraction not in EXTRACTION_MODES:
+            raise InputError(f"unknown --extraction {self.extraction!r}: expected one of {', '.join(EXTRACTION_MODES)}")
+        if self.head not in HEAD_CHOICES:
+            raise InputError(f"unknown --head {self.head!r}: expected one of {', '.join(HEAD_CHOICES)}")
+        if self.batch_size < 1:
+            raise InputError(f"--batch-size must be at least 1, got {self.batch_size}")
+        if self.num_nodes < 1:
+            raise InputError(f"--num-nodes must be at least 1, got {self.num_nodes}")
+        if self.workers is not None and self.workers < 0:
+            raise InputError(f"--workers must be 0 or more, got {self.workers}")
+        if self.accelerator not in ACCELERATORS:
+            raise InputError(f"--accelerator must be one of {', '.join(ACCELERATORS)}, got {self.accelerator!r}")
+        if self.accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
+            raise InputError(f"--accelerator {self.accelerator}: no CUDA GPU is visible here; use --accelerator cpu")
+        if self.weights is not None and not Path(self.weights).is_file():
+            raise InputError(f"{self.weights}: weights file not found")
+        _ = self.read_options  # validates channels and max_pixels
+        return replace(self, devices=parse_devices(self.devices))
+
+    @property
+    def read_options(self) -> ReadOptions:
+        return ReadOptions(channels=self.channels, max_pixels=self.max_pixels)
+
+    @property
+    def on_gpu(self) -> bool:
+        return self.accelerator in ("gpu", "cuda") or (self.accelerator == "auto" and torch.cuda.is_available())
+
+    @property
+    def strategy(self) -> str:
+        devices = self.devices
+        several = (isinstance(devices, int) and (devices > 1 or devices == -1)) or (
+            isinstance(devices, str) and devices != "auto" and len([d for d in devices.split(",") if d]) > 1)
+        return "ddp" if several or self.num_nodes > 1 else "auto"
+
+
+@dataclass
+class ExtractResult:
+    """What a run did; every rank gets the same numbers (``is_main`` tells rank 0)."""
+
+    n_images: int
+    n_cached: int  # images whose entry was already there
+    n_extracted: int  # entries written by this run at the size read
+    n_resized: int  # entries written resized to ``train_size`` (fixed-grid heads)
+    train_size: tuple[int, int] | None  # (H, W) the fixed-grid heads will use
+    written_per_rank: list[int] = field(default_factory=list)
+    cache_dir: Path = Path()
+    is_main: bool = True
+
+    @property
+    def world_size(self) -> int:
+        return len(self.written_per_rank)
+
+
+def cache_settings(fingerprint: dict[str, Any], read_options: ReadOptions,
+                   resize_to: tuple[int, int] | None) -> dict[str, Any]:
+    """The settings part of a cache key, exactly as ``features.extract_dataset`` builds it."""
+    return {
+        "extractor": fingerprint,
+        "read": {k: v for k, v in read_options.to_dict().items() if k != "max_pixels"},
+        "resize_to": list(resize_to) if resize_to else None,
+    }
+
+
+def global_rank() -> int:
+    """This process's rank once a process group is up (0 otherwise, or before)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return int(torch.distributed.get_rank())
+    return 0
+
+
+def gather(obj: Any) -> list[Any]:
+    """Every rank's ``obj``, in rank order (a list of one without a process group)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return [obj]
+    out: list[Any] = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(out, obj)
+    return out
+
+
+def failure_message(errors: Sequence[str], n_total: int, what: str) -> str:
+    shown = "; ".join(errors[:MAX_LISTED_ERRORS])
+    more = f"; and {len(errors) - MAX_LISTED_ERRORS} more" if len(errors) > MAX_LISTED_ERRORS else ""
+    return f"{len(errors)} of {n_total} images could not be {what}: {shown}{more}"
+
+
+# --------------------------------------------------------------------------------------------
+# What is left to do (decided before distributing, the same on every rank)
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Job:
+    index: int  # position in the data set
+    key: str  # cache key of the entry to write
+    resize_to: tuple[int, int] | None
+
+
+class ExtractionPlan:
+    """The images, their cache keys and which entries exist; shared by the driver and the data module."""
+
+    def __init__(self, paths: Sequence[Path], cache: FeatureCache, fingerprint: dict[str, Any],
+                 read_options: ReadOptions) -> None:
+        self.paths = [Path(p) for p in paths]
+        self.cache = cache
+        self.fingerprint = fingerprint
+        self.read_options = read_options
+        self.shas: list[str] | None = None
+        self.train_size: tuple[int, int] | None = None
+        self.n_cached = 0
+
+    def key(self, index: int, resize_to: tuple[int, int] | None = None) -> str:
+        assert self.shas is not None
+        return FeatureCache.key(self.shas[index], cache_settings(self.fingerprint, self.read_options, resize_to))
+
+    def jobs(self, rank: int, world_size: int, resized: bool) -> list[Job]:
+        """Images still to extract; each rank scans a strided share and the shares are gathered."""
+        return self.resized_jobs(rank, world_size) if resized else self.as_read_jobs(rank, world_size)
+
+    def as_read_jobs(self, rank: int, world_size: int) -> list[Job]:
+        settings = cache_settings(self.fingerprint, self.read_options, None)
+        mine = []
+        for index in range(rank, len(self.paths), world_size):
+            try:
+                sha = file_sha256(self.paths[index])
+            except OSError as exc:
+                mine.append((index, None, False, f"{self.paths[index]}: cannot read the file ({exc.strerror or exc})"))
+                continue
+            cached = self.cache.load(FeatureCache.key(sha, settings)) is not None
+            mine.append((index, sha, cached, None))
+        scanned = sorted(item for share in gather(mine) for item in share)
+        errors = [error for *_, error in scanned if error]
+        if errors:
+            raise InputError(failure_message(errors, len(self.paths), "read"))
+        self.shas = [sha for _, sha, _, _ in scanned]
+        self.n_cached = sum(cached for _, _, cached, _ in scanned)
+        return [Job(index, self.key(index), None) for index, _, cached, _ in scanned if not cached]
+
+    def resized_jobs(self, rank: int, world_size: int) -> list[Job]:
+        """Images not of the most common size, resized to it (what ``train`` does for fixed-grid heads)."""
+        mine = []
+        for index in range(rank, len(self.paths), world_size):
+            entry = self.cache.load(self.key(index))
+            if entry is None:  # written by this run, so only a cache that this node does not see lacks it
+                mine.append((index, None, f"{self.paths[index]}: its feature entry is missing from {self.cache.root} "
+                                          f"after extraction (with --num-nodes > 1 the cache folder must be shared)"))
+            else:
+                mine.append((index, tuple(int(v) for v in entry.image_size), None))
+        scanned = sorted(item for share in gather(mine) for item in share)
+        errors = [error for *_, error in scanned if error]
+        if errors:
+            raise InputError(failure_message(errors, len(self.paths), "found in the cache"))
+        sizes = [size for _, size, _ in scanned]
+        # Counter keeps first-seen order among ties: the same choice as pipeline.modal_size over the same order.
+        self.train_size = collections.Counter(sizes).most_common(1)[0][0]
+        odd = [index for index, size in enumerate(sizes) if size != self.train_size]
+        mine_odd = [(index, self.cache.load(self.key(index, self.train_size)) is not None)
+                    for index in odd[rank::world_size]]
+        cached = dict(item for share in gather(mine_odd) for item in share)
+        return [Job(index, self.key(index, self.train_size), self.train_size) for index in odd if not cached[index]]
+
+
+NO_OP = Job(index=-1, key="", resize_to=None)
+
+
+class JobImages(Dataset):
+    """One decoded image per job; a file that cannot be read becomes an error to report, not a crash."""
+
+    def __init__(self, jobs: Sequence[Job], paths: Sequence[Path], read_options: ReadOptions) -> None:
+        self.jobs = list(jobs)
+        self.paths = list(paths)
+        self.read_options = read_options
+
+    def __len__(self) -> int:
+        return len(self.jobs)
+
+    def __getitem__(self, position: int) -> dict[str, Any]:
+        job = self.jobs[position]
+        if job == NO_OP:
+            return {"job": job, "image": None, "error": None}
+        try:
+            return {"job": job, "image": read_image(self.paths[job.index], self.read_options), "error": None}
+        except MitoscopeError as exc:
+            return {"job": job, "image": None, "error": str(exc)}
+
+
+def first_item(items: list[dict[str, Any]]) -> dict[str, Any]:
+    """Collate for one image per step (images differ in size and stay numpy arrays)."""
+    return items[0]
+
+
+# --------------------------------------------------------------------------------------------
+# Lightning
+# --------------------------------------------------------------------------------------------
+
+
+def _lightning() -> Any:
+    import lightning as L
+
+    return L
+
+
+def make_lightning_classes() -> tuple[type, type]:
+    """The data module and the module; built on demand so that importing mitoscope stays light."""
+    L = _lightning()
+
+    class ExtractionJobs(L.LightningDataModule):
+        """The images left to do, decided in ``setup`` once every rank has joined the process group."""
+
+        allow_zero_length_dataloader_with_multiple_devices = True  # fewer images left than ranks
+
+        def __init__(self, plan: ExtractionPlan, resized: bool, workers: int) -> None:
+            super().__init__()
+            self.plan = plan
+            self.resized = resized
+            self.workers = workers
+            self.jobs: list[Job] = []
+
+        def setup(self, stage: str) -> None:
+            world_size = self.trainer.world_size
+            self.jobs = self.plan.jobs(self.trainer.global_rank, world_size, self.resized)
+            if 0 < len(self.jobs) < world_size:
+                # Lightning's unrepeated sampler wants an item on every rank once there is any:
+                # the ranks without an image get one that does nothing.
+                self.jobs += [NO_OP] * (world_size - len(self.jobs))
+
+        def predict_dataloader(self) -> DataLoader:
+            # Lightning swaps the sequential sampler for its distributed one (no repeats when predicting).
+            return DataLoader(JobImages(self.jobs, self.plan.paths, self.plan.read_options), batch_size=1,
+                              shuffle=False, num_workers=self.workers, collate_fn=first_item)
+
+    class CacheWriter(L.LightningModule):
+        """``predict_step``: extract one image's window features and write its cache entry."""
+
+        allow_zero_length_dataloader_with_multiple_devices = True
+
+        def __init__(self, backbone: Backbone, plan: ExtractionPlan, config: ExtractConfig) -> None:
+            super().__init__()
+            self.network = backbone.model  # a sub-module, so that Lightning moves it to this rank's device
+            self.backbone = backbone
+            self.plan = plan
+            self.config = config
+            self.extractor: FeatureExtractor | None = None
+            self.written: list[int] = []
+            self.errors: list[str] = []
+
+        def on_predict_start(self) -> None:
+            # Built here, not in __init__: only now is the network on this rank's device.
+            config = self.config
+            if self.extractor is None or self.extractor.device != self.device:
+                self.extractor = FeatureExtractor(self.backbone, config.window, config.overlap, config.batch_size,
+                                                  str(self.device), mode=config.extraction)
+
+        def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
+            return batch  # a numpy image: the extractor moves each batch of windows itself
+
+        def predict_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
+            job: Job = batch["job"]
+            if job == NO_OP:
+                return None
+            path = self.plan.paths[job.index]
+            if batch["error"]:
+                self.errors.append(batch["error"])
+                return None
+            assert self.extractor is not None
+            try:
+                feats = self.extractor.extract(batch["image"], resize_to=job.resize_to)
+            except MitoscopeError as exc:
+                self.errors.append(f"{path}: {exc}")
+                return None
+            provenance = {
+                "image": str(path),
+                "mitoscope": __version__,
+                **cache_settings(self.plan.fingerprint, self.plan.read_options, job.resize_to),
+                "writer": "mitoscope extract",
+                "rank": self.global_rank,
+                "world_size": self.trainer.world_size,
+            }
+            try:
+                self.plan.cache.save(job.key, feats, provenance)
+            except OSError as exc:  # filling the cache is this command's whole job: a failed write is an error
+                self.errors.append(f"{path}: cannot write its feature entry under {self.plan.cache.root} ({exc})")
+                return None
+            self.written.append(job.index)
+            return None
+
+    return ExtractionJobs, CacheWriter
+
+
+@contextlib.contextmanager
+def quiet_lightning(quiet: bool) -> Iterator[None]:
+    """Silence Lightning's start-up chatter and the hints that do not apply to one image per step."""
+    names = ("lightning.pytorch", "lightning.fabric")
+    saved = {name: logging.getLogger(name).level for name in names}
+    try:
+        if quiet:
+            for name in names:
+                logging.getLogger(name).setLevel(logging.WARNING)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
+            warnings.filterwarnings("ignore", message=r".*across ranks is zero.*")
+            warnings.filterwarnings("ignore", message=r".*predict returned None.*")
+            warnings.filterwarnings("ignore", message=r".*overridden `transfer_batch_to_device`.*")
+            warnings.filterwarnings("ignore", message=r".*`isinstance\(treespec, LeafSpec\)` is deprecated.*")
+            yield
+    finally:
+        for name, level in saved.items():
+            logging.getLogger(name).setLevel(level)
+
+
+def make_trainer(config: ExtractConfig, root: Path, progress_bar: bool) -> Any:
+    L = _lightning()
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
+
+    try:
+        return L.Trainer(
+            accelerator=config.accelerator,
+            devices=config.devices,
+            num_nodes=config.num_nodes,
+            strategy=config.strategy,
+            precision="32-true",  # the extractor picks bf16 autocast on GPU itself, as in train
+            logger=False,
+            enable_checkpointing=False,
+            enable_model_summary=False,
+            enable_progress_bar=progress_bar,
+            default_root_dir=root,
+        )
+    except MisconfigurationException as exc:  # e.g. more --devices than this machine has
+        raise InputError(
+            f"cannot extract with --accelerator {config.accelerator} --devices {config.devices} "
+            f"--num-nodes {config.num_nodes} here: {' '.join(str(exc).split())[:300]}"
+        ) from None
+
+
+def extract_to_cache(
+    data_dir: str | Path,
+    labels_csv: str | Path | None = None,
+    config: ExtractConfig = ExtractConfig(),
+    cache_dir: str | Path | None = None,
+    progress_bar: bool = False,
+) -> ExtractResult:
+    """Write the feature-cache entry of every image of ``data_dir`` that lacks one.
+
+    ``config.devices``/``num_nodes``/``accelerator`` are Lightning's; more than one device or
+    node runs DDP (see the module docstring). Returns the same :class:`ExtractResult` on every
+    rank. Raises :class:`InputError` naming the files that could not be read or extracted.
+    """
+    config = config.validate()
+    data = load_labelled_images(data_dir, labels_csv, config.positive)
+    cache = FeatureCache(Path(cache_dir) if cache_dir else default_cache_dir())
+    # The same seeded creation as pipeline.train: random-init weights (and so the cache keys,
+    # which hold the weights hash) are the same on every rank and in a later `train`.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed)
+        backbone = create_backbone(config.backbone, weights=config.weights, pretrained=config.pretrained)
+    fingerprint = FeatureExtractor(backbone, config.window, config.overlap, config.batch_size, "cpu",
+                                   mode=config.extraction).fingerprint()
+    plan = ExtractionPlan(data.paths, cache, fingerprint, config.read_options)
+    workers = config.workers if config.workers is not None else (min(4, max(0, (os.cpu_count() or 1) - 1))
+                                                                 if config.on_gpu else 0)
+    ExtractionJobs, CacheWriter = make_lightning_classes()
+    module = CacheWriter(backbone, plan, config)
+    written = collections.Counter()
+    n_extracted = n_resized = 0
+    with quiet_lightning(True):
+        trainer = make_trainer(config, cache.root, progress_bar)
+        passes = [False, True] if config.head in FIXED_GRID_HEADS else [False]
+        for resized in passes:
+            # Reset here: a rank with nothing to do in a pass never reaches the module's predict hooks.
+            module.written, module.errors = [], []
+            trainer.predict(module, datamodule=ExtractionJobs(plan, resized, workers), return_predictions=False)
+            # Every rank has finished writing once this returns: the gather is a synchronisation point.
+            shares = gather((module.global_rank, len(module.written), module.errors))
+            errors = [error for _, _, errs in shares for error in errs]
+            if errors:
+                raise InputError(failure_message(errors, len(plan.paths), "extracted"))
+            for rank, count, _ in shares:
+                written[rank] += count
+            total = sum(count for _, count, _ in shares)
+            if resized:
+                n_resized = total
+            else:
+                n_extracted = total
+    world_size = int(trainer.world_size)
+    return ExtractResult(
+        n_images=len(plan.paths),
+        n_cached=plan.n_cached,
+        n_extracted=n_extracted,
+        n_resized=n_resized,
+        train_size=plan.train_size,
+        written_per_rank=[written[rank] for rank in range(world_size)],
+        cache_dir=cache.root,
+        is_main=bool(trainer.is_global_zero),
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Command line
+# --------------------------------------------------------------------------------------------
+
+
+def register_cli(app: Any) -> None:
+    """Add the ``extract`` command to a typer app (``mitoscope.cli`` calls this)."""
+    import typer
+
+    @app.command("extract")
+    def extract_command(
+        data_dir: Path = typer.Argument(..., help="Folder of images (paths in the CSV are relative to it)."),
+        labels: Optional[Path] = typer.Option(None, "--labels", help="CSV: `Image,Label` or `path,label` (as for train). Omit for one sub-folder per class."),
+        backbone: str = typer.Option(DEFAULT_BACKBONE, "--backbone", help="Any timm model name (as for train)."),
+        weights: Optional[Path] = typer.Option(None, "--weights", help="Backbone weights file (.safetensors or .pth)."),
+        pretrained: bool = typer.Option(True, "--pretrained/--random-init", help="--random-init: random backbone weights from --seed (tests only; never for real use)."),
+        window: int = typer.Option(224, "--window", help="Window size in pixels."),
+        overlap: float = typer.Option(0.5, "--overlap", help="Window overlap, 0 to <1."),
+        extraction: str = typer.Option("windows", "--extraction", help="windows | fullconv (as for train)."),
+        channels: Optional[str] = typer.Option(None, "--channels", help="Source channels for R,G,B, e.g. 1,0,2."),
+        seed: int = typer.Option(0, "--seed", help="Seed of --random-init weights (as for train)."),
+        positive: Optional[str] = typer.Option(None, "--positive", help="Label of the positive class (as for train)."),
+        head: str = typer.Option("ensemble", "--head", help="The head you will train: ensemble, dense and forest need one grid, so images of another size are also cached resized to the most common size, as train does."),
+        batch_size: int = typer.Option(32, "--batch-size", help="Windows per forward pass."),
+        accelerator: str = typer.Option("auto", "--accelerator", help="auto | cpu | gpu."),
+        devices: str = typer.Option("1", "--devices", help="Devices per node: a count, 'auto', or indices like 0,1; more than one uses DDP."),
+        num_nodes: int = typer.Option(1, "--num-nodes", help="Nodes for multi-node DDP (SLURM: srun)."),
+        workers: Optional[int] = typer.Option(None, "--workers", help="Data-loader workers decoding images (default: 0 on CPU, up to 4 on GPU)."),
+        cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="Feature cache folder (default: ~/.cache/mitoscope/features); shared by every node."),
+        max_pixels: int = typer.Option(DEFAULT_MAX_PIXELS, "--max-pixels", help="Refuse images of more than this many pixels."),
+    ) -> None:
+        """Fill the feature cache for `mitoscope train`, on one device or many (Lightning DDP).
+
+        Same cache keys as train: a later train with the same --backbone,
+        --window, --overlap, --extraction, --channels, --seed and --cache-dir
+        extracts nothing. Cached images are skipped; each entry is written
+        once, by the rank that owns the image.
+
+        Two GPUs on one machine:
+        mitoscope extract scenes/ --labels scenes/labels.csv --devices 2 --accelerator gpu
+
+        SLURM, 2 nodes x 4 GPUs, in an sbatch script with
+        --nodes=2 --ntasks-per-node=4 --gpus-per-node=4 (the cache on a shared filesystem):
+        srun mitoscope extract scenes/ --labels scenes/labels.csv --devices 4 --num-nodes 2 --accelerator gpu --cache-dir /shared/cache
+        """
+        import time
+
+        from .cli import console, fail
+        from .io import parse_channels
+
+        started = time.perf_counter()
+        try:
+            config = ExtractConfig(
+                backbone=backbone, weights=str(weights) if weights else None, pretrained=pretrained, window=window,
+                overlap=overlap, extraction=extraction, channels=parse_channels(channels) if channels else None,
+                seed=seed, positive=positive, head=head, batch_size=batch_size, accelerator=accelerator,
+                devices=devices, num_nodes=num_nodes, workers=workers, max_pixels=max_pixels,
+            )
+            result = extract_to_cache(data_dir, labels, config, cache_dir, progress_bar=True)
+        except MitoscopeError as exc:
+            if global_rank() == 0:
+                fail(exc)
+            raise typer.Exit(code=2)  # rank 0 says why; the others only fail
+        if not result.is_main:
+            return
+        per_rank = ", ".join(f"rank {rank}: {count}" for rank, count in enumerate(result.written_per_rank))
+        resized = ""
+        if result.n_resized:
+            height, width = result.train_size
+            resized = f", {result.n_resized} also cached resized to {width}x{height} for the {head} head"
+        console.print(f"{result.n_images} images: {result.n_cached} already cached, {result.n_extracted} extracted"
+                      f"{resized}; {sum(result.written_per_rank)} entries written by {result.world_size} "
+                      f"process(es) ({per_rank}) in {time.perf_counter() - started:.0f} s")
+        console.print(f"feature cache: [bold]{result.cache_dir}[/bold]")
