@@ -17,7 +17,7 @@ import json
 import platform
 from pathlib import Path
 
-from common import REPO, require_shared, save_results, scene_pair, timed
+from common import DATA, REPO, require_shared, save_results, scene_pair, timed
 
 from mitoscope.pipeline import TrainConfig, evaluate, open_cache, train
 
@@ -53,6 +53,37 @@ def scenes(args: argparse.Namespace) -> dict:
     return results
 
 
+def crops(args: argparse.Namespace) -> dict:
+    """Single-cell / single-figure crops: k-fold CV of each head (grouped by slide for H&E)."""
+    cache = open_cache(args.cache_dir)
+    sets = {
+        # Jurkat: 40x40 3-channel uint16 (brightfield, DNA, darkfield) -> one window of 40 px, resized to 224.
+        "jurkat-cells": dict(data=DATA / "jurkat-cells", window=40, positive=None, channels=(1, 0, 2)),
+        # H&E atypical vs normal mitotic figures, 128 px RGB; CV grouped by slide (the CSV's slide column).
+        "he-atypical": dict(data=DATA / "he-mitotic-figures", window=128, positive="atypical", channels=None),
+    }
+    results = {}
+    for set_name in args.sets:
+        spec = sets[set_name]
+        for head in args.heads:
+            record: dict = {"set": set_name, "head": head}
+            model_dir = args.work / "models" / f"{set_name}-{head}"
+            config = TrainConfig(head=head, cv=5, seed=0, window=spec["window"], overlap=0.0,
+                                 positive=spec["positive"], channels=spec["channels"])
+            with timed(record, "train_s"):
+                result = train(spec["data"], spec["data"] / "labels.csv", model_dir, config, cache, overwrite=True)
+            record["cv"] = {k: result.cv_metrics.get(k) for k in KEYS}
+            channels = f" --channels {','.join(map(str, spec['channels']))}" if spec["channels"] else ""
+            positive = f" --positive {spec['positive']}" if spec["positive"] else ""
+            record["commands"] = [
+                f"mitoscope train {spec['data']} --labels {spec['data']}/labels.csv --out {model_dir} --head {head} "
+                f"--window {spec['window']} --overlap 0 --cv 5 --seed 0{channels}{positive}"
+            ]
+            results[f"{set_name}/{head}"] = record
+            print(json.dumps(record), flush=True)
+    return results
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="what", required=True)
@@ -64,10 +95,17 @@ def main() -> None:
     p.add_argument("--work", type=Path, default=Path("/tmp/mitoscope-bench"))
     p.add_argument("--cache-dir", type=Path, default=None)
     p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "scenes_round1.json")
+    c = sub.add_parser("crops", help="single cells (Jurkat) and H&E figure crops, k-fold CV")
+    c.add_argument("--sets", nargs="+", default=["jurkat-cells", "he-atypical"])
+    c.add_argument("--heads", nargs="+", default=["ensemble", "pooled"])
+    c.add_argument("--work", type=Path, default=Path("/tmp/mitoscope-bench"))
+    c.add_argument("--cache-dir", type=Path, default=None)
+    c.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "crops_round1.json")
     args = parser.parse_args()
     require_shared()
     args.work.mkdir(parents=True, exist_ok=True)
-    results = {"machine": platform.processor() or platform.machine(), "results": scenes(args)}
+    run = scenes if args.what == "scenes" else crops
+    results = {"machine": platform.processor() or platform.machine(), "results": run(args)}
     save_results(args.out, results)
 
 

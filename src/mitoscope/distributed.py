@@ -61,16 +61,16 @@ from torch.utils.data import DataLoader, Dataset
 from . import __version__
 from .backbones import DEFAULT_BACKBONE, Backbone, create_backbone
 from .errors import InputError, MitoscopeError
-from .features import EXTRACTION_MODES, FeatureCache, FeatureExtractor, default_cache_dir, file_sha256
+from .features import EXTRACTION_MODES, FeatureCache, FeatureExtractor, cache_settings, default_cache_dir, file_sha256
+from .heads import HEADS
 from .io import DEFAULT_MAX_PIXELS, ReadOptions, load_labelled_images, read_image
+# Heads whose input is every window concatenated in grid order: train resizes odd-sized images
+# to the most common size, so their resized features are cached too.
+from .pipeline import FIXED_GRID_HEADS
 from .tiling import validate_tiling
 
 logger = logging.getLogger(__name__)
 
-# Heads whose input is every window concatenated in grid order: train resizes odd-sized images
-# to the most common size, so their resized features are cached too (pipeline.FIXED_GRID_HEADS).
-FIXED_GRID_HEADS = ("ensemble", "dense", "forest")
-HEAD_CHOICES = ("ensemble", "dense", "forest", "pooled", "attention")
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda")
 MAX_LISTED_ERRORS = 5
 
@@ -102,8 +102,8 @@ class ExtractConfig:
         validate_tiling(self.window, self.overlap)
         if self.extraction not in EXTRACTION_MODES:
             raise InputError(f"unknown --extraction {self.extraction!r}: expected one of {', '.join(EXTRACTION_MODES)}")
-        if self.head not in HEAD_CHOICES:
-            raise InputError(f"unknown --head {self.head!r}: expected one of {', '.join(HEAD_CHOICES)}")
+        if self.head not in HEADS:
+            raise InputError(f"unknown --head {self.head!r}: expected one of {', '.join(sorted(HEADS))}")
         if self.batch_size < 1:
             raise InputError(f"--batch-size must be at least 1, got {self.batch_size}")
         if self.num_nodes < 1:
@@ -151,16 +151,6 @@ class ExtractResult:
     @property
     def world_size(self) -> int:
         return len(self.written_per_rank)
-
-
-def cache_settings(fingerprint: dict[str, Any], read_options: ReadOptions,
-                   resize_to: tuple[int, int] | None) -> dict[str, Any]:
-    """The settings part of a cache key, exactly as ``features.extract_dataset`` builds it."""
-    return {
-        "extractor": fingerprint,
-        "read": {k: v for k, v in read_options.to_dict().items() if k != "max_pixels"},
-        "resize_to": list(resize_to) if resize_to else None,
-    }
 
 
 def global_rank() -> int:
@@ -533,8 +523,8 @@ def register_cli(app: Any) -> None:
         extracts nothing. Cached images are skipped; each entry is written
         once, by the rank that owns the image.
 
-        Two GPUs on one machine:
-        mitoscope extract scenes/ --labels scenes/labels.csv --devices 2 --accelerator gpu
+        Example: mitoscope extract scenes/ --labels scenes/labels.csv --devices 2 --accelerator gpu
+        (two GPUs on one machine)
 
         SLURM, 2 nodes x 4 GPUs, in an sbatch script with
         --nodes=2 --ntasks-per-node=4 --gpus-per-node=4 (the cache on a shared filesystem):

@@ -246,6 +246,17 @@ class FeatureCache:
 ProgressCallback = Callable[[int, int], None]
 
 
+def cache_settings(fingerprint: dict[str, Any], read_options: ReadOptions,
+                   resize_to: tuple[int, int] | None) -> dict[str, Any]:
+    """The settings part of a cache key (with the file's sha256 it makes the key)."""
+    return {
+        "extractor": fingerprint,
+        # max_pixels only guards decoding; the pixels, and so the features, do not depend on it.
+        "read": {k: v for k, v in read_options.to_dict().items() if k != "max_pixels"},
+        "resize_to": list(resize_to) if resize_to else None,
+    }
+
+
 def extract_dataset(
     paths: Sequence[Path],
     extractor: FeatureExtractor,
@@ -256,12 +267,7 @@ def extract_dataset(
 ) -> list[ImageFeatures]:
     """Features of every image, from the cache when present; reading runs one image ahead."""
     read_options = read_options or ReadOptions()
-    settings = {
-        "extractor": extractor.fingerprint(),
-        # max_pixels only guards decoding; the pixels, and so the features, do not depend on it.
-        "read": {k: v for k, v in read_options.to_dict().items() if k != "max_pixels"},
-        "resize_to": list(resize_to) if resize_to else None,
-    }
+    settings = cache_settings(extractor.fingerprint(), read_options, resize_to)
     paths = [Path(p) for p in paths]
     results: list[ImageFeatures | None] = [None] * len(paths)
     todo: list[tuple[int, str | None]] = []
