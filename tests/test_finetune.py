@@ -21,18 +21,27 @@ L = pytest.importorskip("lightning")
 from mitoscope.augment import AugmentConfig, augment_batch, dihedral, hed_to_rgb, rgb_to_hed  # noqa: E402
 from mitoscope.errors import InputError, ModelError, WeightsUnavailableError  # noqa: E402
 from mitoscope.finetune import (  # noqa: E402
+    TTA_TRANSFORMS,
     FineTuneConfig,
     FineTunedModel,
+    FineTuner,
     ImageStore,
     Phase,
+    TrunkView,
     build_network,
+    build_trunk_cache,
     check_input_size,
     finetune,
     fit_phase,
+    forward_images,
+    plan_trunk_views,
+    predict_arrays,
     register_cli,
     resolve_precision,
+    resolve_trunk_split,
     set_trainable,
     tile_boxes,
+    trunk_split,
     validation_split,
 )
 from mitoscope.io import ReadOptions, load_labelled_images  # noqa: E402
@@ -148,9 +157,11 @@ def test_pretraining_tiles_negatives_and_keeps_positives_whole(dataset, tmp_path
     noisy = _load_pretrain_set(replace(config, negatives_only_tiles=False), ImageStore(SIZE, ReadOptions()), main, None)
     assert len(noisy[1]) == 16 and int(noisy[1].sum()) == 4 * n_positive  # every tile takes its image's label
 
-    result = finetune(folder, labels, tmp_path / "model", replace(config, epochs_full=0))
+    result = finetune(folder, labels, tmp_path / "model", replace(config, epochs_full=0, unfreeze=1))
     assert [(r["stage"], r["phase"]) for r in result.history] == [("pretrain", "head"), ("main", "head")]
-    assert result.model.config["training"]["pretrain"]["n_samples"] == len(y)
+    training = result.model.config["training"]
+    assert training["pretrain"]["n_samples"] == len(y)
+    assert training["pretrain"]["trunk_cache"]["n_images"] == len(y) and training["trunk_cache"]["n_images"] == 12
     with pytest.raises(InputError, match="also training images"):
         finetune(folder, labels, tmp_path / "again", replace(config, pretrain_data=str(folder),
                                                             pretrain_labels=str(labels)))
@@ -308,6 +319,8 @@ def test_a_backbone_without_a_feature_map_is_an_input_error():
     network, _ = build_network(tiny_config(backbone="test_vit").validate())
     with pytest.raises(InputError, match="test_vit"):
         check_input_size(network, "test_vit", SIZE)
+    with pytest.raises(InputError, match="cannot be cut"):
+        trunk_split(network, 1)
 
 
 def test_a_labels_file_with_one_class_is_an_input_error(dataset, tmp_path):
@@ -408,3 +421,214 @@ def test_cli_finetune_then_predict_and_evaluate_like_round_one(dataset, tmp_path
 
     failed = CliRunner().invoke(app, args)  # the model folder now exists
     assert failed.exit_code == 2 and "not empty" in failed.output
+
+
+# ----------------------------------------------------------------------------- frozen-trunk cache
+
+GEOMETRY_ONLY = AugmentConfig(scale=0.0, brightness=0.0, contrast=0.0, stain_jitter=False)
+TRUNK = ("conv_stem", "bn1", "blocks.0", "blocks.1", "blocks.2", "blocks.3")  # test_efficientnet, --unfreeze 1
+
+
+@pytest.fixture(scope="module")
+def trunk_setup(arrays):
+    images, y = arrays
+    config = tiny_config(unfreeze=1, tta=True, augment=GEOMETRY_ONLY).validate()
+    network, backbone = build_network(config)
+    mean, std = backbone.data_config["mean"], backbone.data_config["std"]
+    cache = build_trunk_cache(network, trunk_split(network, 1), images, config, mean, std)
+    return network, cache, config, mean, std
+
+
+def normalised(images: np.ndarray, mean, std) -> torch.Tensor:
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255.0
+    return (x - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+
+
+def test_the_trunk_is_cut_before_the_first_module_phase_two_trains():
+    network, _ = build_network(tiny_config().validate())
+    split = trunk_split(network, 1)
+    assert split.chain[:split.cut] == TRUNK and split.first_trained == "blocks.4"
+    assert trunk_split(network, 2).first_trained == "blocks.3"
+    with pytest.raises(InputError, match="first layer"):
+        trunk_split(network, 6)  # the 6th group from the end is the stem
+    assert resolve_trunk_split(network, tiny_config(unfreeze=1).validate()) == split  # on by default
+    assert resolve_trunk_split(network, tiny_config(unfreeze=1, trunk_cache=False).validate()) is None
+    assert resolve_trunk_split(network, tiny_config().validate()) is None  # --unfreeze all
+    assert resolve_trunk_split(network, tiny_config(unfreeze=6).validate()) is None
+    with pytest.raises(InputError, match="--trunk-cache"):
+        resolve_trunk_split(network, tiny_config(unfreeze=6, trunk_cache=True).validate())
+    with pytest.raises(InputError, match="--unfreeze N"):
+        tiny_config(trunk_cache=True).validate()
+
+
+@pytest.mark.parametrize("flips,rot90,expected", [(True, True, 8), (True, False, 4), (False, True, 4), (False, False, 1)])
+def test_cached_views_are_exactly_the_symmetries_the_augmentation_draws(flips, rot90, expected):
+    augment = replace(GEOMETRY_ONLY, flips=flips, rot90=rot90)
+    views, train, evaluation = plan_trunk_views(augment, expected, tta=False)
+    image = torch.rand(1, 3, 8, 8)
+    drawn = augment_batch(image.expand(64, -1, -1, -1), augment, torch.Generator().manual_seed(0))
+    drawn_set = {tuple(d.flatten().tolist()) for d in drawn}
+    cached_set = {tuple(dihedral(image, views[r].turns, views[r].flip).flatten().tolist()) for r in train}
+    assert cached_set == drawn_set and len(cached_set) == expected
+    assert views[evaluation[0]] == TrunkView(0, False) and evaluation[0] in train  # shared, cached once
+    with pytest.raises(InputError, match=f"--trunk-views {expected}"):
+        plan_trunk_views(augment, expected + 1, tta=False)
+
+
+def test_jittered_views_get_one_draw_each_and_validation_the_plain_image():
+    views, train, evaluation = plan_trunk_views(AugmentConfig(), 8, tta=False)
+    assert len(views) == 9 and len(set(train)) == 8 and views[evaluation[0]] == TrunkView(0, False)
+    assert {(views[r].turns, views[r].flip) for r in train} == set(TTA_TRANSFORMS)
+    assert all(views[r].draw is not None for r in train)
+    views, train, evaluation = plan_trunk_views(AugmentConfig(), 3, tta=True)  # TTA: 8 plain views for validation
+    assert len(views) == 11 and sorted(evaluation) == sorted(set(range(11)) - set(train))
+
+
+def test_cached_trunk_forward_equals_the_whole_network_forward(trunk_setup, arrays):
+    network, cache, config, mean, std = trunk_setup
+    images, _ = arrays
+    assert cache.maps.shape[:2] == (8, len(images)) and cache.nbytes == cache.maps.numel() * 4
+    network.eval()
+    x = normalised(images, mean, std)
+    with torch.no_grad():
+        for row, view in enumerate(cache.views):
+            cached = network.forward_from_trunk(cache.maps[row], cache.split)
+            whole = network(dihedral(x, view.turns, view.flip))
+            assert torch.allclose(cached, whole, rtol=1e-5, atol=1e-5), view
+    from mitoscope.finetune import predict_trunk_cache
+
+    cached_proba = predict_trunk_cache(network, cache, np.arange(len(images)), torch.device("cpu"))
+    whole_proba, _ = forward_images(network, images, mean, std, torch.device("cpu"), tta=True)
+    assert np.allclose(cached_proba, whole_proba, atol=1e-6)
+
+
+def test_jittered_cache_is_reproducible_and_over_budget_is_refused(arrays):
+    images, _ = arrays
+    config = tiny_config(unfreeze=1, trunk_views=2).validate()  # default augmentation: stain, colour, zoom
+    network, backbone = build_network(config)
+    mean, std = backbone.data_config["mean"], backbone.data_config["std"]
+    split = trunk_split(network, 1)
+    cache = build_trunk_cache(network, split, images, config, mean, std)
+    again = build_trunk_cache(network, split, images, config, mean, std)
+    assert torch.equal(cache.maps, again.maps)
+    plain = cache.eval_rows[0]
+    jittered = [r for r in cache.train_rows if cache.views[r].turns == 0 and not cache.views[r].flip]
+    assert jittered and not torch.allclose(cache.maps[jittered[0]], cache.maps[plain], atol=1e-3)
+    with pytest.raises(InputError, match="--trunk-views.*--size"):
+        build_trunk_cache(network, split, images, replace(config, trunk_cache_gb=1e-6), mean, std)
+
+
+def test_training_draws_a_random_cached_view_per_image(trunk_setup):
+    from mitoscope.finetune import _TrunkDataset
+
+    _, cache, _, _, _ = trunk_setup
+    dataset = _TrunkDataset(cache, cache.train_rows, np.zeros(cache.maps.shape[1]), np.array([3]), True)
+    torch.manual_seed(0)
+    rows = set()
+    for _ in range(60):
+        maps, _ = dataset[0]
+        rows |= {r for r in cache.train_rows if torch.equal(maps, cache.maps[r, 3])}
+    assert rows == set(cache.train_rows)
+
+
+def test_cached_training_changes_only_the_top_and_the_head(trunk_setup, arrays, tmp_path):
+    network, cache, config, mean, std = trunk_setup
+    images, y = arrays
+    before = {k: v.clone() for k, v in network.state_dict().items()}
+    tuner = FineTuner(network, replace(config, tta=False), images, y, None, mean, std, tmp_path).fit(np.arange(len(y)), y)
+    assert tuner.trunk_cache_ is not None and tuner.trunk_cache_.split.first_trained == "blocks.4"
+    after = tuner.network_.state_dict()
+    trunk = [k for k in before if k.startswith(tuple(f"backbone.{name}." for name in TRUNK))]
+    top = [k for k in before if k.startswith(("backbone.blocks.4.", "backbone.conv_head", "backbone.bn2"))]
+    assert trunk and all(torch.equal(before[k], after[k]) for k in trunk)  # weights and BN statistics
+    assert any(not torch.equal(before[k], after[k]) for k in top)
+    assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith("head."))
+    whole = predict_arrays(tuner.network_, images, tuner.val_indices_, mean, std, torch.device("cpu"), tta=False)
+    assert np.allclose(tuner.val_proba_, whole, atol=1e-6)  # validated on what the network computes end to end
+
+
+def test_the_best_checkpoint_is_the_one_reloaded_with_a_trunk_cache(arrays, tmp_path):
+    images, y = arrays
+    config = tiny_config(unfreeze=1, monitor="loss", augment=GEOMETRY_ONLY).validate()
+    network, backbone = build_network(config)
+    mean, std = backbone.data_config["mean"], backbone.data_config["std"]
+    cache = build_trunk_cache(network, trunk_split(network, 1), images, config, mean, std)
+    train, val = validation_split(y, None, 0.25, seed=0)
+    spoil = SpoilLaterEpochs()
+    result = fit_phase(network, None, y, train, val, Phase("head", 3, 0.01, None), config, tmp_path, mean, std,
+                       callbacks=[spoil], trunk=cache)
+    assert result.epochs_run == 3 and result.best_epoch == 1
+    kept = network.state_dict()
+    assert all(torch.equal(spoil.first[k], kept[k]) for k in kept)
+    saved = torch.load(result.best_path, map_location="cpu", weights_only=True)["state_dict"]
+    assert set(saved) == {f"network.{k}" for k in kept}  # a checkpoint is the whole network
+
+
+def test_finetune_with_a_trunk_cache_saves_a_whole_network(dataset, tmp_path):
+    folder, labels = dataset
+    out = tmp_path / "model"
+    with pytest.raises(InputError, match="trunk cache would take"):
+        finetune(folder, labels, out, tiny_config(unfreeze=1, trunk_cache_gb=1e-6))
+    assert not out.exists() and not list(tmp_path.iterdir())  # refused before any work
+    result = finetune(folder, labels, out, tiny_config(pool="attention", unfreeze=1, trunk_views=3))
+    described = result.model.config["training"]["trunk_cache"]
+    assert described["trunk"] == list(TRUNK) and described["n_images"] == 12 and len(described["views"]) == 4
+    paths = sorted((folder / "images").glob("*.png"))[:4]
+    before = result.model.predict_paths(paths, with_window_scores=True)
+    after = FineTunedModel.load(out).predict_paths(paths, with_window_scores=True)
+    assert np.array_equal(before.proba, after.proba)
+    assert all(np.array_equal(a, b) for a, b in zip(before.window_scores, after.window_scores))
+
+
+class _Records(list):
+    """A logging handler that keeps every record it sees."""
+
+    def __init__(self):
+        import logging
+
+        super().__init__()
+        self.handler = logging.Handler(logging.DEBUG)
+        self.handler.emit = self.append
+
+
+def test_cli_trunk_flags_and_no_lightning_chatter(dataset, tmp_path, monkeypatch):
+    import logging
+
+    import typer
+    from typer.testing import CliRunner
+
+    import mitoscope.finetune as ft
+
+    real_import, imported = ft._lightning, []
+
+    def first_import(*args):
+        if not imported:  # what the first `import lightning` of a CLI run does: its loggers to INFO
+            imported.append(True)
+            logging.getLogger("lightning.pytorch").setLevel(logging.INFO)
+        return real_import()
+
+    monkeypatch.setattr(ft, "_lightning", first_import)
+    folder, labels = dataset
+    app = typer.Typer()
+    register_cli(app)
+    app.command("noop")(lambda: None)
+    common = ["finetune", str(folder), "--labels", str(labels), "--backbone", "test_efficientnet", "--no-pretrained",
+              "--size", str(SIZE), "--epochs-head", "1", "--batch-size", "4", "--accelerator", "cpu", "--unfreeze", "1"]
+    records = _Records()
+    lightning_logger = logging.getLogger("lightning.pytorch")
+    lightning_logger.addHandler(records.handler)
+    try:
+        result = CliRunner().invoke(app, common + ["--out", str(tmp_path / "cached"), "--epochs-full", "1",
+                                                   "--trunk-views", "2", "--no-stain-jitter"])
+    finally:
+        lightning_logger.removeHandler(records.handler)
+    assert result.exit_code == 0, result.output
+    assert [r.getMessage() for r in records if r.levelno < logging.WARNING] == []  # no "GPU available", no tips
+    config = json.loads((tmp_path / "cached" / "model.json").read_text())
+    assert len(config["training"]["trunk_cache"]["train_rows"]) == 2
+    assert config["training"]["settings"]["trunk_views"] == 2
+    plain = CliRunner().invoke(app, common + ["--out", str(tmp_path / "plain"), "--epochs-full", "0", "--no-trunk-cache"])
+    assert plain.exit_code == 0, plain.output
+    assert json.loads((tmp_path / "plain" / "model.json").read_text())["training"]["trunk_cache"] is None
+    refused = CliRunner().invoke(app, common + ["--out", str(tmp_path / "no"), "--trunk-cache-gb", "0.000001"])
+    assert refused.exit_code == 2 and "--trunk-views" in refused.output
