@@ -133,3 +133,21 @@ def read_model_config(model_dir: str | Path) -> dict[str, Any]:
         if sha256_file(file) != expected:
             raise ModelError(f"{file}: file was changed or truncated after the model was saved (sha256 mismatch)")
     return config
+
+
+class ModelDescription:
+    """What every saved model tells from its ``model.json``: classes, positive class, threshold."""
+
+    config: dict[str, Any]
+
+    @property
+    def classes(self) -> tuple[str, str]:
+        return tuple(self.config["classes"])
+
+    @property
+    def positive(self) -> str:
+        return self.config["positive"]
+
+    @property
+    def threshold(self) -> float:
+        return float(self.config["threshold"])

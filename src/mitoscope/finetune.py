@@ -111,7 +111,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .artifacts import read_model_config, write_model_dir
+from .artifacts import ModelDescription, read_model_config, write_model_dir
 from .atomic import atomic_path, atomic_write_json, atomic_write_text
 from .augment import AugmentConfig, augment_batch, dihedral, invert_dihedral
 from .backbones import Backbone, create_backbone
@@ -1435,25 +1435,13 @@ class FineTuner:
 # --------------------------------------------------------------------------------------------
 
 
-class FineTunedModel:
+class FineTunedModel(ModelDescription):
     """A fine-tuned network with its classes, threshold and preprocessing; what ``load_model`` returns
     for ``"kind": "finetuned"``."""
 
     def __init__(self, config: dict[str, Any], network: FineTuneNetwork) -> None:
         self.config = config
         self.network = network.eval()
-
-    @property
-    def classes(self) -> tuple[str, str]:
-        return tuple(self.config["classes"])
-
-    @property
-    def positive(self) -> str:
-        return self.config["positive"]
-
-    @property
-    def threshold(self) -> float:
-        return float(self.config["threshold"])
 
     @property
     def size(self) -> int:

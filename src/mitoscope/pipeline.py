@@ -19,7 +19,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
-from .artifacts import check_out_dir, read_model_config, write_model_dir
+from .artifacts import ModelDescription, check_out_dir, read_model_config, write_model_dir
 from safetensors.torch import save_file
 
 from .atomic import atomic_path, atomic_write_text
@@ -196,7 +196,7 @@ def prediction_rows(pred: Predictions, classes: Sequence[str], threshold: float,
     return rows
 
 
-class MitoscopeModel:
+class MitoscopeModel(ModelDescription):
     """A trained model: backbone settings, a fitted head, classes and a tuned threshold."""
 
     def __init__(self, config: dict[str, Any], head: Any, backbone: Backbone | None = None) -> None:
@@ -206,18 +206,6 @@ class MitoscopeModel:
         self._extractor: FeatureExtractor | None = None
 
     # --- what the model knows -------------------------------------------------------------
-    @property
-    def classes(self) -> tuple[str, str]:
-        return tuple(self.config["classes"])
-
-    @property
-    def positive(self) -> str:
-        return self.config["positive"]
-
-    @property
-    def threshold(self) -> float:
-        return float(self.config["threshold"])
-
     @property
     def fixed_size(self) -> tuple[int, int] | None:
         size = self.config.get("train_image_size")
