@@ -47,10 +47,8 @@ notebook (with ``devices > 1`` Lightning re-runs the script for the other ranks)
 from __future__ import annotations
 
 import collections
-import contextlib
 import logging
 import os
-import warnings
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence
@@ -378,27 +376,6 @@ def make_lightning_classes() -> tuple[type, type]:
     return ExtractionJobs, CacheWriter
 
 
-@contextlib.contextmanager
-def quiet_lightning(quiet: bool) -> Iterator[None]:
-    """Silence Lightning's start-up chatter and the hints that do not apply to one image per step."""
-    names = ("lightning.pytorch", "lightning.fabric")
-    saved = {name: logging.getLogger(name).level for name in names}
-    try:
-        if quiet:
-            for name in names:
-                logging.getLogger(name).setLevel(logging.WARNING)
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
-            warnings.filterwarnings("ignore", message=r".*across ranks is zero.*")
-            warnings.filterwarnings("ignore", message=r".*predict returned None.*")
-            warnings.filterwarnings("ignore", message=r".*overridden `transfer_batch_to_device`.*")
-            warnings.filterwarnings("ignore", message=r".*`isinstance\(treespec, LeafSpec\)` is deprecated.*")
-            yield
-    finally:
-        for name, level in saved.items():
-            logging.getLogger(name).setLevel(level)
-
-
 def make_trainer(config: ExtractConfig, root: Path, progress_bar: bool) -> Any:
     L = _lightning()
     from lightning.fabric.utilities.exceptions import MisconfigurationException
@@ -453,7 +430,7 @@ def extract_to_cache(
     module = CacheWriter(backbone, plan, config)
     written = collections.Counter()
     n_extracted = n_resized = 0
-    with quiet_lightning(True):
+    with quiet_lightning_for_extract(True):
         trainer = make_trainer(config, cache.root, progress_bar)
         passes = [False, True] if config.head in FIXED_GRID_HEADS else [False]
         for resized in passes:
@@ -559,3 +536,11 @@ def register_cli(app: Any) -> None:
                       f"{resized}; {sum(result.written_per_rank)} entries written by {result.world_size} "
                       f"process(es) ({per_rank}) in {time.perf_counter() - started:.0f} s")
         console.print(f"feature cache: [bold]{result.cache_dir}[/bold]")
+
+
+def quiet_lightning_for_extract(quiet: bool) -> Any:
+    """Lightning's chatter silenced, plus the hints that do not apply to one image per step."""
+    from .finetune import quiet_lightning
+
+    return quiet_lightning(quiet, ignore=(r".*across ranks is zero.*", r".*predict returned None.*",
+                                          r".*overridden `transfer_batch_to_device`.*"))

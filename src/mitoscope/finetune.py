@@ -1100,8 +1100,9 @@ class PhaseResult:
 
 
 @contextlib.contextmanager
-def _quiet_lightning(quiet: bool) -> Iterator[None]:
-    """Silence Lightning's start-up chatter (devices found, tips) and its data-loader hints."""
+def quiet_lightning(quiet: bool, ignore: Sequence[str] = ()) -> Iterator[None]:
+    """Silence Lightning's start-up chatter (devices found, tips), its data-loader hints and the
+    warnings matching the ``ignore`` patterns."""
     _lightning()  # its first import sets its loggers to INFO: import first, then lower them
     names = ("lightning.pytorch", "lightning.fabric")
     saved = {name: logging.getLogger(name).level for name in names}
@@ -1116,6 +1117,8 @@ def _quiet_lightning(quiet: bool) -> Iterator[None]:
             # Frozen parts are in eval mode on purpose (see FineTuneModule.train).
             warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training.*")
             warnings.filterwarnings("ignore", message=r".*`isinstance\(treespec, LeafSpec\)` is deprecated.*")
+            for pattern in ignore:
+                warnings.filterwarnings("ignore", message=pattern)
             yield
     finally:
         for name, level in saved.items():
@@ -1248,7 +1251,7 @@ def fit_phase(
     )
     stopper = EarlyStopping(monitor=monitor, mode=MONITORS[config.monitor], patience=config.patience)
     bars = [_phase_bar(f"{(tag or {}).get('stage', '')} {phase.name}".strip())] if config.progress_bar else []
-    with _quiet_lightning(True):  # the progress bar (with its ETA) is a callback: it stays
+    with quiet_lightning(True):  # the progress bar (with its ETA) is a callback: it stays
         trainer = make_trainer(config, phase.epochs, [checkpoint, stopper, *bars, *callbacks], work_dir)
         trainer.fit(module, train_loader, val_loader)
     if not checkpoint.best_model_path:
@@ -1737,7 +1740,7 @@ def finetune(
         raise InputError(f"{source}: {config.cv}-fold grouped cross-validation needs at least {config.cv} groups, "
                          f"got {np.unique(groups).size}; lower --cv")
     validation_split(data.y, groups, config.val_fraction, config.seed, source)  # fails now rather than after hours
-    with _quiet_lightning(True):
+    with quiet_lightning(True):
         make_trainer(config, 1, [], Path(os.devnull))  # devices, precision: checked now, not after the images are read
     network, backbone = build_network(config)
     map_shape = check_input_size(network, config.backbone, config.size)
