@@ -67,7 +67,7 @@ def run_demo(
 ) -> DemoResult:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    config = config or TrainConfig(cv=3)
+    config = config or TrainConfig(head="attention", cv=3)
     cache = open_cache(cache_dir or out_dir / "feature-cache")
     if data_dir is None:
         train_labels = make_synthetic_dataset(out_dir / "synthetic-train", n_images=n_train, seed=config.seed + 1)
