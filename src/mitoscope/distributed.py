@@ -450,6 +450,12 @@ def extract_to_cache(
             else:
                 n_extracted = total
     world_size = int(trainer.world_size)
+    is_main = bool(trainer.is_global_zero)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        # Tear the process group down before the interpreter exits: gloo's threads left running
+        # at exit make the process abort now and then ("terminate called without an active exception").
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
     return ExtractResult(
         n_images=len(plan.paths),
         n_cached=plan.n_cached,
@@ -458,7 +464,7 @@ def extract_to_cache(
         train_size=plan.train_size,
         written_per_rank=[written[rank] for rank in range(world_size)],
         cache_dir=cache.root,
-        is_main=bool(trainer.is_global_zero),
+        is_main=is_main,
     )
 
 
