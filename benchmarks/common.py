@@ -22,6 +22,9 @@ SCENE_SETS: dict[str, list[str]] = {
     "small-cells-2048": ["--size", "2048x2048"],
     "variable-scale": ["--size", "1024x1024", "--cell-scale", "4,5", "--cells", "6,12", "--out-scale", "0.5,3"],
 }
+# Large images to pre-train on before the variable-scale scenes (the write-up's Round-1 images):
+# the large cells of the sets above on a 4x larger canvas (seed 5), cut into 1024 tiles.
+PRETRAIN_SET = ("large-cells-2048", ["--size", "2048x2048", "--cell-scale", "4,5", "--cells", "24,48"], 60, 5)
 N_TRAIN, N_TEST = 120, 60
 
 
@@ -41,6 +44,11 @@ def compose(out: Path, args: list[str], n: int, seed: int) -> Path:
 def scene_pair(work: Path, name: str) -> tuple[Path, Path]:
     args = SCENE_SETS[name]
     return (compose(work / f"{name}-train", args, N_TRAIN, 1), compose(work / f"{name}-test", args, N_TEST, 2))
+
+
+def pretrain_scenes(work: Path) -> Path:
+    name, args, n, seed = PRETRAIN_SET
+    return compose(work / name, args, n, seed)
 
 
 @contextmanager

@@ -165,12 +165,15 @@ def plain_loop(image: np.ndarray, boxes: np.ndarray, args: argparse.Namespace) -
                    "-> model(x[None]) under torch.no_grad; windows spread evenly over the grid"}
 
 
-def mitoscope_extraction(image: np.ndarray, mode: str, args: argparse.Namespace, device: str = "cpu") -> dict[str, Any]:
-    extractor = FeatureExtractor(make_backbone(args), args.window, args.overlap, args.batch_size, device, mode=mode)
+def mitoscope_extraction(image: np.ndarray, mode: str, args: argparse.Namespace, device: str = "cpu",
+                         engine: str = "auto") -> dict[str, Any]:
+    extractor = FeatureExtractor(make_backbone(args), args.window, args.overlap, args.batch_size, device, mode=mode,
+                                 engine=engine)
     n_windows = make_grid(image.shape[0], image.shape[1], args.window, args.overlap).n_windows
+    # The warm-up run also makes the engine (an ONNX export on a first run; then it is cached).
     seconds, times = median_time(lambda: extractor.extract(image), args.repeats, warmup=1)
     return {"windows": n_windows, "seconds_median": seconds, "seconds": times, "windows_per_s": n_windows / seconds,
-            "batch_size": args.batch_size, "device": device}
+            "batch_size": args.batch_size, "device": device, "engine": extractor.engine}
 
 
 # ------------------------------------------------------------------------------------------
@@ -315,17 +318,22 @@ def feature_agreement(paths: list[Path], source: str, args: argparse.Namespace) 
     backbone = make_backbone(args)
     exact = FeatureExtractor(backbone, args.window, args.overlap, args.batch_size, "cpu", mode="windows")
     fast = FeatureExtractor(backbone, args.window, args.overlap, args.batch_size, "cpu", mode="fullconv")
-    per_scene, all_cos = [], []
+    reference = FeatureExtractor(backbone, args.window, args.overlap, args.batch_size, "cpu", mode="windows",
+                                 engine="torch")
+    per_scene, all_cos, engine_gap = [], [], 0.0
     for path in paths:
         image = read_image(path)
         a, b = exact.extract(image).features, fast.extract(image).features
+        torch_features = reference.extract(image).features  # the same windows through PyTorch
+        engine_gap = max(engine_gap, float(np.abs(a - torch_features).max() / np.abs(torch_features).max()))
         cos = (a * b).sum(1) / np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-12)
         rel = np.linalg.norm(a - b, axis=1) / np.maximum(np.linalg.norm(a, axis=1), 1e-12)
         per_scene.append({"image": path.name, "windows": int(len(cos)), "mean_cosine": float(cos.mean()),
                           "min_cosine": float(cos.min()), "mean_relative_l2": float(rel.mean())})
         all_cos.append(cos)
     cos = np.concatenate(all_cos)
-    return {"scenes": source, "n_scenes": len(paths), "n_windows": int(len(cos)), "mean_cosine": float(cos.mean()),
+    return {"scenes": source, "n_scenes": len(paths), "n_windows": int(len(cos)), "engine": exact.engine,
+            "engine_vs_torch_max_relative_difference": engine_gap, "mean_cosine": float(cos.mean()),
             "p05_cosine": float(np.percentile(cos, 5)), "min_cosine": float(cos.min()), "per_scene": per_scene}
 
 
@@ -340,7 +348,7 @@ def gpu_throughput(image: np.ndarray, args: argparse.Namespace) -> dict[str, Any
     out: dict[str, Any] = {"device": torch.cuda.get_device_name(0), "autocast": "bfloat16 (FeatureExtractor on cuda)"}
     for mode in ("windows", "fullconv"):
         out[mode] = mitoscope_extraction(image, mode, argparse.Namespace(**{**vars(args), "batch_size": args.gpu_batch_size}),
-                                         device="cuda")
+                                         device="cuda", engine="torch")
     return out
 
 
@@ -378,8 +386,10 @@ def print_table(results: dict[str, Any]) -> None:
     print(f"image: {img['size'][1]}x{img['size'][0]}, {img['windows']} windows of {img['window']} px "
           f"({img['overlap']:.0%} overlap), {img['source']}")
     print(f"\n{'feature extraction (' + results['backbone'] + ')':<46}{'windows/s':>12}{'vs plain':>10}")
-    for name, key in (("plain loop (PIL + timm transform, batch 1)", "plain"), ("mitoscope windows", "windows"),
-                      ("mitoscope fullconv", "fullconv")):
+    rows = [("plain loop (PIL + timm transform, batch 1)", "plain")]
+    rows += [(f"mitoscope {key.removesuffix('_torch')} ({ext[key]['engine']})", key)
+             for key in ("windows", "fullconv", "windows_torch", "fullconv_torch")]
+    for name, key in rows:
         wps = ext[key]["windows_per_s"]
         print(f"{name:<46}{wps:>12.1f}{wps / ext['plain']['windows_per_s']:>9.1f}x")
     flops = results["flop_bound"]
@@ -458,11 +468,14 @@ def main() -> None:
     boxes = grid.boxes()
     extraction = {"plain": plain_loop(image, boxes, args)}
     print(f"plain loop: {extraction['plain']['windows_per_s']:.1f} windows/s", flush=True)
-    for mode in ("windows", "fullconv"):
-        extraction[mode] = mitoscope_extraction(image, mode, args)
-        print(f"mitoscope {mode}: {extraction[mode]['windows_per_s']:.1f} windows/s", flush=True)
-    extraction["speedup_windows"] = extraction["windows"]["windows_per_s"] / extraction["plain"]["windows_per_s"]
-    extraction["speedup_fullconv"] = extraction["fullconv"]["windows_per_s"] / extraction["plain"]["windows_per_s"]
+    # The default engine ("auto": ONNX Runtime on the CPU when installed), then PyTorch for comparison.
+    for mode in ("windows", "fullconv", "windows_torch", "fullconv_torch"):
+        engine = "torch" if mode.endswith("_torch") else "auto"
+        extraction[mode] = mitoscope_extraction(image, mode.removesuffix("_torch"), args, engine=engine)
+        print(f"mitoscope {mode} ({extraction[mode]['engine']}): {extraction[mode]['windows_per_s']:.1f} windows/s",
+              flush=True)
+    for mode in ("windows", "fullconv", "windows_torch", "fullconv_torch"):
+        extraction[f"speedup_{mode}"] = extraction[mode]["windows_per_s"] / extraction["plain"]["windows_per_s"]
     results["extraction"] = extraction
 
     results["flop_bound"] = flop_bound(make_backbone(args), image.shape[:2], extraction, args)

@@ -59,17 +59,21 @@ def safetensors_metadata(path: Path) -> dict[str, str]:
     return json.loads(raw[8 : 8 + header_len])["__metadata__"]
 
 
-class CountingModel(torch.nn.Module):
-    """Wraps the backbone network to count forward passes."""
+class CountingRunner:
+    """Wraps the extractor's backbone runner (whichever engine) to count forward passes."""
 
-    def __init__(self, inner: torch.nn.Module) -> None:
-        super().__init__()
+    def __init__(self, inner) -> None:
         self.inner = inner
+        self.name = inner.name
         self.calls = 0
 
-    def forward(self, batch: torch.Tensor) -> torch.Tensor:
+    def pooled(self, batch: torch.Tensor) -> torch.Tensor:
         self.calls += 1
-        return self.inner(batch)
+        return self.inner.pooled(batch)
+
+    def feature_map(self, batch: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        return self.inner.feature_map(batch)
 
 
 @pytest.fixture(scope="module")
@@ -88,7 +92,7 @@ def extractor(small_backbone) -> FeatureExtractor:
 def counted(small_backbone) -> FeatureExtractor:
     """A fresh extractor whose network counts its calls."""
     extractor = FeatureExtractor(small_backbone, window=WINDOW, overlap=0.5, batch_size=8, device="cpu")
-    extractor.model = CountingModel(extractor.model)
+    extractor._runner = CountingRunner(extractor.runner)
     return extractor
 
 
@@ -161,11 +165,11 @@ def test_resize_to_reports_boxes_in_original_coordinates(extractor):
 def test_cache_hit_returns_identical_arrays_without_running_the_model(tmp_path, four_images, counted):
     cache = FeatureCache(tmp_path / "cache")
     first = extract_dataset(four_images, counted, ReadOptions(), cache)
-    calls_first = counted.model.calls
+    calls_first = counted.runner.calls
     assert calls_first >= len(four_images)
     assert len(cache_entries(cache.root)) == len(four_images)
     again = extract_dataset(four_images, counted, ReadOptions(), cache)
-    assert counted.model.calls == calls_first
+    assert counted.runner.calls == calls_first
     for a, b in zip(first, again):
         np.testing.assert_array_equal(a.features, b.features)
         np.testing.assert_array_equal(a.boxes, b.boxes)
@@ -177,9 +181,9 @@ def test_cache_hit_returns_identical_arrays_without_running_the_model(tmp_path, 
 
 def test_no_cache_always_runs_the_model(four_images, counted):
     extract_dataset(four_images[:1], counted, ReadOptions(), None)
-    calls = counted.model.calls
+    calls = counted.runner.calls
     extract_dataset(four_images[:1], counted, ReadOptions(), None)
-    assert counted.model.calls == 2 * calls > 0
+    assert counted.runner.calls == 2 * calls > 0
 
 
 def test_cache_key_follows_everything_that_changes_the_features(tmp_path, small_backbone):
@@ -298,17 +302,17 @@ def test_a_corrupt_entry_is_recomputed_never_read(tmp_path, four_images, counted
     good = extract_dataset(four_images[:1], counted, ReadOptions(), cache)[0]
     (entry,) = cache_entries(cache.root)
     corrupt(entry)
-    calls = counted.model.calls
+    calls = counted.runner.calls
     with caplog.at_level(logging.WARNING, logger="mitoscope.features"):
         again = extract_dataset(four_images[:1], counted, ReadOptions(), cache)[0]
-    assert counted.model.calls > calls
+    assert counted.runner.calls > calls
     assert entry.name in caplog.text
     np.testing.assert_array_equal(again.features, good.features)
     np.testing.assert_array_equal(again.boxes, good.boxes)
     # The entry was rewritten whole: the next run is a hit.
-    calls = counted.model.calls
+    calls = counted.runner.calls
     extract_dataset(four_images[:1], counted, ReadOptions(), cache)
-    assert counted.model.calls == calls
+    assert counted.runner.calls == calls
 
 
 def test_entries_carry_their_provenance(tmp_path, four_images, extractor, small_backbone):
@@ -350,7 +354,7 @@ def test_extract_dataset_names_a_missing_image(tmp_path, four_images, extractor)
 def test_a_cached_image_over_the_pixel_limit_is_refused_too(tmp_path, four_images, counted):
     cache = FeatureCache(tmp_path / "cache")
     extract_dataset(four_images[:1], counted, ReadOptions(), cache)
-    calls = counted.model.calls
+    calls = counted.runner.calls
     with pytest.raises(mitoscope.errors.InputError, match=rf"{four_images[0].name}.*6,143"):
         extract_dataset(four_images[:1], counted, ReadOptions(max_pixels=64 * 96 - 1), cache)
-    assert counted.model.calls == calls
+    assert counted.runner.calls == calls

@@ -36,7 +36,6 @@ from mitoscope.finetune import (  # noqa: E402
     forward_images,
     plan_trunk_views,
     predict_arrays,
-    register_cli,
     resolve_precision,
     resolve_trunk_split,
     set_trainable,
@@ -180,7 +179,7 @@ class OptimizerProbe(L.Callback):
 
 def test_phase_one_leaves_the_base_exactly_unchanged_and_phase_two_trains_it(arrays, tmp_path):
     images, y = arrays
-    config = tiny_config().validate()
+    config = tiny_config(schedule="constant").validate()
     network, backbone = build_network(config)
     mean, std = backbone.data_config["mean"], backbone.data_config["std"]
     train, val = validation_split(y, None, 0.25, seed=0)
@@ -197,16 +196,42 @@ def test_phase_one_leaves_the_base_exactly_unchanged_and_phase_two_trains_it(arr
     assert probe.params == {id(p) for p in network.head.parameters()}
 
     probe = OptimizerProbe()
-    full = fit_phase(network, images, y, train, val, Phase("full", 1, 0.002, 1), config, tmp_path / "full",
-                     mean, std, callbacks=[probe])
+    full = fit_phase(network, images, y, train, val, Phase("full", 1, 0.002, 1, head_lr=0.01), config,
+                     tmp_path / "full", mean, std, callbacks=[probe])
     after_full = backbone_state(network)
     last_stage = [k for k in before if k.startswith(("blocks.4.", "conv_head", "bn2"))]
     earlier = [k for k in before if k.startswith(("conv_stem", "bn1", "blocks.0."))]
     assert any(not torch.equal(before[k], after_full[k]) for k in last_stage)
     assert all(torch.equal(before[k], after_full[k]) for k in earlier)  # frozen blocks: BN stats included
-    assert probe.lrs == [0.002] and full.history[0]["lr"] == 0.002
+    assert probe.lrs == [0.002, 0.01] and full.history[0]["lr"] == 0.002  # the base at its rate, the head at its own
+    assert probe.params == {id(p) for p in network.head.parameters()} | {id(p) for n, p in network.backbone.named_parameters()
+                                                                          if n.startswith(("blocks.4.", "conv_head", "bn2"))}
     history_keys = {"train_loss", "train_accuracy", "train_auc", "val_loss", "val_accuracy", "val_auc"}
     assert history_keys <= set(full.history[0])
+
+
+class StepRates(L.Callback):
+    """Records every optimizer group's name and lr before each training step."""
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx):
+        groups = trainer.optimizers[0].param_groups
+        self.steps = getattr(self, "steps", []) + [{g["name"]: g["lr"] for g in groups}]
+
+
+def test_onecycle_warms_up_and_anneals_each_group_to_its_own_peak(arrays, tmp_path):
+    images, y = arrays
+    config = tiny_config(batch_size=2).validate()  # onecycle is the default schedule
+    network, backbone = build_network(config)
+    train, val = validation_split(y, None, 0.25, seed=0)
+    rates = StepRates()
+    fit_phase(network, images, y, train, val, Phase("full", 4, 0.002, 1, head_lr=0.01), config, tmp_path,
+              backbone.data_config["mean"], backbone.data_config["std"], callbacks=[rates])
+    assert set(rates.steps[0]) == {"backbone", "head"} and len(rates.steps) == 4 * (len(train) // 2)
+    for name, peak in (("backbone", 0.002), ("head", 0.01)):
+        series = [step[name] for step in rates.steps]
+        assert series[0] == pytest.approx(peak / 25)  # OneCycle's default start: peak / 25
+        assert max(series) == pytest.approx(peak, rel=0.05)
+        assert series[-1] < peak / 10 and int(np.argmax(series)) < len(series) // 2
 
 
 def test_unfreeze_counts_timm_groups_from_the_end():
@@ -268,6 +293,7 @@ def test_predictions_after_save_and_load_match_exactly(attention_model, dataset,
     assert after.members == {} and after.notes[-1] == f"resized 90x70 to {SIZE}x{SIZE}" and after.notes[0] == ""
     config = json.loads((out / "model.json").read_text())
     assert config["kind"] == "finetuned" and config["head"]["name"] == "finetuned"
+    assert config["head"]["instances"] == "feature_map_positions"
     assert config["backbone"]["name"] == "test_efficientnet" and config["image_size"] == SIZE
     assert config["network"]["pool"] == "attention" and config["augment"]["stain_jitter"] is True
     assert 0.0 < config["threshold"] < 1.0 and config["classes"] == ["Normal", "Mitosis"]
@@ -381,7 +407,6 @@ def test_geometric_augmentation_only_turns_and_flips_each_image():
 
 
 def test_cli_finetune_then_predict_and_evaluate_like_round_one(dataset, tmp_path, monkeypatch):
-    import typer
     from typer.testing import CliRunner
 
     from mitoscope import pipeline
@@ -390,9 +415,7 @@ def test_cli_finetune_then_predict_and_evaluate_like_round_one(dataset, tmp_path
     cwd = tmp_path / "cwd"
     cwd.mkdir()
     monkeypatch.chdir(cwd)
-    app = typer.Typer()
-    register_cli(app)
-    app.command("noop")(lambda: None)  # two commands, so that `finetune` is a sub-command as in mitoscope
+    from mitoscope.cli import app
     out = tmp_path / "model"
     args = ["finetune", str(folder), "--labels", str(labels), "--out", str(out), "--backbone", "test_efficientnet",
             "--no-pretrained", "--size", str(SIZE), "--epochs-head", "1", "--epochs-full", "1", "--batch-size", "4",
@@ -594,7 +617,6 @@ class _Records(list):
 def test_cli_trunk_flags_and_no_lightning_chatter(dataset, tmp_path, monkeypatch):
     import logging
 
-    import typer
     from typer.testing import CliRunner
 
     import mitoscope.finetune as ft
@@ -609,9 +631,7 @@ def test_cli_trunk_flags_and_no_lightning_chatter(dataset, tmp_path, monkeypatch
 
     monkeypatch.setattr(ft, "_lightning", first_import)
     folder, labels = dataset
-    app = typer.Typer()
-    register_cli(app)
-    app.command("noop")(lambda: None)
+    from mitoscope.cli import app
     common = ["finetune", str(folder), "--labels", str(labels), "--backbone", "test_efficientnet", "--no-pretrained",
               "--size", str(SIZE), "--epochs-head", "1", "--batch-size", "4", "--accelerator", "cpu", "--unfreeze", "1"]
     records = _Records()

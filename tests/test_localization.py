@@ -150,6 +150,22 @@ def test_windows_clipping_a_small_part_of_the_cell_are_left_out():
     assert window_auc({"m.png": cell}, {"m.png": (boxes, scores)})["window_auc"] == 1.0
 
 
+def test_positions_smaller_than_the_cell_count_when_they_lie_mostly_on_it():
+    # 16 px positions of a 64 px grid against one 40 px cell: none holds half the cell, yet the
+    # positions inside it (and those mostly on it) are the cell's positives.
+    xs = np.arange(0, 64, 16, dtype=float)
+    positions = np.array([[x, y, x + 16, y + 16] for y in xs for x in xs])
+    cell = np.array([[8.0, 8.0, 48.0, 48.0]])
+    on_cell = np.array([min(16, min(b[2], 48) - max(b[0], 8)) * min(16, min(b[3], 48) - max(b[1], 8)) / 256
+                        if b[0] < 48 and b[1] < 48 else 0.0 for b in positions])
+    scores = on_cell + 0.01 * np.random.default_rng(0).random(len(positions))
+    result = window_auc({"m.png": cell}, {"m.png": (positions, scores)})
+    assert result["n_positive"] == np.sum(on_cell >= 0.5) == 8  # 4 inside, 4 half on it; the corner quarter is out
+    assert result["n_ambiguous"] == 1
+    assert result["n_negative"] == np.sum(on_cell == 0) and result["window_auc"] == 1.0
+    assert window_auc({"m.png": cell}, {"m.png": (positions, -scores)})["window_auc"] == 0.0
+
+
 def test_random_scores_give_a_window_auc_near_one_half():
     rng = np.random.default_rng(7)
     truth, windows = {}, {}

@@ -159,7 +159,7 @@ def test_model_json_records_what_prediction_needs(trained):
     assert config["threshold"] == 0.5  # no CV: the stored rule says so
     assert "no CV" in config["threshold_rule"]
     assert config["train_image_size"] == [SIZE, SIZE]
-    assert config["head"]["name"] == "ensemble"
+    assert config["head"]["name"] == "ensemble" and config["head"]["instances"] == "windows"
     assert config["training"]["n_per_class"] == {"Normal": 4, "Mitosis": 4}
     listed = set(config["files"])
     assert {"head.dense.safetensors", "head.forest.skops", "backbone.safetensors"} <= listed

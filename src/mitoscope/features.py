@@ -28,6 +28,7 @@ from safetensors.numpy import load_file, save_file
 from . import __version__
 from .atomic import atomic_path, sha256_file as file_sha256
 from .backbones import Backbone
+from .engines import BackboneRunner, make_runner, resolve_engine
 from .errors import InputError
 from .io import ReadOptions, read_image
 from .tiling import crop_windows, make_grid, pad_to, validate_tiling
@@ -81,6 +82,7 @@ class FeatureExtractor:
         batch_size: int = 32,
         device: str | None = None,
         mode: str = "windows",
+        engine: str = "auto",
     ) -> None:
         validate_tiling(window, overlap)
         if mode not in EXTRACTION_MODES:
@@ -96,6 +98,17 @@ class FeatureExtractor:
         self.input_size = backbone.input_size
         self.mean = torch.tensor(cfg["mean"], device=self.device).view(1, 3, 1, 1) * 255.0
         self.std = torch.tensor(cfg["std"], device=self.device).view(1, 3, 1, 1) * 255.0
+        self.engine = resolve_engine(engine, self.device)
+        self._engine_asked = engine
+        self._runner: BackboneRunner | None = None
+
+    @property
+    def runner(self) -> BackboneRunner:
+        """What runs the backbone (made on first use: an ONNX export or session costs time)."""
+        if self._runner is None:
+            self._runner = make_runner(self.backbone, self.device, self._engine_asked)
+            self.engine = self._runner.name  # "auto" may have fallen back to torch
+        return self._runner
 
     def fingerprint(self) -> dict[str, Any]:
         return {
@@ -123,7 +136,7 @@ class FeatureExtractor:
         for start in range(0, len(windows), self.batch_size):
             batch = self.prepare(np.ascontiguousarray(windows[start : start + self.batch_size]))
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
-                out.append(self.model(batch).float().cpu())
+                out.append(self.runner.pooled(batch).float().cpu())
         return torch.cat(out).numpy().astype(np.float32, copy=False)
 
     @torch.inference_mode()
@@ -140,7 +153,7 @@ class FeatureExtractor:
             batch = F.interpolate(batch, size=size, mode="bilinear", antialias=True)
         batch = ((batch - self.mean) / self.std).contiguous(memory_format=torch.channels_last)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
-            fmap = self.model.forward_features(batch).float()
+            fmap = self.runner.feature_map(batch).float()
         if fmap.ndim != 4:
             raise InputError(f"backbone {self.backbone.name} has no spatial feature map: use --extraction windows")
         stride = batch.shape[-1] / fmap.shape[-1]
@@ -299,7 +312,7 @@ def extract_dataset(
                 pending = pool.submit(read_image, paths[todo[position + 1][0]], read_options)
             feats = extractor.extract(image, resize_to=resize_to)
             if cache and key:
-                provenance = {"image": str(paths[index]), "mitoscope": __version__, **settings}
+                provenance = {"image": str(paths[index]), "mitoscope": __version__, "engine": extractor.engine, **settings}
                 try:
                     cache.save(key, feats, provenance)
                 except OSError as exc:  # a full or read-only cache costs time, never the result

@@ -104,7 +104,7 @@ import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -115,6 +115,7 @@ from .artifacts import ModelDescription, read_model_config, write_model_dir
 from .atomic import atomic_path, atomic_write_json, atomic_write_text
 from .augment import AugmentConfig, augment_batch, dihedral, invert_dihedral
 from .backbones import Backbone, create_backbone
+from .defaults import DEFAULT_FINETUNE_BACKBONE, OFFLINE_ALTERNATIVE
 from .errors import InputError, ModelError, WeightsUnavailableError
 from .evaluation import best_f1_threshold, compute_metrics, cross_validate, write_report
 from .features import FeatureCache, file_sha256, pick_device, resize_image
@@ -139,7 +140,6 @@ __all__ = [
     "fit_phase",
     "plan_trunk_views",
     "position_boxes",
-    "register_cli",
     "resolve_trunk_split",
     "set_trainable",
     "tile_boxes",
@@ -147,13 +147,15 @@ __all__ = [
     "validation_split",
 ]
 
-DEFAULT_FINETUNE_BACKBONE = "efficientnet_b4"
-OFFLINE_ALTERNATIVE = "tf_efficientnet_lite0"
 NETWORK_FILE = "network.safetensors"
 HEAD_NAME = "finetuned"
 POOLS = ("avg", "attention")
 MONITORS = {"loss": "min", "auc": "max"}
 BALANCES = ("pos_weight", "sampler", "none")
+# onecycle: each phase warms up over its first WARMUP_FRACTION of steps, then anneals (cosine)
+# to ~0; fresh Adam updates at full rate on pretrained layers can wreck them in a few steps.
+SCHEDULES = ("onecycle", "constant")
+WARMUP_FRACTION = 0.15
 PRECISIONS = ("auto", "32", "32-true", "16-mixed", "bf16-mixed")
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda")
 # The 8 symmetries of the square used by test-time augmentation: (quarter turns, flip).
@@ -208,13 +210,14 @@ class FineTuneConfig:
     size: int = 512
     pool: str = "avg"
     dropout: float = 0.3
-    attention_hidden: int = 256
+    attention_hidden: int = 0  # 0: attention straight on the backbone's features (no encoder layer)
     attention_dim: int = 128
     epochs_head: int = 5
     epochs_full: int = 20
     lr_head: float = 1e-3
     lr_full: float = 1e-4
-    weight_decay: float = 0.0
+    weight_decay: float = 1e-4
+    schedule: str = "onecycle"
     unfreeze: str | int = "all"
     batch_size: int = 16
     accumulate: int = 1
@@ -265,7 +268,9 @@ class FineTuneConfig:
             raise InputError(f"--size must be an integer number of pixels, got {self.size!r}")
         for name in ("epochs_head", "epochs_full", "accumulate", "batch_size", "num_nodes", "patience",
                      "attention_hidden", "attention_dim"):
-            positive_int(name, 0 if name.startswith("epochs") else 1)
+            positive_int(name, 0 if name.startswith("epochs") or name == "attention_hidden" else 1)
+        if self.schedule not in SCHEDULES:
+            raise InputError(f"--schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
         if self.epochs_head + self.epochs_full < 1:
             raise InputError("--epochs-head and --epochs-full are both 0: nothing to train")
         for name in ("lr_head", "lr_full"):
@@ -489,7 +494,7 @@ class FineTuneNetwork(nn.Module):
     """A timm backbone (``num_classes=0``) whose final feature map is pooled into one logit."""
 
     def __init__(self, backbone: nn.Module, pool: str = "avg", dropout: float = 0.3,
-                 attention_hidden: int = 256, attention_dim: int = 128) -> None:
+                 attention_hidden: int = 0, attention_dim: int = 128) -> None:
         super().__init__()
         if pool not in POOLS:
             raise InputError(f"pool must be one of {', '.join(POOLS)}, got {pool!r}")
@@ -958,13 +963,15 @@ def _make_module_class() -> type:
         are averaged. The whole ``network`` stays the module's state, so checkpoints are whole networks.
         """
 
-        def __init__(self, network: FineTuneNetwork, lr: float, pos_weight: float, augment: AugmentConfig | None,
-                     mean: Sequence[float], std: Sequence[float], weight_decay: float = 0.0, seed: int = 0,
-                     tag: dict[str, Any] | None = None, split: TrunkSplit | None = None) -> None:
+        def __init__(self, network: FineTuneNetwork, rates: dict[str, float], pos_weight: float,
+                     augment: AugmentConfig | None, mean: Sequence[float], std: Sequence[float],
+                     weight_decay: float = 0.0, seed: int = 0, tag: dict[str, Any] | None = None,
+                     split: TrunkSplit | None = None, schedule: str = "onecycle") -> None:
             super().__init__()
             self.network = network
             self.split = split
-            self.lr = float(lr)
+            self.rates = {name: float(rate) for name, rate in rates.items()}
+            self.schedule = schedule
             self.weight_decay = float(weight_decay)
             self.augment = augment
             self.seed = int(seed)
@@ -994,9 +1001,20 @@ def _make_module_class() -> type:
             # (EfficientNets) is ~20x faster than in NCHW.
             self.network.to(memory_format=torch.channels_last)
 
-        def configure_optimizers(self) -> torch.optim.Optimizer:
-            trainable = [p for p in self.network.parameters() if p.requires_grad]
-            return torch.optim.AdamW(trainable, lr=self.lr, weight_decay=self.weight_decay)
+        def configure_optimizers(self) -> Any:
+            # One group per part: the pretrained layers (when unfrozen) at the phase's low rate,
+            # the new head at its own rate.
+            parts = {"backbone": self.network.backbone, "head": self.network.head}
+            groups = [{"params": [p for p in parts[name].parameters() if p.requires_grad], "lr": rate, "name": name}
+                      for name, rate in self.rates.items()]
+            optimizer = torch.optim.AdamW([g for g in groups if g["params"]], weight_decay=self.weight_decay)
+            if self.schedule == "constant":
+                return optimizer
+            scheduler = torch.optim.lr_scheduler.OneCycleLR(
+                optimizer, max_lr=[g["lr"] for g in optimizer.param_groups],
+                total_steps=max(1, int(self.trainer.estimated_stepping_batches)), pct_start=WARMUP_FRACTION,
+            )
+            return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
         def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
             images, targets = batch
@@ -1058,6 +1076,7 @@ def _make_module_class() -> type:
         def on_train_epoch_end(self) -> None:
             metrics = self._epoch_metrics("train")
             self.log_dict(metrics, prog_bar=False)
+            # The learning rate at the epoch's end: of the backbone when it trains, else of the head.
             lr = float(self.trainer.optimizers[0].param_groups[0]["lr"])
             self.history.append({**self.tag, "epoch": self.current_epoch + 1, "lr": lr, **metrics, **self._val_metrics})
             self._val_metrics = {}
@@ -1083,8 +1102,16 @@ class Phase:
 
     name: str  # "head" or "full"
     epochs: int
-    lr: float
+    lr: float  # of the backbone's unfrozen layers, and of the head when head_lr is None
     unfreeze: str | int | None  # None: the head only
+    head_lr: float | None = None
+
+    @property
+    def learning_rates(self) -> dict[str, float]:
+        """Peak learning rate of each optimizer group that this phase trains."""
+        rates = {} if self.unfreeze is None else {"backbone": self.lr}
+        rates["head"] = self.lr if self.head_lr is None else self.head_lr
+        return rates
 
 
 @dataclass
@@ -1097,6 +1124,7 @@ class PhaseResult:
     lr: float
     n_trainable: int
     history: list[dict[str, Any]]
+    learning_rates: dict[str, float] = field(default_factory=dict)
 
 
 @contextlib.contextmanager
@@ -1220,9 +1248,9 @@ def fit_phase(
         if any(p.requires_grad for module in frozen for p in module.parameters()):
             raise InputError(f"phase {phase.name}: --unfreeze {phase.unfreeze} trains part of the cached trunk")
     module = _make_module_class()(
-        network, phase.lr, pos_weight, None if trunk is not None else config.augment, mean, std,
+        network, phase.learning_rates, pos_weight, None if trunk is not None else config.augment, mean, std,
         config.weight_decay, seed=config.seed, tag={**(tag or {}), "phase": phase.name},
-        split=None if trunk is None else trunk.split,
+        split=None if trunk is None else trunk.split, schedule=config.schedule,
     )
     generator = torch.Generator().manual_seed(config.seed)
     sampler = None
@@ -1268,7 +1296,7 @@ def fit_phase(
         name=phase.name, best_path=str(checkpoint.best_model_path), best_epoch=best_epoch,
         best_score=float(score) if score is not None else float("nan"), epochs_run=len(module.history),
         lr=phase.lr, n_trainable=sum(p.numel() for p in network.parameters() if p.requires_grad),
-        history=module.history,
+        history=module.history, learning_rates=phase.learning_rates,
     )
 
 
@@ -1397,7 +1425,7 @@ class FineTuner:
         L.seed_everything(config.seed, workers=True, verbose=False)
         network = copy.deepcopy(self.network)
         phases = [Phase("head", config.epochs_head, config.lr_head, None),
-                  Phase("full", config.epochs_full, config.lr_full, config.unfreeze)]
+                  Phase("full", config.epochs_full, config.lr_full, config.unfreeze, head_lr=config.lr_head)]
         results = []
         for phase in phases:
             if phase.epochs < 1:
@@ -1832,7 +1860,8 @@ def finetune(
             "threshold_rule": rule,
             "tta": config.tta,
             "augment": config.augment.to_dict(),
-            "head": {"name": HEAD_NAME, "pool": config.pool},
+            # The instances: positions of the final feature map (32 px cells of the resized image).
+            "head": {"name": HEAD_NAME, "pool": config.pool, "instances": "feature_map_positions"},
             "training": {
                 "data": str(data_dir), "labels": str(labels_csv) if labels_csv else None,
                 "n_images": len(data.paths),
@@ -1876,7 +1905,7 @@ def finetune(
 
 
 def _phase_summary(result: PhaseResult) -> dict[str, Any]:
-    return {"phase": result.name, "lr": result.lr, "epochs_run": result.epochs_run, "best_epoch": result.best_epoch,
+    return {"phase": result.name, "lr": result.lr, "learning_rates": result.learning_rates, "epochs_run": result.epochs_run, "best_epoch": result.best_epoch,
             "best_score": result.best_score, "n_trainable_parameters": result.n_trainable}
 
 
@@ -1887,125 +1916,3 @@ def _is_global_zero() -> bool:
     return int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) or 0) == 0
 
 
-# --------------------------------------------------------------------------------------------
-# Command line
-# --------------------------------------------------------------------------------------------
-
-
-class _StageBars:
-    """The library's (stage, done, total) progress as tqdm bars (Lightning draws tqdm bars too)."""
-
-    def __init__(self) -> None:
-        self.bars: dict[str, Any] = {}
-
-    def __call__(self, stage: str, done: int, total: int) -> None:
-        from tqdm.auto import tqdm
-
-        if stage not in self.bars:
-            self.bars[stage] = tqdm(total=total, desc=stage, unit="image" if "fold" not in stage else "fold",
-                                    leave=True, dynamic_ncols=True)
-        bar = self.bars[stage]
-        bar.n = done
-        bar.refresh()
-        if done >= total:
-            bar.close()
-
-    def close(self) -> None:
-        for bar in self.bars.values():
-            bar.close()
-
-
-def register_cli(app: Any) -> None:
-    """Add the ``finetune`` command to a typer app (``mitoscope.cli`` calls this)."""
-    import typer
-
-    @app.command("finetune")
-    def finetune_command(
-        data_dir: Path = typer.Argument(..., help="Folder of images (paths in the CSV are relative to it)."),
-        labels: Optional[Path] = typer.Option(None, "--labels", help="CSV: `Image,Label` or `path,label` (a `group`/`slide` column makes CV and validation grouped). Omit for one sub-folder per class."),
-        out: Path = typer.Option(..., "--out", help="Model folder to write."),
-        backbone: str = typer.Option(DEFAULT_FINETUNE_BACKBONE, "--backbone", help=f"timm CNN name (the write-up: efficientnet_b4; offline: {OFFLINE_ALTERNATIVE})."),
-        weights: Optional[Path] = typer.Option(None, "--weights", help="Backbone weights file (.safetensors or .pth), e.g. efficientnet_b4 weights copied from a machine online."),
-        pretrained: bool = typer.Option(True, "--pretrained/--no-pretrained", help="--no-pretrained: random initial weights (tests and smoke runs only)."),
-        size: int = typer.Option(512, "--size", help="Images (and tiles) are resized to SIZE x SIZE; a multiple of 32."),
-        pool: str = typer.Option("avg", "--pool", help="avg (the write-up) | attention (gated attention over feature-map positions, MIL; gives a heatmap)."),
-        dropout: float = typer.Option(0.3, "--dropout", help="Dropout before the classifier."),
-        pretrain_data: Optional[Path] = typer.Option(None, "--pretrain-data", help="Large images to pre-train on, cut into tiles first."),
-        pretrain_labels: Optional[Path] = typer.Option(None, "--pretrain-labels", help="Labels CSV of --pretrain-data."),
-        tile: int = typer.Option(1600, "--tile", help="Tile size in pixels for --pretrain-data."),
-        tile_overlap: float = typer.Option(0.25, "--tile-overlap", help="Tile overlap, 0 to <1."),
-        negatives_only_tiles: bool = typer.Option(False, "--negatives-only-tiles", help="Tile only Normal pre-training images; Mitosis images enter whole (most tiles of a Mitosis image hold no mitosis, so labelling them Mitosis is noise)."),
-        epochs_head: int = typer.Option(5, "--epochs-head", help="Epochs of phase 1 (head on the frozen base)."),
-        epochs_full: int = typer.Option(20, "--epochs-full", help="Epochs of phase 2 (unfrozen base)."),
-        lr_head: float = typer.Option(1e-3, "--lr-head", help="Learning rate of phase 1."),
-        lr_full: float = typer.Option(1e-4, "--lr-full", help="Learning rate of phase 2 (lower)."),
-        unfreeze: str = typer.Option("all", "--unfreeze", help="Phase 2 trains 'all' the base or its last N blocks (timm groups)."),
-        batch_size: int = typer.Option(16, "--batch-size", help="Images per batch and per device."),
-        accumulate: int = typer.Option(1, "--accumulate", help="Gradient accumulation: batches per optimizer step."),
-        precision: str = typer.Option("auto", "--precision", help="auto | 32 | 16-mixed | bf16-mixed (mixed precision needs a GPU)."),
-        accelerator: str = typer.Option("auto", "--accelerator", help="auto | cpu | gpu."),
-        devices: str = typer.Option("1", "--devices", help="Devices per node: a count, 'auto', or indices like 0,1; more than one uses DDP."),
-        num_nodes: int = typer.Option(1, "--num-nodes", help="Nodes for multi-node DDP (SLURM: srun)."),
-        workers: Optional[int] = typer.Option(None, "--workers", help="Data-loader workers (default: 0 on CPU, up to 4 on GPU)."),
-        val_fraction: float = typer.Option(0.2, "--val-fraction", help="Share of the training images held out for checkpoints, early stopping and the threshold."),
-        monitor: str = typer.Option("loss", "--monitor", help="Best-epoch criterion: loss (validation loss) | auc (validation AUC)."),
-        patience: int = typer.Option(5, "--patience", help="Early stopping: epochs without improvement."),
-        balance: str = typer.Option("pos_weight", "--balance", help="Class imbalance: pos_weight (loss) | sampler (balanced batches) | none."),
-        cv: int = typer.Option(0, "--cv", help="K-fold cross-validation of the whole procedure (grouped when the CSV has groups), then a final fit; 0 = none."),
-        seed: int = typer.Option(0, "--seed"),
-        positive: Optional[str] = typer.Option(None, "--positive", help="Label of the positive class (default: the one reading 'mitosis')."),
-        channels: Optional[str] = typer.Option(None, "--channels", help="Source channels for R,G,B, e.g. 1,0,2."),
-        tta: bool = typer.Option(False, "--tta/--no-tta", help="Test-time augmentation: average over the 8 flips/quarter turns (stored in the model)."),
-        stain_jitter: bool = typer.Option(True, "--stain-jitter/--no-stain-jitter", help="H&E stain jitter in HED space (switch off for fluorescence)."),
-        trunk_cache: Optional[bool] = typer.Option(None, "--trunk-cache/--no-trunk-cache", help="Run the frozen first part of the base once per image and view and train on its cached maps (default: on with --unfreeze N, off with all)."),
-        trunk_views: int = typer.Option(8, "--trunk-views", help="Augmented views per image in the trunk cache (the 8 flips/quarter turns, each with its own colour/zoom jitter draw)."),
-        trunk_cache_gb: float = typer.Option(8.0, "--trunk-cache-gb", help="Refuse a trunk cache larger than this many GB of memory."),
-        cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="Keep resized images (and tiles) here for reruns."),
-        overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing model folder."),
-    ) -> None:
-        """Fine-tune a pretrained CNN end to end on whole images (the write-up's Round-2 model).
-
-        Images are resized to --size; phase 1 trains a new head on the frozen base, phase 2
-        unfreezes the base at a lower learning rate; each phase keeps its best validation
-        epoch. With --pretrain-data the large images are first cut into --tile tiles
-        labelled with their image's label, which is noisy for Mitosis images (most of their
-        tiles show no mitosis): --negatives-only-tiles tiles Normal images only and uses
-        Mitosis images whole. Writes the model, history.csv/json, training_curves.png and,
-        with --cv, metrics.json.
-
-        Example: mitoscope finetune scenes/ --labels scenes/labels.csv --out model/ --size 512 --cv 5
-        """
-        import time
-
-        from .cli import console, fail, metrics_table
-        from .errors import MitoscopeError
-        from .io import parse_channels
-
-        bars = _StageBars()
-        try:
-            config = FineTuneConfig(
-                backbone=backbone, weights=str(weights) if weights else None, pretrained=pretrained, size=size,
-                pool=pool, dropout=dropout, epochs_head=epochs_head, epochs_full=epochs_full, lr_head=lr_head,
-                lr_full=lr_full, unfreeze=unfreeze, batch_size=batch_size, accumulate=accumulate,
-                precision=precision, accelerator=accelerator, devices=devices, num_nodes=num_nodes,
-                workers=workers, val_fraction=val_fraction, monitor=monitor, patience=patience, balance=balance,
-                cv=cv, seed=seed, positive=positive, channels=parse_channels(channels) if channels else None,
-                tta=tta, augment=AugmentConfig(stain_jitter=stain_jitter),
-                pretrain_data=str(pretrain_data) if pretrain_data else None,
-                pretrain_labels=str(pretrain_labels) if pretrain_labels else None,
-                tile=tile, tile_overlap=tile_overlap, negatives_only_tiles=negatives_only_tiles,
-                trunk_cache=trunk_cache, trunk_views=trunk_views, trunk_cache_gb=trunk_cache_gb, progress_bar=True,
-            )
-            started = time.perf_counter()
-            result = finetune(data_dir, labels, out, config, cache_dir, bars, overwrite)
-        except MitoscopeError as exc:
-            bars.close()
-            fail(exc)
-        bars.close()
-        if result.model_dir is None:  # a DDP rank other than 0
-            return
-        if result.cv_metrics:
-            console.print(metrics_table(f"{cv}-fold cross-validation (fine-tuned {backbone})", result.cv_metrics))
-        if result.validation_metrics:
-            console.print(metrics_table("validation split (optimistic: it chose the checkpoints)", result.validation_metrics))
-        console.print(f"model written to [bold]{result.model_dir}[/bold] in {time.perf_counter() - started:.0f} s")

@@ -745,11 +745,16 @@ class _GatedAttentionNetwork(nn.Module):
         super().__init__()
         self.register_buffer("mean", torch.zeros(n_features))
         self.register_buffer("std", torch.ones(n_features))
-        self.encoder = nn.Sequential(nn.Linear(n_features, hidden), nn.ReLU(), nn.Dropout(dropout))
-        self.attention_v = nn.Linear(hidden, attention_dim)
-        self.attention_u = nn.Linear(hidden, attention_dim)
+        # hidden=0: no encoder; attention and classifier work on the features themselves
+        # (fine-tuned backbones learn the encoding), with dropout on the pooled vector instead.
+        self.encoder: nn.Module = (nn.Sequential(nn.Linear(n_features, hidden), nn.ReLU(), nn.Dropout(dropout))
+                                   if hidden else nn.Identity())
+        self.bag_dropout = nn.Dropout(0.0 if hidden else dropout)
+        width = hidden or n_features
+        self.attention_v = nn.Linear(width, attention_dim)
+        self.attention_u = nn.Linear(width, attention_dim)
         self.attention_w = nn.Linear(attention_dim, 1)
-        self.classifier = nn.Linear(hidden, 1)
+        self.classifier = nn.Linear(width, 1)
 
     def forward(
         self, x: torch.Tensor, mask: torch.Tensor | None = None
@@ -765,7 +770,7 @@ class _GatedAttentionNetwork(nn.Module):
             attention_logits = attention_logits.masked_fill(~mask, float("-inf"))
         weights = torch.softmax(attention_logits, dim=1)
         bag = torch.bmm(weights.unsqueeze(1), h).squeeze(1)
-        return self.classifier(bag).squeeze(-1), attention_logits, weights
+        return self.classifier(self.bag_dropout(bag)).squeeze(-1), attention_logits, weights
 
 
 def _pad(

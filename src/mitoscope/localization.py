@@ -11,10 +11,12 @@ least one true box):
   a true box's area. When several windows tie for the top score, the image's hit is the
   fraction of them that hit (the expected hit of a random tie-break), so constant scores
   never score by the accident of grid order.
-* **Window AUC.** ROC AUC of the window scores, windows that contain at least
-  ``min_fraction`` of some true cell box (positives) against windows that touch no true box
-  at all (negatives). Windows that only clip part of a cell (0 < contained fraction <
-  ``min_fraction`` for every cell) are ambiguous and left out of both sets. Scores are
+* **Window AUC.** ROC AUC of the window scores, windows that share at least
+  ``min_fraction`` of the smaller of their own and a true cell box's area with it
+  (positives: a window holding most of a cell, or, for windows smaller than cells such as
+  a fine-tuned network's feature-map positions, a window lying mostly on a cell) against
+  windows that touch no true box at all (negatives). Windows that only clip a cell are
+  ambiguous and left out of both sets. Scores are
   meant to be compared within an image (attention weights sum to 1 per image), so the
   mean of the per-image AUCs is reported next to the AUC of all Mitosis images' windows
   pooled. An image without both positives and negatives has no AUC (NaN, ``null`` in JSON).
@@ -43,6 +45,7 @@ __all__ = [
     "contained_fraction",
     "intersection_areas",
     "load_boxes",
+    "overlap_coefficient",
     "localization_report",
     "pointing_game",
     "window_auc",
@@ -133,6 +136,15 @@ def contained_fraction(windows: np.ndarray, cells: np.ndarray) -> np.ndarray:
     return intersection_areas(windows, cells) / area[None, :]
 
 
+def overlap_coefficient(windows: np.ndarray, cells: np.ndarray) -> np.ndarray:
+    """(N, M) intersection over the smaller of the two areas (1: one box lies inside the other)."""
+    windows = np.asarray(windows, dtype=np.float64)
+    cells = np.asarray(cells, dtype=np.float64)
+    window_area = (windows[:, 2] - windows[:, 0]) * (windows[:, 3] - windows[:, 1])
+    cell_area = (cells[:, 2] - cells[:, 0]) * (cells[:, 3] - cells[:, 1])
+    return intersection_areas(windows, cells) / np.minimum(window_area[:, None], cell_area[None, :])
+
+
 def _check_min_fraction(min_fraction: float) -> None:
     if not 0 < min_fraction <= 1:
         raise InputError(f"min_fraction must be in (0, 1]; got {min_fraction!r}")
@@ -219,8 +231,9 @@ def window_auc(
 ) -> dict[str, Any]:
     """ROC AUC of window scores: windows holding a mitotic cell against windows touching none.
 
-    A window is positive when it contains at least ``min_fraction`` of some true cell box,
-    negative when it overlaps no true box at all, and ambiguous (left out) otherwise.
+    A window is positive when its overlap with some true cell box is at least ``min_fraction``
+    of the smaller of the two boxes (:func:`overlap_coefficient`), negative when it overlaps no
+    true box at all, and ambiguous (left out) otherwise.
     Over Mitosis images only. Returns ``window_auc`` (all windows pooled),
     ``mean_image_window_auc`` (mean of the images that have an AUC), ``n_images``,
     ``n_positive``, ``n_negative``, ``n_ambiguous`` and ``per_image``.
@@ -229,7 +242,7 @@ def window_auc(
     per_image, all_labels, all_scores = [], [], []
     for name in _mitosis_images(boxes_by_image, windows):
         boxes, scores = _image_windows(name, windows[name])
-        fraction = contained_fraction(boxes, np.asarray(boxes_by_image[name], dtype=np.float64)).max(axis=1)
+        fraction = overlap_coefficient(boxes, np.asarray(boxes_by_image[name], dtype=np.float64)).max(axis=1)
         positive, negative = fraction >= min_fraction, fraction == 0
         used = positive | negative
         labels = positive[used].astype(int)
@@ -351,8 +364,8 @@ def localization_report(
                 f"{min_fraction:g} of a true box's area"
             ),
             "window_auc": (
-                f"ROC AUC over all Mitosis images' windows: windows containing >= {min_fraction:g} of a true cell "
-                f"box vs windows touching none; windows clipping less are left out"
+                f"ROC AUC over all Mitosis images' windows: windows sharing >= {min_fraction:g} of the smaller of "
+                f"their own and a true cell box's area with it vs windows touching none; the rest are left out"
             ),
             "mean_image_window_auc": "mean of the per-image window AUCs (images with both kinds of window)",
             "ties": "when several windows share the top score, a hit counts the fraction of them that hit",

@@ -12,7 +12,7 @@ import collections
 import csv
 import io as stdio
 import logging
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -384,7 +384,8 @@ def train(
         "threshold": threshold,
         "threshold_rule": "max F1 on cross-validated out-of-fold predictions" if cv_result else "0.5 (no CV)",
         "train_image_size": list(train_size) if train_size else None,
-        "head": {"name": config.head, "params": config.head_params},
+        # The instances a head sees: one feature vector per sliding window (size: "tiling").
+        "head": {"name": config.head, "params": config.head_params, "instances": "windows"},
         "training": {
             "n_images": len(data.paths),
             "n_per_class": dict(zip(data.classes, np.bincount(data.y, minlength=2).tolist())),
