@@ -469,6 +469,22 @@ def test_skops_file_with_foreign_types_is_refused(fitted, tmp_path):
         load_head(tmp_path, spec)
 
 
+def test_skops_types_come_from_the_spec_and_must_be_scikit_learn_ones(fitted, toy, tmp_path):
+    head, _ = fitted["pooled"]
+    bags = toy[2]
+    spec = save_head(head, tmp_path, "head")
+    types = spec["state"]["skops_types"]
+    assert isinstance(types, list) and all(t.startswith(("sklearn.", "numpy.")) for t in types)
+    expected = head.predict_proba(bags)
+    # An older spec without the list: the file is scanned for its types instead.
+    older = {**spec, "state": {k: v for k, v in spec["state"].items() if k != "skops_types"}}
+    np.testing.assert_array_equal(load_head(tmp_path, older).predict_proba(bags), expected)
+    with pytest.raises(ModelError, match=r"head\.skops: expected only scikit-learn/numpy types, got builtins\.eval"):
+        load_head(tmp_path, {**spec, "state": {**spec["state"], "skops_types": [*types, "builtins.eval"]}})
+    with pytest.raises(ModelError, match="skops_types to be a list of type names"):
+        load_head(tmp_path, {**spec, "state": {**spec["state"], "skops_types": "sklearn.pipeline.Pipeline"}})
+
+
 def test_save_head_rejects_bad_names_and_unfitted_heads(fitted, tmp_path):
     head, _ = fitted["pooled"]
     with pytest.raises(InputError, match="plain file name"):

@@ -12,12 +12,14 @@ import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
-from matplotlib.figure import Figure
 from sklearn.metrics import classification_report, roc_auc_score, roc_curve
 from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 from mitoscope.atomic import atomic_path, atomic_write_json, to_jsonable
 from mitoscope.errors import InputError
@@ -348,7 +350,7 @@ def cross_validate(
 # --------------------------------------------------------------------------- plots and report
 
 
-def _save_figure(figure: Figure, path: str | os.PathLike[str]) -> Path:
+def _save_figure(figure: "Figure", path: str | os.PathLike[str]) -> Path:
     destination = Path(path)
     with atomic_path(destination) as temp:
         figure.savefig(temp, format="png")
@@ -362,6 +364,8 @@ def plot_roc(y: Any, proba: Any, path: str | os.PathLike[str], title: str = "ROC
     """
     labels = _as_labels(y)
     scores = _as_scores(proba, labels.size)
+    from matplotlib.figure import Figure  # here, not at import: predict never plots
+
     # A bare Figure (no pyplot): no global state, no GUI backend, safe in threads.
     figure = Figure(figsize=(4.5, 4.5), dpi=120, layout="constrained")
     axes = figure.add_subplot()
@@ -392,6 +396,8 @@ def plot_confusion_matrix(
             f"confusion matrix must be {len(classes)}x{len(classes)} for classes "
             f"{list(classes)}; got shape {counts.shape}"
         )
+    from matplotlib.figure import Figure
+
     figure = Figure(figsize=(4.5, 4), dpi=120, layout="constrained")
     axes = figure.add_subplot()
     image = axes.imshow(counts, cmap="Blues", vmin=0)

@@ -1041,24 +1041,30 @@ def _load_tensors(network: nn.Module, path: Path) -> nn.Module:
                 f"{path}: expected tensor {key} of shape {tuple(expected[key].shape)}, "
                 f"got {tuple(tensor.shape)}"
             )
-    network.load_state_dict(tensors)
+    network.load_state_dict(tensors, assign=True)  # the file's tensors become the weights
     network.eval()
     return network
 
 
-def _save_sklearn(model: BaseEstimator, path: Path) -> None:
+def _save_sklearn(model: BaseEstimator, path: Path) -> list[str]:
+    """Write ``model`` with skops; return the types a load must trust (kept in the spec)."""
     import skops.io
 
     _atomic_write(path, lambda temp: skops.io.dump(model, temp))
+    return sorted(skops.io.get_untrusted_types(file=path))
 
 
-def _load_sklearn(path: Path, expected_type: type, n_features: int) -> Any:
+def _load_sklearn(path: Path, expected_type: type, n_features: int, types: Sequence[str] | None = None) -> Any:
+    """Load a skops file trusting only scikit-learn/numpy types: ``types`` (recorded at save) when
+    given, so the file is parsed once; skops refuses a file holding any other type."""
     import skops.io
 
     if not path.is_file():
         raise ModelError(f"{path}: head model file is missing")
+    if types is not None and not (isinstance(types, list) and all(isinstance(t, str) for t in types)):
+        raise ModelError(f"{path}: expected the head spec's skops_types to be a list of type names, got {types!r}")
     try:
-        untrusted = skops.io.get_untrusted_types(file=path)
+        untrusted = list(types) if types is not None else skops.io.get_untrusted_types(file=path)
     except Exception as error:  # a broken zip or JSON schema surfaces as many error types
         raise ModelError(f"{path}: not a readable skops file ({_one_line(error)})") from error
     foreign = [name for name in untrusted if not name.startswith(_TRUSTED_SKOPS_PREFIXES)]
@@ -1110,11 +1116,11 @@ def save_head(head: _Head, directory: str | os.PathLike[str], name: str) -> dict
         state["history_"] = _jsonable(head.history_, f"{class_name}.history_")
     elif isinstance(head, ForestHead):
         file_name = f"{name}.skops"
-        _save_sklearn(head.forest_, directory / file_name)
+        state["skops_types"] = _save_sklearn(head.forest_, directory / file_name)
         files.append(file_name)
     elif isinstance(head, PooledHead):
         file_name = f"{name}.skops"
-        _save_sklearn(head.pipeline_, directory / file_name)
+        state["skops_types"] = _save_sklearn(head.pipeline_, directory / file_name)
         files.append(file_name)
     elif isinstance(head, EnsembleHead):
         members = {
@@ -1163,25 +1169,29 @@ def load_head(directory: str | os.PathLike[str], spec: Mapping[str, Any]) -> _He
     if cls is DenseHead:
         state = _spec_state(spec, ("n_features_in_", "n_windows_", "history_"))
         n_inputs = state["n_windows_"] * state["n_features_in_"]
-        network = _DenseNetwork(n_inputs, head.hidden, head.dropout)
+        with torch.device("meta"):  # shapes only: initialising ~10^8 weights to overwrite them costs seconds
+            network = _DenseNetwork(n_inputs, head.hidden, head.dropout)
         head.network_ = _load_tensors(network, only_file(".safetensors"))
         head.history_ = state["history_"]
         head.n_windows_ = state["n_windows_"]
     elif cls is AttentionHead:
         state = _spec_state(spec, ("n_features_in_", "history_"))
-        network = _GatedAttentionNetwork(
-            state["n_features_in_"], head.hidden, head.attention_dim, head.dropout
-        )
+        with torch.device("meta"):
+            network = _GatedAttentionNetwork(
+                state["n_features_in_"], head.hidden, head.attention_dim, head.dropout
+            )
         head.network_ = _load_tensors(network, only_file(".safetensors"))
         head.history_ = state["history_"]
     elif cls is ForestHead:
         state = _spec_state(spec, ("n_features_in_", "n_windows_"))
         n_inputs = state["n_windows_"] * state["n_features_in_"]
-        head.forest_ = _load_sklearn(only_file(".skops"), RandomForestClassifier, n_inputs)
+        head.forest_ = _load_sklearn(only_file(".skops"), RandomForestClassifier, n_inputs,
+                                     state.get("skops_types"))
         head.n_windows_ = state["n_windows_"]
     elif cls is PooledHead:
         state = _spec_state(spec, ("n_features_in_",))
-        head.pipeline_ = _load_sklearn(only_file(".skops"), Pipeline, 2 * state["n_features_in_"])
+        head.pipeline_ = _load_sklearn(only_file(".skops"), Pipeline, 2 * state["n_features_in_"],
+                                       state.get("skops_types"))
     else:  # EnsembleHead
         state = _spec_state(spec, ("n_features_in_", "n_windows_"))
         members = spec.get("members")
