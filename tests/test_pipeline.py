@@ -141,6 +141,18 @@ def test_a_loaded_model_recomputes_the_same_features(trained, image_paths, cache
     assert (result.model_dir / "backbone.safetensors").is_file()
 
 
+def test_a_loaded_model_runs_from_the_onnx_export_without_building_the_network(trained, image_paths):
+    result = trained("pooled")
+    first = MitoscopeModel.load(result.model_dir)
+    expected = first.predict_paths(image_paths[:2], cache=None, device="cpu")  # exports the backbone if needed
+    assert first.extractor().engine == "onnxruntime"
+    again = MitoscopeModel.load(result.model_dir)
+    got = again.predict_paths(image_paths[:2], cache=None, device="cpu")
+    extractor = again.extractor()
+    assert again._backbone is None and extractor.model is None and extractor.engine == "onnxruntime"
+    np.testing.assert_allclose(got.proba, expected.proba, rtol=0, atol=1e-6)
+
+
 def test_model_json_records_what_prediction_needs(trained):
     result = trained("ensemble")
     config = json.loads((result.model_dir / "model.json").read_text())

@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import timm
 import torch
 from torch import nn
 
@@ -36,9 +35,13 @@ EMBEDDED_WEIGHTS: dict[str, tuple[str, str]] = {
 
 @dataclass
 class Backbone:
-    """A timm model plus what is needed to feed it and to recognise its weights."""
+    """A timm model plus what is needed to feed it and to recognise its weights.
 
-    model: nn.Module
+    ``model`` is None for a backbone only described (by a saved model's ``describe()``), which
+    is enough to run its ONNX export (:func:`described_backbone`).
+    """
+
+    model: nn.Module | None
     name: str
     num_features: int
     data_config: dict[str, Any]
@@ -61,6 +64,15 @@ class Backbone:
             "std": list(self.data_config["std"]),
             "interpolation": self.data_config.get("interpolation", "bilinear"),
         }
+
+
+def described_backbone(description: dict[str, Any]) -> Backbone:
+    """A model-less Backbone from :meth:`Backbone.describe` output (as saved in model.json)."""
+    size = int(description["input_size"])
+    data_config = {"input_size": (3, size, size), "mean": tuple(description["mean"]), "std": tuple(description["std"]),
+                   "interpolation": description.get("interpolation", "bilinear")}
+    return Backbone(None, description["name"], int(description["num_features"]), data_config,
+                    description["weights_sha256"], description["weights_source"])
 
 
 def embedded_weights_path(name: str) -> Path | None:
@@ -170,6 +182,8 @@ def create_backbone(
     timm's own download. ``pretrained=False`` gives random weights and must be asked for.
     ``keep_classifier=True`` keeps the ImageNet classifier (used to prove the weights are real).
     """
+    import timm  # here, not at import: predict with an ONNX export never needs it
+
     if name not in timm.list_models():
         close = timm.list_models(f"*{name.split('_')[0]}*")[:8]
         raise InputError(f"unknown backbone {name!r}: not a timm model name (similar: {', '.join(close) or 'none'})")

@@ -7,9 +7,10 @@ the extraction runs on the CPU and ``onnxruntime`` is installed; on a GPU, PyTor
 The backbone is exported once to ONNX (its ``forward_features`` and its pooled vector, with
 dynamic batch, height and width) into ``$XDG_CACHE_HOME/mitoscope/onnx`` (or ``cache_dir``),
 under a name that holds the backbone's name, the sha256 of its weights and the torch
-version, written atomically. Each new session checks the exported graph against PyTorch on
-a probe image; a mismatch or a failed export makes ``auto`` fall back to PyTorch (logged)
-and an explicit ``onnxruntime`` raise. Features of both engines agree to float32 rounding,
+version, written atomically after its output was checked against PyTorch's on a probe
+image; a mismatch or a failed export makes ``auto`` fall back to PyTorch (logged) and an
+explicit ``onnxruntime`` raise. A saved model whose backbone already has an export is run
+from it without building the PyTorch model at all (predict then never imports timm). Features of both engines agree to float32 rounding,
 so the feature cache does not key on the engine; its provenance records it.
 """
 
@@ -29,7 +30,8 @@ from .atomic import atomic_path
 from .backbones import Backbone
 from .errors import InputError
 
-__all__ = ["ENGINES", "BackboneRunner", "OnnxRunner", "TorchRunner", "default_onnx_dir", "make_runner"]
+__all__ = ["ENGINES", "BackboneRunner", "OnnxRunner", "TorchRunner", "default_onnx_dir", "export_onnx", "make_runner",
+           "onnx_path", "resolve_engine"]
 
 logger = logging.getLogger(__name__)
 
@@ -79,36 +81,45 @@ def default_onnx_dir() -> Path:
     return Path(base) / "mitoscope" / "onnx"
 
 
-def export_onnx(backbone: Backbone, folder: str | os.PathLike[str] | None = None) -> Path:
-    """The backbone's ONNX file, exported now unless an export of the same weights exists."""
+def onnx_path(name: str, weights_id: str, folder: str | os.PathLike[str] | None = None) -> Path:
+    """Where the export of backbone ``name`` with weights sha256 ``weights_id`` lives."""
     folder = Path(folder) if folder is not None else default_onnx_dir()
-    name = f"{backbone.name}-{backbone.weights_id[:16]}-torch{torch.__version__.split('+')[0]}-opset{OPSET}.onnx"
-    path = folder / name
+    return folder / f"{name}-{weights_id[:16]}-torch{torch.__version__.split('+')[0]}-opset{OPSET}.onnx"
+
+
+def export_onnx(backbone: Backbone, folder: str | os.PathLike[str] | None = None) -> Path:
+    """The backbone's ONNX file: exported and checked against PyTorch now, unless an export
+    of the same weights exists. A failed export or check leaves no file behind."""
+    path = onnx_path(backbone.name, backbone.weights_id, folder)
     if path.is_file():
         return path
-    folder.mkdir(parents=True, exist_ok=True)
+    if backbone.model is None:
+        raise InputError(f"no ONNX export of {backbone.name} (weights {backbone.weights_id[:12]}) at {path}, "
+                         "and no model to export it from")
+    path.parent.mkdir(parents=True, exist_ok=True)
     model = _FeaturesAndPooled(backbone.model).eval().cpu()
     probe = torch.zeros(1, 3, backbone.input_size, backbone.input_size)
-    with atomic_path(path) as temp, warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore")  # the exporter's deprecation and tracer notes
-        torch.onnx.export(
-            model, (probe,), str(temp), input_names=["images"], output_names=["maps", "pooled"],
-            dynamic_axes={"images": {0: "batch", 2: "height", 3: "width"}}, opset_version=OPSET, dynamo=False,
-        )
+    with atomic_path(path) as temp:
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")  # the exporter's deprecation and tracer notes
+            torch.onnx.export(
+                model, (probe,), str(temp), input_names=["images"], output_names=["maps", "pooled"],
+                dynamic_axes={"images": {0: "batch", 2: "height", 3: "width"}}, opset_version=OPSET, dynamo=False,
+            )
+        _check_against_torch(OnnxRunner(temp), backbone)
     logger.info("exported %s to %s", backbone.name, path)
     return path
 
 
 class OnnxRunner:
-    """The exported backbone in an ONNX Runtime CPU session with ``threads`` intra-op threads."""
+    """An exported backbone in an ONNX Runtime CPU session with ``threads`` intra-op threads."""
 
     name = "onnxruntime"
 
-    def __init__(self, backbone: Backbone, folder: str | os.PathLike[str] | None = None,
-                 threads: int | None = None) -> None:
+    def __init__(self, path: str | os.PathLike[str], threads: int | None = None) -> None:
         import onnxruntime as ort
 
-        self.path = export_onnx(backbone, folder)
+        self.path = Path(path)
         options = ort.SessionOptions()
         options.intra_op_num_threads = int(threads or torch.get_num_threads())
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -156,17 +167,22 @@ def resolve_engine(engine: str, device: torch.device) -> str:
 
 def make_runner(backbone: Backbone, device: torch.device, engine: str = "auto",
                 folder: str | os.PathLike[str] | None = None) -> BackboneRunner:
-    """The runner for ``engine`` (see the module docstring for ``auto`` and its fallback)."""
+    """The runner for ``engine`` (see the module docstring for ``auto`` and its fallback).
+
+    A model-less backbone (:func:`mitoscope.backbones.described_backbone`) runs only from an
+    existing ONNX export; any trouble with it raises InputError.
+    """
     chosen = resolve_engine(engine, device)
     if chosen == "torch":
+        if backbone.model is None:
+            raise InputError(f"backbone {backbone.name} is only described here (no model): it can run only "
+                             "from its ONNX export")
         return TorchRunner(backbone.model)
     try:
-        runner = OnnxRunner(backbone, folder)
-        _check_against_torch(runner, backbone)
-        return runner
+        return OnnxRunner(export_onnx(backbone, folder))
     except Exception as exc:  # export or runtime trouble: say what, then fall back or stop
         reason = " ".join(str(exc).split())[:300]
-        if engine == "onnxruntime":
+        if engine == "onnxruntime" or backbone.model is None:
             raise InputError(f"engine onnxruntime cannot run {backbone.name}: {reason}") from None
         logger.warning("ONNX Runtime cannot run %s (%s); using PyTorch", backbone.name, reason)
         return TorchRunner(backbone.model)

@@ -93,7 +93,9 @@ class FeatureExtractor:
         self.overlap = float(overlap)
         self.batch_size = int(batch_size)
         self.device = pick_device(device)
-        self.model = backbone.model.to(self.device).eval().to(memory_format=torch.channels_last)
+        # None for a backbone that only runs from its ONNX export (see engines.py).
+        self.model = (None if backbone.model is None
+                      else backbone.model.to(self.device).eval().to(memory_format=torch.channels_last))
         cfg = backbone.data_config
         self.input_size = backbone.input_size
         self.mean = torch.tensor(cfg["mean"], device=self.device).view(1, 3, 1, 1) * 255.0

@@ -23,10 +23,12 @@ from .artifacts import ModelDescription, check_out_dir, read_model_config, write
 from safetensors.torch import save_file
 
 from .atomic import atomic_path, atomic_write_text
-from .backbones import DEFAULT_BACKBONE, Backbone, create_backbone
+from .backbones import DEFAULT_BACKBONE, Backbone, create_backbone, described_backbone
+from .engines import onnx_path, resolve_engine
 from .errors import InputError, ModelError
 from .evaluation import compute_metrics, cross_validate, write_report
-from .features import EXTRACTION_MODES, FeatureCache, FeatureExtractor, ImageFeatures, default_cache_dir, extract_dataset
+from .features import (EXTRACTION_MODES, FeatureCache, FeatureExtractor, ImageFeatures, default_cache_dir, extract_dataset,
+                       pick_device)
 from .heads import HEADS, load_head, make_head, save_head
 from .io import DEFAULT_MAX_PIXELS, LabelledImages, ReadOptions, find_images, load_labelled_images
 from .tiling import validate_tiling
@@ -217,12 +219,30 @@ class MitoscopeModel(ModelDescription):
 
     def extractor(self, batch_size: int = 32, device: str | None = None) -> FeatureExtractor:
         if self._extractor is None:
+            tiling = self.config["tiling"]
+
+            def make(backbone: Backbone) -> FeatureExtractor:
+                return FeatureExtractor(backbone, tiling["window"], tiling["overlap"], batch_size, device,
+                                        mode=tiling.get("extraction", "windows"))
+
+            if self._backbone is None and self._exported(device):
+                try:  # straight from the ONNX export of these weights: no PyTorch model to build
+                    self._extractor = make(described_backbone(self.config["backbone"]))
+                    self._extractor.runner  # noqa: B018 - opens the session now, so trouble shows here
+                    return self._extractor
+                except Exception as exc:
+                    logger.warning("cannot run the ONNX export of %s (%s); building the model",
+                                   self.config["backbone"]["name"], " ".join(str(exc).split())[:200])
             if self._backbone is None:
                 self._backbone = self._load_backbone()
-            tiling = self.config["tiling"]
-            self._extractor = FeatureExtractor(self._backbone, tiling["window"], tiling["overlap"], batch_size, device,
-                                               mode=tiling.get("extraction", "windows"))
+            self._extractor = make(self._backbone)
         return self._extractor
+
+    def _exported(self, device: str | None) -> bool:
+        """Whether the default engine here is ONNX Runtime and these backbone weights have an export."""
+        info = self.config["backbone"]
+        return (resolve_engine("auto", pick_device(device)) == "onnxruntime"
+                and onnx_path(info["name"], info["weights_sha256"]).is_file())
 
     def _load_backbone(self) -> Backbone:
         info = self.config["backbone"]
