@@ -210,18 +210,30 @@ def build_model(out: Path, backbone: Backbone, image_size: tuple[int, int], mode
     return MitoscopeModel(config, head, backbone).save(out, overwrite=True)
 
 
+# A small process starts the measured command and reports its child's wall time and peak RSS.
+# Measuring from here instead would count this (large) process: a forked child's RSS starts as
+# its parent's, and Linux keeps that high-water mark in ru_maxrss across exec.
+SPAWNER = (
+    "import json, os, resource, subprocess, sys, time\n"
+    "start = time.perf_counter()\n"
+    "code = subprocess.call(sys.argv[2:], stdout=open(sys.argv[1], 'wb'), stderr=subprocess.STDOUT)\n"
+    "wall = time.perf_counter() - start\n"
+    "peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss\n"
+    "print(json.dumps({'wall': wall, 'peak_kib': peak, 'code': code}))\n"
+)
+
+
 def run_measured(command: list[str], env: dict[str, str]) -> tuple[float, float, int]:
-    """(wall seconds, peak RSS in MB, exit code) of one child process, via wait4 (its own rusage only)."""
-    with tempfile.TemporaryFile() as log:
-        start = time.perf_counter()
-        proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
-        _, status, usage = os.wait4(proc.pid, 0)
-        wall = time.perf_counter() - start
-        proc.returncode = os.waitstatus_to_exitcode(status)
-        if proc.returncode != 0:
-            log.seek(0)
-            sys.exit(f"command failed ({proc.returncode}): {' '.join(command)}\n{log.read().decode()[-3000:]}")
-    return wall, usage.ru_maxrss / 1024.0, proc.returncode  # ru_maxrss is in KiB on Linux
+    """(wall seconds, peak RSS in MB, exit code) of one run of ``command``, measured by a small spawner."""
+    import json
+
+    with tempfile.NamedTemporaryFile(suffix=".log") as log:
+        result = subprocess.run([sys.executable, "-S", "-c", SPAWNER, log.name, *command], env=env,
+                                capture_output=True, text=True, check=True)
+        measured = json.loads(result.stdout.strip().splitlines()[-1])
+        if measured["code"] != 0:
+            sys.exit(f"command failed ({measured['code']}): {' '.join(command)}\n{Path(log.name).read_text()[-3000:]}")
+    return measured["wall"], measured["peak_kib"] / 1024.0, measured["code"]  # ru_maxrss is in KiB on Linux
 
 
 def mitoscope_command() -> list[str]:

@@ -358,3 +358,19 @@ def test_a_cached_image_over_the_pixel_limit_is_refused_too(tmp_path, four_image
     with pytest.raises(mitoscope.errors.InputError, match=rf"{four_images[0].name}.*6,143"):
         extract_dataset(four_images[:1], counted, ReadOptions(max_pixels=64 * 96 - 1), cache)
     assert counted.runner.calls == calls
+
+
+def test_box_average_equals_torchvision_roi_align():
+    from torchvision.ops import roi_align
+
+    from mitoscope.features import box_average
+
+    generator = torch.Generator().manual_seed(0)
+    fmap = torch.randn(1, 5, 7, 11, generator=generator)
+    # boxes inside, on the edges and past them (clamped), of several sizes, at stride 32
+    boxes = torch.tensor([[0, 0, 224, 224], [112, 0, 336, 224], [128, 96, 352, 224], [0, 0, 352, 224],
+                          [300, 150, 352, 224], [10, 20, 30, 40]], dtype=torch.float32)
+    rois = torch.cat([torch.zeros(len(boxes), 1), boxes], dim=1)
+    expected = roi_align(fmap, rois, output_size=1, spatial_scale=1 / 32, sampling_ratio=4, aligned=True).flatten(1)
+    torch.testing.assert_close(box_average(fmap, boxes, 1 / 32), expected, rtol=1e-5, atol=1e-6)
+

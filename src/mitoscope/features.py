@@ -145,8 +145,6 @@ class FeatureExtractor:
     def embed_fullconv(self, image: np.ndarray, boxes: np.ndarray) -> np.ndarray:
         """One fully-convolutional pass over the whole image; each window's vector is the average
         of the final feature map under it (RoIAlign), instead of re-computing overlapping windows."""
-        from torchvision.ops import roi_align
-
         scale = self.input_size / self.window
         padded = pad_to(image, max(image.shape[0], self.window), max(image.shape[1], self.window))
         batch = torch.from_numpy(np.ascontiguousarray(padded)).to(self.device).permute(2, 0, 1)[None].float()
@@ -159,9 +157,8 @@ class FeatureExtractor:
         if fmap.ndim != 4:
             raise InputError(f"backbone {self.backbone.name} has no spatial feature map: use --extraction windows")
         stride = batch.shape[-1] / fmap.shape[-1]
-        rois = torch.cat([torch.zeros(len(boxes), 1), torch.as_tensor(boxes, dtype=torch.float32) * scale], dim=1)
-        pooled = roi_align(fmap, rois.to(fmap.device), output_size=1, spatial_scale=1.0 / stride, sampling_ratio=4, aligned=True)
-        return pooled.flatten(1).cpu().numpy().astype(np.float32, copy=False)
+        boxes_t = torch.as_tensor(boxes, dtype=torch.float32, device=fmap.device) * scale
+        return box_average(fmap, boxes_t, 1.0 / stride).cpu().numpy().astype(np.float32, copy=False)
 
     def extract(self, image: np.ndarray, resize_to: tuple[int, int] | None = None) -> ImageFeatures:
         height, width = image.shape[:2]
@@ -180,6 +177,28 @@ class FeatureExtractor:
             grid_shape=grid.shape,
             image_size=(height, width),
         )
+
+
+def box_average(fmap: torch.Tensor, boxes: torch.Tensor, spatial_scale: float, samples: int = 4) -> torch.Tensor:
+    """(N, C) average of a (1, C, h, w) feature map over N boxes ``[x0, y0, x1, y1]`` (input pixels).
+
+    The same numbers as torchvision's ``roi_align(output_size=1, sampling_ratio=samples,
+    aligned=True)``: the mean of ``samples`` x ``samples`` bilinear samples spread over each box,
+    edges clamped. Written with ``grid_sample`` so that predict does not import torchvision
+    (and through it torch._dynamo), which costs seconds at start-up.
+    """
+    height, width = fmap.shape[-2:]
+    offsets = (torch.arange(samples, dtype=fmap.dtype, device=fmap.device) + 0.5) / samples
+    start = boxes[:, :2] * spatial_scale - 0.5  # (N, 2) x, y in feature-map index coordinates
+    size = (boxes[:, 2:] - boxes[:, :2]) * spatial_scale
+    xs = start[:, 0:1] + offsets * size[:, 0:1]  # (N, S)
+    ys = start[:, 1:2] + offsets * size[:, 1:2]
+    # index coordinates -> grid_sample's [-1, 1] (align_corners=False: pixel centres at (2i + 1) / n - 1)
+    gx = ((2 * xs + 1) / width - 1)[:, None, :].expand(-1, samples, -1)
+    gy = ((2 * ys + 1) / height - 1)[:, :, None].expand(-1, -1, samples)
+    grid = torch.stack([gx, gy], dim=-1).reshape(1, -1, 1, 2)  # (1, N*S*S, 1, 2)
+    sampled = F.grid_sample(fmap, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    return sampled.view(fmap.shape[1], len(boxes), samples * samples).mean(dim=2).transpose(0, 1)
 
 
 def default_cache_dir() -> Path:

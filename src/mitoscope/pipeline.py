@@ -26,7 +26,6 @@ from .atomic import atomic_path, atomic_write_text
 from .backbones import DEFAULT_BACKBONE, Backbone, create_backbone, described_backbone
 from .engines import onnx_path, resolve_engine
 from .errors import InputError, ModelError
-from .evaluation import compute_metrics, cross_validate, write_report
 from .features import (EXTRACTION_MODES, FeatureCache, FeatureExtractor, ImageFeatures, default_cache_dir, extract_dataset,
                        pick_device)
 from .heads import HEADS, load_head, make_head, save_head
@@ -386,6 +385,8 @@ def train(
 
     cv_result = None
     if config.cv:
+        from .evaluation import cross_validate, write_report  # here: predict never needs them
+
         cv_result = cross_validate(new_head, bags, data.y, n_splits=config.cv, seed=config.seed, classes=data.classes,
                                    groups=data.groups, progress=stage_progress(progress, "cross-validation"))
     if progress:
@@ -545,6 +546,8 @@ def evaluate(
     y = labels_as_model_classes(data, model, str(labels_csv or data_dir))
     pred = model.predict_paths(data.paths, cache=cache, progress=progress)
     proba, members = pred.proba, pred.members
+    from .evaluation import compute_metrics, write_report
+
     metrics = compute_metrics(y, proba, model.threshold, model.classes)
     extra = {
         "evaluation": f"saved model {Path(model_dir)} on {labels_csv or data_dir}",
