@@ -28,6 +28,7 @@ from torch import nn
 
 from .atomic import atomic_path
 from .backbones import Backbone
+from .defaults import cache_home
 from .errors import InputError
 
 __all__ = ["ENGINES", "BackboneRunner", "OnnxRunner", "TorchRunner", "default_onnx_dir", "export_onnx", "make_runner",
@@ -77,8 +78,7 @@ class _FeaturesAndPooled(nn.Module):
 
 
 def default_onnx_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "mitoscope" / "onnx"
+    return cache_home() / "onnx"
 
 
 def onnx_path(name: str, weights_id: str, folder: str | os.PathLike[str] | None = None) -> Path:

@@ -28,6 +28,7 @@ from safetensors.numpy import load_file, save_file
 from . import __version__
 from .atomic import atomic_path, sha256_file as file_sha256
 from .backbones import Backbone
+from .defaults import cache_home
 from .engines import BackboneRunner, make_runner, resolve_engine
 from .errors import InputError
 from .io import ReadOptions, read_image
@@ -202,8 +203,7 @@ def box_average(fmap: torch.Tensor, boxes: torch.Tensor, spatial_scale: float, s
 
 
 def default_cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "mitoscope" / "features"
+    return cache_home() / "features"
 
 
 def read_metadata(path: str | Path) -> dict[str, str]:
