@@ -32,23 +32,27 @@ def scenes(args: argparse.Namespace) -> dict:
         train_dir, test_dir = scene_pair(args.work, set_name)
         for head in args.heads:
             record: dict = {"set": set_name, "head": head}
-            model_dir = args.work / "models" / f"{set_name}-{head}"
-            config = TrainConfig(head=head, cv=5, seed=0, window=args.window, overlap=args.overlap)
+            record["extraction"] = args.extraction
+            suffix = "" if args.extraction == "windows" else f"-{args.extraction}"
+            model_dir = args.work / "models" / f"{set_name}-{head}{suffix}"
+            config = TrainConfig(head=head, cv=5, seed=0, window=args.window, overlap=args.overlap,
+                                 extraction=args.extraction)
             with timed(record, "train_s"):
                 result = train(train_dir, train_dir / "labels.csv", model_dir, config, cache, overwrite=True)
             with timed(record, "evaluate_s"):
-                test = evaluate(model_dir, test_dir, test_dir / "labels.csv", args.work / "reports" / f"{set_name}-{head}", cache)
+                test = evaluate(model_dir, test_dir, test_dir / "labels.csv", args.work / "reports" / f"{set_name}-{head}{suffix}", cache)
             record["cv"] = {k: result.cv_metrics.get(k) for k in KEYS}
             record["test"] = {k: test.get(k) for k in KEYS}
-            report = json.loads((args.work / "reports" / f"{set_name}-{head}" / "metrics.json").read_text())
+            report = json.loads((args.work / "reports" / f"{set_name}-{head}{suffix}" / "metrics.json").read_text())
             # An ensemble's members are the dense and forest heads trained with the same seed:
             # their test metrics (at threshold 0.5) come for free with the ensemble's evaluation.
             record["test_members"] = {name: {k: m.get(k) for k in KEYS} for name, m in report.get("members", {}).items()}
             record["commands"] = [
-                f"mitoscope train {train_dir} --labels {train_dir}/labels.csv --out {model_dir} --head {head} --cv 5 --seed 0",
+                f"mitoscope train {train_dir} --labels {train_dir}/labels.csv --out {model_dir} --head {head} --cv 5 --seed 0"
+                + ("" if args.extraction == "windows" else f" --extraction {args.extraction}"),
                 f"mitoscope evaluate {model_dir} {test_dir} --labels {test_dir}/labels.csv --out REPORT",
             ]
-            results[f"{set_name}/{head}"] = record
+            results[f"{set_name}/{head}{suffix}"] = record
             print(json.dumps(record), flush=True)
     return results
 
@@ -163,6 +167,8 @@ def main() -> None:
     p.add_argument("--heads", nargs="+", default=HEADS)
     p.add_argument("--window", type=int, default=224)
     p.add_argument("--overlap", type=float, default=0.5)
+    p.add_argument("--extraction", choices=["windows", "fullconv"], default="windows",
+                   help="fullconv: window vectors pooled from one whole-image pass (compare with windows)")
     p.add_argument("--work", type=Path, default=Path("/tmp/mitoscope-bench"))
     p.add_argument("--cache-dir", type=Path, default=None)
     p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "scenes_round1.json")

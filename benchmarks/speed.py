@@ -8,13 +8,16 @@ Everything is measured in one run, on the same machine and the same image, and w
 1. feature extraction (windows/s) of the default backbone: the plain way a user would write it
    (a Python loop over windows: crop -> PIL -> timm's own eval transform -> forward with a batch
    of one under ``torch.no_grad``; timed on a spread subset of ``--plain-windows`` windows)
-   against mitoscope's ``windows`` mode (batched, channels_last, inference_mode) and
-   ``fullconv`` mode (one pass over the image, windows pooled from the feature map);
+   against mitoscope's ``windows`` mode (batched) and ``fullconv`` mode (one pass over the
+   image, windows pooled from the feature map), each with the default engine on the CPU
+   (OpenVINO), ONNX Runtime and PyTorch (channels_last, inference_mode);
 2. ``mitoscope predict MODEL IMAGE --out x.csv --no-cache`` for one 3840x2160 image, run as a
    subprocess from the PNG on disk to the CSV row, in both extraction modes: wall time (process
    start included; the start alone is reported too) and peak resident memory of the process;
    the model is a Round-1 ensemble whose head is fitted on random features of the right shape
-   (its quality is irrelevant for timing; its size is the real one);
+   (its quality is irrelevant for timing; its size is the real one). ``predict`` serves it
+   without PyTorch or scikit-learn (mitoscope.inference); the same prediction through the full
+   pipeline (``predict(..., serve=False)``) is timed beside it for comparison;
 3. the FLOP-bound limit: measured GFLOP/s of a float32 2048x2048 ``torch.mm`` times the
    backbone's FLOPs per window (``torch.utils.flop_counter.FlopCounterMode``), and how close
    each mode gets;
@@ -57,6 +60,9 @@ from mitoscope.tiling import make_grid
 TARGET_SPEEDUP = 3.0
 TARGET_PREDICT_S = 6.0
 TARGET_PEAK_GB = 3.0
+# (result key, extraction mode, engine): the default engine first.
+EXTRACTION_VARIANTS = [(mode if engine == "auto" else f"{mode}_{engine}", mode, engine)
+                       for engine in ("auto", "onnxruntime", "torch") for mode in ("windows", "fullconv")]
 HEAD_NOTE = ("the ensemble head is fitted on random features of the right shape: its predictions are meaningless, "
              "its size (dense layer on n_windows x D inputs, --trees trees) and so its load and predict times are real")
 
@@ -185,8 +191,8 @@ def build_model(out: Path, backbone: Backbone, image_size: tuple[int, int], mode
     """A valid Round-1 ensemble model folder, saved by mitoscope's own code, head fitted on random features."""
     from mitoscope.pipeline import MitoscopeModel, build_head
 
-    if (out / "model.json").is_file():
-        return out
+    if (out / "model.json").is_file() and (out / "head.forest.trees.safetensors").is_file():
+        return out  # (a model saved before the served head arrays existed is made again)
     height, width = image_size
     n_windows = make_grid(height, width, args.window, args.overlap).n_windows
     rng = np.random.default_rng(0)
@@ -241,33 +247,48 @@ def mitoscope_command() -> list[str]:
     return [str(script)] if script.is_file() else [sys.executable, "-c", "from mitoscope.cli import main; main()"]
 
 
+def process_start(modules: str, env: dict[str, str], repeats: int) -> dict[str, Any]:
+    """Median time of a new process importing ``modules``: the fixed cost before any work."""
+    command = [sys.executable, "-c", f"import {modules}"]
+    run_measured(command, env)  # warm the file cache
+    times = [run_measured(command, env)[0] for _ in range(repeats)]
+    return {"seconds": statistics.median(times), "runs": times, "means": f"python -c 'import {modules}'"}
+
+
 def predict_end_to_end(image_path: Path, image_size: tuple[int, int], work: Path, args: argparse.Namespace,
                        env: dict[str, str]) -> dict[str, Any]:
     backbone = make_backbone(args)
-    # Everything predict imports before it does any work: the fixed cost of a new process.
-    start_cmd = [sys.executable, "-c", "import mitoscope.cli, mitoscope.pipeline, mitoscope.heads, mitoscope.features"]
-    run_measured(start_cmd, env)  # warm the file cache
-    start_times = [run_measured(start_cmd, env)[0] for _ in range(args.repeats)]
-    process_start = statistics.median(start_times)
-    results: dict[str, Any] = {"process_start_s": process_start, "process_start_runs": start_times,
-                               "process_start_means": "python -c 'import mitoscope.cli, mitoscope.pipeline, ...'",
-                               "head_note": HEAD_NOTE, "trees": args.trees}
+    served_start = process_start("mitoscope.cli, mitoscope.predictions, mitoscope.inference, openvino", env,
+                                 args.repeats)
+    full_start = process_start("mitoscope.cli, mitoscope.pipeline, mitoscope.heads, mitoscope.features", env,
+                               args.repeats)
+    results: dict[str, Any] = {"process_start_s": served_start["seconds"], "process_start": served_start,
+                               "process_start_full_pipeline": full_start, "head_note": HEAD_NOTE, "trees": args.trees}
     for mode in ("windows", "fullconv"):
         name = (f"model-{mode}-{image_size[1]}x{image_size[0]}-w{args.window}-o{args.overlap}-{args.backbone}"
                 f"{'-random' if args.random_init else ''}-t{args.trees}")
         model_dir = build_model(work / name, backbone, image_size, mode, args)
-        out_csv = work / f"predict-{mode}.csv"
-        command = [*mitoscope_command(), "predict", str(model_dir), str(image_path), "--out", str(out_csv), "--no-cache"]
-        run_measured(command, env)  # warm-up: file cache, nothing else carries over between processes
-        runs = [run_measured(command, env) for _ in range(args.repeats)]
-        walls = [wall for wall, _, _ in runs]
-        peaks = [peak for _, peak, _ in runs]
-        wall = statistics.median(walls)
-        results[mode] = {
-            "wall_s": wall, "wall_runs": walls, "work_s": wall - process_start, "peak_rss_mb": max(peaks),
-            "peak_rss_runs_mb": peaks, "command": " ".join(["mitoscope", *command[len(mitoscope_command()):]]),
-            "csv_row": out_csv.read_text().splitlines()[1] if out_csv.is_file() else None,
-        }
+        for variant, start in ((mode, served_start), (f"{mode}_full_pipeline", full_start)):
+            out_csv = work / f"predict-{variant}.csv"
+            if variant == mode:
+                command = [*mitoscope_command(), "predict", str(model_dir), str(image_path), "--out", str(out_csv),
+                           "--no-cache"]
+                shown = " ".join(["mitoscope", *command[len(mitoscope_command()):]])
+            else:
+                shown = (f"from mitoscope.predictions import predict; predict({str(model_dir)!r}, "
+                         f"[{str(image_path)!r}], {str(out_csv)!r}, cache=None, serve=False)")
+                command = [sys.executable, "-c", shown]
+            run_measured(command, env)  # warm-up: file cache, nothing else carries over between processes
+            runs = [run_measured(command, env) for _ in range(args.repeats)]
+            walls = [wall for wall, _, _ in runs]
+            peaks = [peak for _, peak, _ in runs]
+            wall = statistics.median(walls)
+            results[variant] = {
+                "wall_s": wall, "wall_runs": walls, "work_s": wall - start["seconds"], "peak_rss_mb": max(peaks),
+                "peak_rss_runs_mb": peaks, "command": shown,
+                "csv_row": out_csv.read_text().splitlines()[1] if out_csv.is_file() else None,
+            }
+            print(f"predict {variant}: {wall:.2f} s, peak {max(peaks) / 1024:.2f} GB", flush=True)
     return results
 
 
@@ -399,8 +420,7 @@ def print_table(results: dict[str, Any]) -> None:
           f"({img['overlap']:.0%} overlap), {img['source']}")
     print(f"\n{'feature extraction (' + results['backbone'] + ')':<46}{'windows/s':>12}{'vs plain':>10}")
     rows = [("plain loop (PIL + timm transform, batch 1)", "plain")]
-    rows += [(f"mitoscope {key.removesuffix('_torch')} ({ext[key]['engine']})", key)
-             for key in ("windows", "fullconv", "windows_torch", "fullconv_torch")]
+    rows += [(f"mitoscope {mode} ({ext[key]['engine']})", key) for key, mode, _ in EXTRACTION_VARIANTS]
     for name, key in rows:
         wps = ext[key]["windows_per_s"]
         print(f"{name:<46}{wps:>12.1f}{wps / ext['plain']['windows_per_s']:>9.1f}x")
@@ -411,10 +431,11 @@ def print_table(results: dict[str, Any]) -> None:
           f"of its own bound ({flops['fullconv_upper_bound_windows_per_s']:.0f} windows/s)")
     pred = results.get("predict")
     if pred:
-        print(f"\npredict end to end (process start alone {pred['process_start_s']:.2f} s):")
-        for mode in ("windows", "fullconv"):
-            r = pred[mode]
-            print(f"  {mode:<9} {r['wall_s']:.2f} s wall ({r['work_s']:.2f} s after start), "
+        print(f"\npredict end to end (process start alone {pred['process_start_s']:.2f} s served, "
+              f"{pred['process_start_full_pipeline']['seconds']:.2f} s full pipeline):")
+        for variant in ("windows", "fullconv", "windows_full_pipeline", "fullconv_full_pipeline"):
+            r = pred[variant]
+            print(f"  {variant:<23} {r['wall_s']:.2f} s wall ({r['work_s']:.2f} s after start), "
                   f"peak {r['peak_rss_mb'] / 1024:.2f} GB")
     agree = results.get("fullconv_vs_windows")
     if agree:
@@ -480,14 +501,12 @@ def main() -> None:
     boxes = grid.boxes()
     extraction = {"plain": plain_loop(image, boxes, args)}
     print(f"plain loop: {extraction['plain']['windows_per_s']:.1f} windows/s", flush=True)
-    # The default engine ("auto": ONNX Runtime on the CPU when installed), then PyTorch for comparison.
-    for mode in ("windows", "fullconv", "windows_torch", "fullconv_torch"):
-        engine = "torch" if mode.endswith("_torch") else "auto"
-        extraction[mode] = mitoscope_extraction(image, mode.removesuffix("_torch"), args, engine=engine)
-        print(f"mitoscope {mode} ({extraction[mode]['engine']}): {extraction[mode]['windows_per_s']:.1f} windows/s",
-              flush=True)
-    for mode in ("windows", "fullconv", "windows_torch", "fullconv_torch"):
-        extraction[f"speedup_{mode}"] = extraction[mode]["windows_per_s"] / extraction["plain"]["windows_per_s"]
+    # The default engine ("auto": OpenVINO on the CPU when installed), then the others for comparison.
+    for key, mode, engine in EXTRACTION_VARIANTS:
+        extraction[key] = mitoscope_extraction(image, mode, args, engine=engine)
+        extraction[f"speedup_{key}"] = extraction[key]["windows_per_s"] / extraction["plain"]["windows_per_s"]
+        print(f"mitoscope {mode} ({extraction[key]['engine']}): {extraction[key]['windows_per_s']:.1f} windows/s "
+              f"({extraction[f'speedup_{key}']:.1f}x)", flush=True)
     results["extraction"] = extraction
 
     results["flop_bound"] = flop_bound(make_backbone(args), image.shape[:2], extraction, args)

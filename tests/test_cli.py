@@ -17,9 +17,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import typer
-from PIL import Image
 from typer.testing import CliRunner
 
+from blobs import write_blobs, write_labels
 from mitoscope.cli import app
 
 SIZE = 96
@@ -50,27 +50,6 @@ def assert_clean_failure(result, names: str | list[str]) -> str:
 
 def hidden(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.iterdir() if p.name.startswith(".")) if folder.is_dir() else []
-
-
-def write_blobs(folder: Path, n_per_class: int, words: tuple[str, str] = ("Mitosis", "Normal"), seed: int = 0) -> Path:
-    """``folder/images/*.png`` and ``folder/labels.csv`` (Image,Label); returns the CSV."""
-    rng = np.random.default_rng(seed)
-    (folder / "images").mkdir(parents=True, exist_ok=True)
-    rows = []
-    for i in range(2 * n_per_class):
-        image = rng.integers(0, 60, (SIZE, SIZE, 3), dtype=np.uint8)
-        if i % 2 == 0:
-            y, x = rng.integers(0, SIZE - 16, 2)
-            image[y : y + 16, x : x + 16] = 250
-        name = f"img{i:02d}.png"
-        Image.fromarray(image).save(folder / "images" / name)
-        rows.append((name, words[0] if i % 2 == 0 else words[1]))
-    return write_labels(folder / "labels.csv", rows)
-
-
-def write_labels(path: Path, rows: list[tuple[str, str]], header: str = "Image,Label") -> Path:
-    path.write_text(header + "\n" + "".join(f"{a},{b}\n" for a, b in rows))
-    return path
 
 
 def read_rows(path: Path) -> list[dict[str, str]]:

@@ -261,7 +261,7 @@ def test_a_write_cut_short_leaves_no_entry_and_no_temp_file(tmp_path, four_image
         Path(filename).write_bytes(b"\x00" * 100)  # half a file, then Ctrl-C
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("mitoscope.features.save_file", half_write)
+    monkeypatch.setattr("mitoscope.cache.save_file", half_write)
     with pytest.raises(KeyboardInterrupt):
         extract_dataset(four_images[:1], extractor, ReadOptions(), cache)
     assert cache_entries(cache.root) == []

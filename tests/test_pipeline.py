@@ -145,11 +145,11 @@ def test_a_loaded_model_runs_from_the_onnx_export_without_building_the_network(t
     result = trained("pooled")
     first = MitoscopeModel.load(result.model_dir)
     expected = first.predict_paths(image_paths[:2], cache=None, device="cpu")  # exports the backbone if needed
-    assert first.extractor().engine == "onnxruntime"
+    assert first.extractor().engine == "openvino"
     again = MitoscopeModel.load(result.model_dir)
     got = again.predict_paths(image_paths[:2], cache=None, device="cpu")
     extractor = again.extractor()
-    assert again._backbone is None and extractor.model is None and extractor.engine == "onnxruntime"
+    assert again._backbone is None and extractor.model is None and extractor.engine == "openvino"
     np.testing.assert_allclose(got.proba, expected.proba, rtol=0, atol=1e-6)
 
 

@@ -99,8 +99,9 @@ def write_model_dir(
     return out_dir
 
 
-def read_model_config(model_dir: str | Path) -> dict[str, Any]:
-    """Read and verify ``model.json`` and the hashes of every file it lists."""
+def read_model_config(model_dir: str | Path, verify_files: bool = True) -> dict[str, Any]:
+    """Read and verify ``model.json`` and (unless ``verify_files`` is False: then call
+    :func:`verify_model_files` before using them) the hashes of every file it lists."""
     model_dir = Path(model_dir)
     path = model_dir / MODEL_FILE
     if not model_dir.is_dir():
@@ -126,13 +127,20 @@ def read_model_config(model_dir: str | Path) -> dict[str, Any]:
         isinstance(name, str) and Path(name).name == name and isinstance(digest, str) for name, digest in files.items()
     ):
         raise ModelError(f"{path}: 'files' must map plain file names to sha256 digests")
-    for name, expected in files.items():
+    if verify_files:
+        verify_model_files(model_dir, config)
+    return config
+
+
+def verify_model_files(model_dir: str | Path, config: dict[str, Any]) -> None:
+    """Every file ``model.json`` lists is there and has the sha256 it was saved with."""
+    model_dir = Path(model_dir)
+    for name, expected in config["files"].items():
         file = model_dir / name
         if not file.is_file():
             raise ModelError(f"{file}: file of the model is missing")
         if sha256_file(file) != expected:
             raise ModelError(f"{file}: file was changed or truncated after the model was saved (sha256 mismatch)")
-    return config
 
 
 class ModelDescription:

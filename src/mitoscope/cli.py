@@ -64,7 +64,7 @@ def fail(exc: MitoscopeError) -> None:
 
 
 def cache_from(cache_dir: Optional[Path], no_cache: bool):
-    from .pipeline import open_cache
+    from .cache import open_cache
 
     return open_cache(cache_dir, use_cache=not no_cache)
 
@@ -156,7 +156,7 @@ def predict(
 
     Example: mitoscope predict model/ new_images/ --out predictions.csv --heatmaps heatmaps/
     """
-    from .pipeline import predict as run_predict
+    from .predictions import predict as run_predict
 
     try:
         with progress_bars() as progress:

@@ -1,59 +1,32 @@
-"""Window features of whole images, and an on-disk cache so a head never re-extracts.
+"""Window features of whole images with PyTorch (training, GPUs, resized windows).
 
 Each window is resized to the backbone's input size, normalised with the backbone's own
 data config and passed through the backbone in batches under ``torch.inference_mode``.
-The cache keys an entry by the image file's bytes, the extractor (backbone, weights hash,
-tiling, input size) and the reading options; entries are single safetensors files written
-atomically, with their provenance in the file's metadata, so an interrupted run resumes and
-never reads a half-written entry.
+When the backbone runs from its ONNX export on the CPU and windows need no resizing, the
+work goes to :class:`mitoscope.array_features.ArrayExtractor` (numpy, the same arithmetic).
+The feature cache lives in :mod:`mitoscope.cache` (re-exported here).
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
-import logging
-import os
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors import SafetensorError
-from safetensors.numpy import load_file, save_file
 
-from . import __version__
-from .atomic import atomic_path, sha256_file as file_sha256
+from .array_features import EXTRACTION_MODES, ArrayExtractor
+from .atomic import sha256_file as file_sha256
 from .backbones import Backbone
-from .defaults import cache_home
+from .cache import (CACHE_FORMAT, FeatureCache, ImageFeatures, ProgressCallback, cache_settings, default_cache_dir,
+                    extract_dataset, extractor_fingerprint, open_cache, read_metadata)
 from .engines import BackboneRunner, make_runner, resolve_engine
 from .errors import InputError
-from .io import ReadOptions, read_image
 from .tiling import crop_windows, make_grid, pad_to, validate_tiling
 
-logger = logging.getLogger(__name__)
-
-CACHE_FORMAT = 1
-# windows: each window cropped and embedded on its own (the write-up's way, exact);
-# fullconv: one pass over the whole image, window vectors pooled from the feature map (fast).
-EXTRACTION_MODES = ("windows", "fullconv")
-
-
-@dataclass
-class ImageFeatures:
-    """Window features of one image, in row-major grid order."""
-
-    features: np.ndarray  # (N, D) float32
-    boxes: np.ndarray  # (N, 4) int64 [x0, y0, x1, y1], full-resolution coordinates of the image as read
-    grid_shape: tuple[int, int]
-    image_size: tuple[int, int]  # (H, W) of the image as read
-
-    @property
-    def n_windows(self) -> int:
-        return int(self.features.shape[0])
+__all__ = ["CACHE_FORMAT", "EXTRACTION_MODES", "FeatureCache", "FeatureExtractor", "ImageFeatures", "ProgressCallback",
+           "box_average", "cache_settings", "default_cache_dir", "extract_dataset", "file_sha256", "open_cache",
+           "pick_device", "read_metadata", "resize_image"]
 
 
 def pick_device(device: str | None = None) -> torch.device:
@@ -114,16 +87,27 @@ class FeatureExtractor:
         return self._runner
 
     def fingerprint(self) -> dict[str, Any]:
-        return {
-            "backbone": self.backbone.name,
-            "weights_sha256": self.backbone.weights_id,
-            "input_size": self.input_size,
-            "window": self.window,
-            "overlap": self.overlap,
-            "mode": self.mode,
-            "mean": [float(v) for v in self.backbone.data_config["mean"]],
-            "std": [float(v) for v in self.backbone.data_config["std"]],
-        }
+        cfg = self.backbone.data_config
+        return extractor_fingerprint(self.backbone.name, self.backbone.weights_id, self.input_size, self.window,
+                                     self.overlap, self.mode, cfg["mean"], cfg["std"])
+
+    def _array_extractor(self) -> ArrayExtractor | None:
+        """The numpy path, when the backbone runs exported and windows keep their size."""
+        if self.runner.name == "torch" or self.window != self.input_size:
+            return None
+        cfg = self.backbone.data_config
+        return ArrayExtractor(self.runner, self.window, self.overlap, self.input_size, cfg["mean"], cfg["std"],
+                              self.batch_size, self.mode)
+
+    def _pooled(self, batch: torch.Tensor) -> torch.Tensor:
+        if self.runner.name == "torch":
+            return self.runner.pooled(batch)
+        return torch.from_numpy(np.asarray(self.runner.pooled(batch.float().cpu().contiguous().numpy())))
+
+    def _feature_map(self, batch: torch.Tensor) -> torch.Tensor:
+        if self.runner.name == "torch":
+            return self.runner.feature_map(batch)
+        return torch.from_numpy(np.asarray(self.runner.feature_map(batch.float().cpu().contiguous().numpy())))
 
     def prepare(self, windows: np.ndarray) -> torch.Tensor:
         batch = torch.from_numpy(windows).to(self.device).permute(0, 3, 1, 2).float()
@@ -139,7 +123,7 @@ class FeatureExtractor:
         for start in range(0, len(windows), self.batch_size):
             batch = self.prepare(np.ascontiguousarray(windows[start : start + self.batch_size]))
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
-                out.append(self.runner.pooled(batch).float().cpu())
+                out.append(self._pooled(batch).float().cpu())
         return torch.cat(out).numpy().astype(np.float32, copy=False)
 
     @torch.inference_mode()
@@ -154,7 +138,7 @@ class FeatureExtractor:
             batch = F.interpolate(batch, size=size, mode="bilinear", antialias=True)
         batch = ((batch - self.mean) / self.std).contiguous(memory_format=torch.channels_last)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
-            fmap = self.runner.feature_map(batch).float()
+            fmap = self._feature_map(batch).float()
         if fmap.ndim != 4:
             raise InputError(f"backbone {self.backbone.name} has no spatial feature map: use --extraction windows")
         stride = batch.shape[-1] / fmap.shape[-1]
@@ -165,7 +149,10 @@ class FeatureExtractor:
         height, width = image.shape[:2]
         work = resize_image(image, resize_to) if resize_to else image
         grid = make_grid(work.shape[0], work.shape[1], self.window, self.overlap)
-        if self.mode == "fullconv":
+        arrays = self._array_extractor()
+        if arrays is not None:
+            features = arrays.embed(work, grid)
+        elif self.mode == "fullconv":
             features = self.embed_fullconv(work, grid.boxes())
         else:
             features = self.embed_windows(crop_windows(work, grid))
@@ -202,144 +189,3 @@ def box_average(fmap: torch.Tensor, boxes: torch.Tensor, spatial_scale: float, s
     return sampled.view(fmap.shape[1], len(boxes), samples * samples).mean(dim=2).transpose(0, 1)
 
 
-def default_cache_dir() -> Path:
-    return cache_home() / "features"
-
-
-def read_metadata(path: str | Path) -> dict[str, str]:
-    """The ``__metadata__`` of a safetensors file (its provenance, for a feature-cache entry)."""
-    with open(path, "rb") as handle:
-        header_len = int.from_bytes(handle.read(8), "little")
-        if header_len > os.path.getsize(path) - 8:
-            raise ValueError(f"header of {header_len} bytes is longer than the file")
-        return json.loads(handle.read(header_len))["__metadata__"]
-
-
-class FeatureCache:
-    """Per-image feature files under ``root``, keyed by content and extraction settings."""
-
-    def __init__(self, root: str | Path) -> None:
-        self.root = Path(root)
-
-    @staticmethod
-    def key(image_sha256: str, settings: dict[str, Any]) -> str:
-        blob = json.dumps({"format": CACHE_FORMAT, "image": image_sha256, **settings}, sort_keys=True)
-        return hashlib.sha256(blob.encode()).hexdigest()
-
-    def path_for(self, key: str) -> Path:
-        return self.root / key[:2] / f"{key}.safetensors"
-
-    def load(self, key: str) -> ImageFeatures | None:
-        path = self.path_for(key)
-        if not path.is_file():
-            return None
-        try:
-            tensors = load_file(str(path))
-            meta = read_metadata(path)
-            feats = ImageFeatures(
-                features=tensors["features"],
-                boxes=tensors["boxes"],
-                grid_shape=tuple(int(v) for v in json.loads(meta["grid_shape"])),
-                image_size=tuple(int(v) for v in json.loads(meta["image_size"])),
-            )
-            rows, cols = feats.grid_shape
-            if (
-                feats.features.dtype != np.float32
-                or feats.features.ndim != 2
-                or feats.boxes.dtype != np.int64
-                or feats.boxes.shape != (feats.n_windows, 4)
-                or feats.n_windows != rows * cols
-            ):
-                raise ValueError(
-                    f"expected float32 features and int64 boxes for a {rows}x{cols} grid, got features "
-                    f"{feats.features.dtype}{feats.features.shape} and boxes {feats.boxes.dtype}{feats.boxes.shape}"
-                )
-            return feats
-        except (SafetensorError, KeyError, TypeError, ValueError, OSError) as exc:
-            # Only a damaged disk gets here (writes are atomic): recompute rather than fail.
-            logger.warning("ignoring unreadable cache entry %s (%s)", path, exc)
-            return None
-
-    def save(self, key: str, feats: ImageFeatures, provenance: dict[str, Any]) -> Path:
-        path = self.path_for(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        metadata = {
-            "grid_shape": json.dumps(list(feats.grid_shape)),
-            "image_size": json.dumps(list(feats.image_size)),
-            "provenance": json.dumps(provenance, sort_keys=True),
-        }
-        with atomic_path(path) as tmp:
-            save_file(
-                {"features": np.ascontiguousarray(feats.features), "boxes": np.ascontiguousarray(feats.boxes)},
-                str(tmp),
-                metadata=metadata,
-            )
-        return path
-
-
-ProgressCallback = Callable[[int, int], None]
-
-
-def cache_settings(fingerprint: dict[str, Any], read_options: ReadOptions,
-                   resize_to: tuple[int, int] | None) -> dict[str, Any]:
-    """The settings part of a cache key (with the file's sha256 it makes the key)."""
-    return {
-        "extractor": fingerprint,
-        # max_pixels only guards decoding; the pixels, and so the features, do not depend on it.
-        "read": {k: v for k, v in read_options.to_dict().items() if k != "max_pixels"},
-        "resize_to": list(resize_to) if resize_to else None,
-    }
-
-
-def extract_dataset(
-    paths: Sequence[Path],
-    extractor: FeatureExtractor,
-    read_options: ReadOptions | None = None,
-    cache: FeatureCache | None = None,
-    resize_to: tuple[int, int] | None = None,
-    progress: ProgressCallback | None = None,
-) -> list[ImageFeatures]:
-    """Features of every image, from the cache when present; reading runs one image ahead."""
-    read_options = read_options or ReadOptions()
-    settings = cache_settings(extractor.fingerprint(), read_options, resize_to)
-    paths = [Path(p) for p in paths]
-    results: list[ImageFeatures | None] = [None] * len(paths)
-    todo: list[tuple[int, str | None]] = []
-    for index, path in enumerate(paths):
-        if not path.is_file():
-            raise InputError(f"{path}: image file not found")
-        key = FeatureCache.key(file_sha256(path), settings) if cache else None
-        cached = cache.load(key) if cache and key else None
-        if cached is not None:
-            # The same limit as reading, so a warm cache never lets an image through that a cold one refuses.
-            height, width = cached.image_size
-            if height * width > read_options.max_pixels:
-                raise InputError(
-                    f"{path}: image is {width}x{height} = {height * width:,} pixels, over the limit of "
-                    f"{read_options.max_pixels:,} pixels (max_pixels; raise it only for files you trust)"
-                )
-            results[index] = cached
-        else:
-            todo.append((index, key))
-    done = len(paths) - len(todo)
-    if progress:
-        progress(done, len(paths))
-    # Decode the next image on a thread while the backbone works on this one.
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        pending = pool.submit(read_image, paths[todo[0][0]], read_options) if todo else None
-        for position, (index, key) in enumerate(todo):
-            image = pending.result()
-            if position + 1 < len(todo):
-                pending = pool.submit(read_image, paths[todo[position + 1][0]], read_options)
-            feats = extractor.extract(image, resize_to=resize_to)
-            if cache and key:
-                provenance = {"image": str(paths[index]), "mitoscope": __version__, "engine": extractor.engine, **settings}
-                try:
-                    cache.save(key, feats, provenance)
-                except OSError as exc:  # a full or read-only cache costs time, never the result
-                    logger.warning("cannot write feature cache entry under %s (%s)", cache.root, exc)
-            results[index] = feats
-            done += 1
-            if progress:
-                progress(done, len(paths))
-    return [r for r in results if r is not None]

@@ -1512,7 +1512,7 @@ class FineTunedModel(ModelDescription):
         (attention weights, or the class-activation map for ``avg`` pooling) and ``boxes``
         the cells they stand for.
         """
-        from .pipeline import Predictions
+        from .predictions import Predictions
 
         paths = [Path(p) for p in paths]
         for path in paths:
@@ -1569,7 +1569,7 @@ class FineTunedModel(ModelDescription):
 
     def predict(self, paths: Sequence[str | Path], **kwargs: Any) -> list[dict[str, Any]]:
         """One row per image: Image, Label, Probability, finetuned, Note (as the window-feature models)."""
-        from .pipeline import prediction_rows
+        from .predictions import prediction_rows
 
         return prediction_rows(self.predict_paths(paths, **kwargs), self.classes, self.threshold, self.config["head"]["name"])
 

@@ -39,6 +39,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from mitoscope.errors import InputError, ModelError
+from mitoscope.inference import FOREST_ARRAYS, POOLED_ARRAYS, ForestArrays, PooledArrays, combine_ensemble
 
 __all__ = [
     "HEADS",
@@ -611,30 +612,6 @@ class ForestHead(_Head):
 # --------------------------------------------------------------------------------------------
 
 
-def combine_ensemble(
-    p_dense: np.ndarray, p_forest: np.ndarray, dense_weight: float = 1.1
-) -> np.ndarray:
-    """The write-up's vote between the dense and the forest model, image by image.
-
-    If both models give the same label (at 0.5), that label stands; otherwise the more
-    confident model wins, confidence being ``|p - 0.5| * 2``, the dense model's multiplied by
-    ``dense_weight`` (ties go to the dense model). The ensemble's probability is the winning
-    model's probability. When the models agree, the winner (the more confident one) gives the
-    same label, so "take the probability of the model with the larger weighted confidence"
-    is the whole rule.
-    """
-    p_dense = np.asarray(p_dense, dtype=np.float64)
-    p_forest = np.asarray(p_forest, dtype=np.float64)
-    if p_dense.shape != p_forest.shape:
-        raise InputError(
-            f"expected member probabilities of the same shape, got {p_dense.shape} "
-            f"and {p_forest.shape}"
-        )
-    dense_confidence = np.abs(p_dense - 0.5) * 2.0 * dense_weight
-    forest_confidence = np.abs(p_forest - 0.5) * 2.0
-    return np.where(dense_confidence >= forest_confidence, p_dense, p_forest)
-
-
 class EnsembleHead(_Head):
     """The write-up's Round 1 system: a :class:`DenseHead` and a :class:`ForestHead` voting.
 
@@ -1046,6 +1023,56 @@ def _load_tensors(network: nn.Module, path: Path) -> nn.Module:
     return network
 
 
+def _save_arrays(arrays: Mapping[str, np.ndarray], path: Path, class_name: str) -> None:
+    from safetensors.numpy import save_file
+
+    tensors = {key: np.ascontiguousarray(value) for key, value in arrays.items()}
+    _atomic_write(path, lambda temp: save_file(tensors, str(temp), metadata={"class": class_name}))
+
+
+def forest_arrays(forest: RandomForestClassifier) -> dict[str, np.ndarray]:
+    """A fitted forest as flat node arrays for :class:`mitoscope.inference.ForestArrays`.
+
+    All trees' nodes in one sequence (``roots`` says where each tree starts; children are
+    indices into it, -1 at leaves), float64 thresholds as scikit-learn keeps them, and each
+    node's positive-class fraction as its ``predict_proba`` normalises it.
+    """
+    trees = [estimator.tree_ for estimator in forest.estimators_]
+    starts = np.cumsum([0] + [tree.node_count for tree in trees])[:-1]
+    positive_column = list(forest.classes_).index(1)
+
+    def children(side: np.ndarray, start: int) -> np.ndarray:
+        return np.where(side >= 0, side + start, -1).astype(np.int64)
+
+    values = []
+    for tree in trees:
+        fractions = tree.value[:, 0, :].astype(np.float64)
+        totals = fractions.sum(axis=1)
+        totals[totals == 0.0] = 1.0
+        values.append(fractions[:, positive_column] / totals)
+    return {
+        "roots": starts.astype(np.int64),
+        "feature": np.concatenate([tree.feature for tree in trees]).astype(np.int64),
+        "threshold": np.concatenate([tree.threshold for tree in trees]).astype(np.float64),
+        "left": np.concatenate([children(tree.children_left, start) for tree, start in zip(trees, starts)]),
+        "right": np.concatenate([children(tree.children_right, start) for tree, start in zip(trees, starts)]),
+        "positive": np.concatenate(values),
+    }
+
+
+def pooled_arrays(pipeline: Pipeline) -> dict[str, np.ndarray]:
+    """A fitted pooled head's scaler and logistic regression for :class:`mitoscope.inference.PooledArrays`,
+    signed so that a positive decision means the positive class."""
+    scaler, logistic = pipeline.named_steps["scaler"], pipeline.named_steps["logistic"]
+    sign = 1.0 if list(logistic.classes_).index(1) == 1 else -1.0
+    return {
+        "scaler_mean": np.asarray(scaler.mean_, dtype=np.float64),
+        "scaler_scale": np.asarray(scaler.scale_, dtype=np.float64),
+        "coef": sign * np.asarray(logistic.coef_, dtype=np.float64),
+        "intercept": sign * np.asarray(logistic.intercept_, dtype=np.float64),
+    }
+
+
 def _save_sklearn(model: BaseEstimator, path: Path) -> list[str]:
     """Write ``model`` with skops; return the types a load must trust (kept in the spec)."""
     import skops.io
@@ -1094,7 +1121,9 @@ def save_head(head: _Head, directory: str | os.PathLike[str], name: str) -> dict
     The spec holds ``class``, ``params`` (``get_params``, nested heads as
     ``{"__head__": class, "params": ...}``), ``files`` (names relative to ``directory``) and
     ``state`` (learned values that are not tensors). Torch weights and standardisation
-    statistics go to ``<name>.safetensors``, scikit-learn models to ``<name>.skops``; an
+    statistics go to ``<name>.safetensors``, scikit-learn models to ``<name>.skops`` with their
+    arrays beside them (``<name>.trees.safetensors``, ``<name>.arrays.safetensors``: what
+    :mod:`mitoscope.inference` predicts from without scikit-learn); an
     ensemble saves its members as ``<name>.dense.*`` and ``<name>.forest.*`` and lists their
     specs under ``members``. No pickle is involved.
     """
@@ -1117,11 +1146,13 @@ def save_head(head: _Head, directory: str | os.PathLike[str], name: str) -> dict
     elif isinstance(head, ForestHead):
         file_name = f"{name}.skops"
         state["skops_types"] = _save_sklearn(head.forest_, directory / file_name)
-        files.append(file_name)
+        _save_arrays(forest_arrays(head.forest_), directory / f"{name}{FOREST_ARRAYS}", class_name)
+        files += [file_name, f"{name}{FOREST_ARRAYS}"]
     elif isinstance(head, PooledHead):
         file_name = f"{name}.skops"
         state["skops_types"] = _save_sklearn(head.pipeline_, directory / file_name)
-        files.append(file_name)
+        _save_arrays(pooled_arrays(head.pipeline_), directory / f"{name}{POOLED_ARRAYS}", class_name)
+        files += [file_name, f"{name}{POOLED_ARRAYS}"]
     elif isinstance(head, EnsembleHead):
         members = {
             "dense": save_head(head.dense_, directory, f"{name}.dense"),
@@ -1188,10 +1219,14 @@ def load_head(directory: str | os.PathLike[str], spec: Mapping[str, Any]) -> _He
         head.forest_ = _load_sklearn(only_file(".skops"), RandomForestClassifier, n_inputs,
                                      state.get("skops_types"))
         head.n_windows_ = state["n_windows_"]
+        if any(f.endswith(FOREST_ARRAYS) for f in files):  # written since 0.1: checked here, used by inference
+            ForestArrays(only_file(FOREST_ARRAYS), state)
     elif cls is PooledHead:
         state = _spec_state(spec, ("n_features_in_",))
         head.pipeline_ = _load_sklearn(only_file(".skops"), Pipeline, 2 * state["n_features_in_"],
                                        state.get("skops_types"))
+        if any(f.endswith(POOLED_ARRAYS) for f in files):
+            PooledArrays(only_file(POOLED_ARRAYS), state)
     else:  # EnsembleHead
         state = _spec_state(spec, ("n_features_in_", "n_windows_"))
         members = spec.get("members")

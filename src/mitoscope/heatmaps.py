@@ -29,8 +29,8 @@ from .atomic import atomic_path, atomic_write_text
 from .errors import InputError
 from .io import ReadOptions, read_image
 
-if TYPE_CHECKING:  # pipeline imports torch; heatmaps only need its data class's fields
-    from .pipeline import Predictions
+if TYPE_CHECKING:
+    from .predictions import Predictions
 
 __all__ = [
     "OverlayLayout",

@@ -39,7 +39,7 @@ from .errors import InputError
 from .heatmaps import clip_boxes, require_window_scores
 
 if TYPE_CHECKING:
-    from .pipeline import Predictions
+    from .predictions import Predictions
 
 __all__ = [
     "contained_fraction",

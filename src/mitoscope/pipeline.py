@@ -9,8 +9,6 @@
 from __future__ import annotations
 
 import collections
-import csv
-import io as stdio
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,23 +22,26 @@ from safetensors.torch import save_file
 
 from .atomic import atomic_path, atomic_write_text
 from .backbones import DEFAULT_BACKBONE, Backbone, create_backbone, described_backbone
-from .engines import onnx_path, resolve_engine
+from .engines import EXPORTED_ENGINES, onnx_path, resolve_engine
 from .errors import InputError, ModelError
-from .features import (EXTRACTION_MODES, FeatureCache, FeatureExtractor, ImageFeatures, default_cache_dir, extract_dataset,
+from .cache import open_cache
+from .features import (EXTRACTION_MODES, FeatureCache, FeatureExtractor, ImageFeatures, extract_dataset,
                        pick_device)
 from .heads import HEADS, load_head, make_head, save_head
-from .io import DEFAULT_MAX_PIXELS, LabelledImages, ReadOptions, find_images, load_labelled_images
+from .predictions import Predictions, Progress, predict, prediction_rows, rows_to_csv, score_label
+from .io import DEFAULT_MAX_PIXELS, LabelledImages, ReadOptions, load_labelled_images
 from .tiling import validate_tiling
 
 logger = logging.getLogger(__name__)
+
+__all__ = ["FIXED_GRID_HEADS", "MitoscopeModel", "Predictions", "Progress", "TrainConfig", "TrainResult", "evaluate",
+           "load_model", "localize", "open_cache", "predict", "prediction_rows", "rows_to_csv", "score_label", "train"]
 
 # Heads whose input is the concatenation of all windows: the grid (and so the image size) is fixed.
 FIXED_GRID_HEADS = {"dense", "forest", "ensemble"}
 
 BACKBONE_FILE = "backbone.safetensors"
 
-# (stage description, done, total)
-Progress = Callable[[str, int, int], None]
 
 
 @dataclass(frozen=True)
@@ -82,12 +83,6 @@ class TrainConfig:
     @property
     def read_options(self) -> ReadOptions:
         return ReadOptions(channels=self.channels, max_pixels=self.max_pixels)
-
-
-def open_cache(cache_dir: str | Path | None, use_cache: bool = True) -> FeatureCache | None:
-    if not use_cache:
-        return None
-    return FeatureCache(Path(cache_dir) if cache_dir else default_cache_dir())
 
 
 def build_head(name: str, params: dict[str, Any]) -> Any:
@@ -168,35 +163,6 @@ class TrainResult:
     model_dir: Path
 
 
-@dataclass
-class Predictions:
-    """What any mitoscope model returns for a list of images."""
-
-    paths: list[Path]
-    proba: np.ndarray  # (n,) probability of the positive class
-    members: dict[str, np.ndarray]  # per-head probabilities of an ensemble
-    notes: list[str]  # e.g. that an image was resized to the training grid
-    window_scores: list[np.ndarray] | None = None  # one score per window, higher = more mitotic
-    boxes: list[np.ndarray] | None = None  # (N, 4) window boxes in image coordinates
-    image_sizes: list[tuple[int, int]] | None = None
-
-
-def prediction_rows(pred: Predictions, classes: Sequence[str], threshold: float, head_name: str) -> list[dict[str, Any]]:
-    negative, positive = classes
-    rows = []
-    for i, path in enumerate(pred.paths):
-        row: dict[str, Any] = {
-            "Image": path.name,
-            "Label": positive if pred.proba[i] >= threshold else negative,
-            "Probability": round(float(pred.proba[i]), 6),
-        }
-        for name, values in (pred.members or {head_name: pred.proba}).items():
-            row[name] = round(float(values[i]), 6)
-        row["Note"] = pred.notes[i]
-        rows.append(row)
-    return rows
-
-
 class MitoscopeModel(ModelDescription):
     """A trained model: backbone settings, a fitted head, classes and a tuned threshold."""
 
@@ -238,9 +204,9 @@ class MitoscopeModel(ModelDescription):
         return self._extractor
 
     def _exported(self, device: str | None) -> bool:
-        """Whether the default engine here is ONNX Runtime and these backbone weights have an export."""
+        """Whether the default engine here runs exports and these backbone weights have an export."""
         info = self.config["backbone"]
-        return (resolve_engine("auto", pick_device(device)) == "onnxruntime"
+        return (resolve_engine("auto", pick_device(device)) in EXPORTED_ENGINES
                 and onnx_path(info["name"], info["weights_sha256"]).is_file())
 
     def _load_backbone(self) -> Backbone:
@@ -451,50 +417,6 @@ def load_model(model_dir: str | Path, max_pixels: int | None = None) -> Any:
         ReadOptions.from_dict(read)  # a bad limit is an InputError now, not mid-prediction
         model.config["read"] = read
     return model
-
-
-def rows_to_csv(rows: list[dict[str, Any]]) -> str:
-    columns: list[str] = []
-    for row in rows:
-        columns += [c for c in row if c not in columns]
-    buffer = stdio.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    return buffer.getvalue()
-
-
-def score_label(model: Any) -> str:
-    head = model.config["head"]["name"]
-    return {"pooled": "window score (logistic-regression logit)"}.get(head, "attention weight (higher = more mitotic)")
-
-
-def predict(
-    model_dir: str | Path,
-    inputs: Sequence[str | Path],
-    out_csv: str | Path,
-    cache: FeatureCache | None = None,
-    progress: Progress | None = None,
-    heatmaps_dir: str | Path | None = None,
-    top_k: int = 3,
-    max_pixels: int | None = None,
-) -> list[dict[str, Any]]:
-    """Predict images into a CSV; with ``heatmaps_dir`` also write each image's heatmap,
-    window-score CSV and top-k window crops. ``max_pixels`` replaces the model's pixel limit."""
-    model = load_model(model_dir, max_pixels)
-    paths = find_images(inputs)
-    pred = model.predict_paths(paths, cache=cache, progress=progress, with_window_scores=heatmaps_dir is not None)
-    if heatmaps_dir is not None:
-        from .heatmaps import require_window_scores, write_heatmaps
-
-        require_window_scores(pred)
-    rows = prediction_rows(pred, model.classes, model.threshold, model.config["head"]["name"])
-    out_csv = Path(out_csv)
-    out_csv.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out_csv, rows_to_csv(rows))
-    if heatmaps_dir is not None:
-        write_heatmaps(heatmaps_dir, pred, model.read_options, top_k=top_k, score_label=score_label(model))
-    return rows
 
 
 def localize(

@@ -1,0 +1,210 @@
+"""Serving a saved model without PyTorch or scikit-learn: the same predictions as the full pipeline.
+
+Models are trained on 240x240 blob images with the tiny ``test_efficientnet`` at its own input
+size (160 px windows, a 2x2 grid), so its export can run them; each head's served output is
+held against the PyTorch/scikit-learn head it stands for.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.numpy import save_file
+
+pytest.importorskip("openvino")
+
+from blobs import write_blobs  # noqa: E402
+from mitoscope.array_features import box_average as box_average_numpy  # noqa: E402
+from mitoscope.features import box_average as box_average_torch  # noqa: E402
+from mitoscope.heads import ForestHead, PooledHead, forest_arrays, pooled_arrays  # noqa: E402
+from mitoscope.errors import ModelError  # noqa: E402
+from mitoscope.inference import ForestArrays, NotServable, PooledArrays, ServedModel  # noqa: E402
+from mitoscope.pipeline import MitoscopeModel, TrainConfig, train  # noqa: E402
+from mitoscope.predictions import predict  # noqa: E402
+
+SIZE = 240
+WINDOW = 160  # the tiny backbone's own input size: no resizing, so servable
+HEAD_PARAMS = {
+    "ensemble": {"max_epochs": 4, "n_estimators": 15},
+    "pooled": {},
+    "attention": {"max_epochs": 4},
+}
+
+
+def blob_images(folder: Path, n_per_class: int, seed: int) -> Path:
+    write_blobs(folder, n_per_class, seed=seed, size=SIZE, blob=24)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    return blob_images(tmp_path_factory.mktemp("serve-blobs"), 4, seed=0)
+
+
+@pytest.fixture(scope="module")
+def new_images(tmp_path_factory) -> list[Path]:
+    return sorted((blob_images(tmp_path_factory.mktemp("serve-new"), 2, seed=1) / "images").glob("*.png"))
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, data):
+    models: dict[tuple[str, str], Path] = {}
+
+    def get(head: str, extraction: str = "windows", window: int = WINDOW) -> Path:
+        key = (head, f"{extraction}-{window}")
+        if key not in models:
+            out = tmp_path_factory.mktemp(f"served-{head}-{extraction}-{window}") / "model"
+            config = TrainConfig(head=head, backbone="test_efficientnet", pretrained=False, window=window, overlap=0.5,
+                                 extraction=extraction, cv=0, head_params=HEAD_PARAMS[head], device="cpu")
+            train(data, data / "labels.csv", out, config, None)
+            models[key] = out
+        return models[key]
+
+    return get
+
+
+@pytest.mark.parametrize("head,extraction", [("ensemble", "windows"), ("pooled", "fullconv"), ("attention", "windows")])
+def test_a_served_model_predicts_what_the_full_pipeline_predicts(trained, new_images, head, extraction):
+    model_dir = trained(head, extraction)
+    served = ServedModel.load(model_dir)
+    assert served.engine == "openvino"
+    full = MitoscopeModel.load(model_dir)
+    got = served.predict_paths(new_images, with_window_scores=True)
+    expected = full.predict_paths(new_images, cache=None, device="cpu", with_window_scores=True)
+    assert got.proba.shape == (len(new_images),) and np.ptp(got.proba) > 0  # real, differing answers
+    np.testing.assert_allclose(got.proba, expected.proba, rtol=0, atol=2e-5)
+    assert set(got.members) == set(expected.members) == ({"dense", "forest"} if head == "ensemble" else set())
+    for name in expected.members:
+        np.testing.assert_allclose(got.members[name], expected.members[name], rtol=0, atol=2e-5)
+    for boxes, reference in zip(got.boxes, expected.boxes):
+        np.testing.assert_array_equal(boxes, reference)
+    if head == "ensemble":
+        assert got.window_scores is None and expected.window_scores is None
+    else:
+        for scores, reference in zip(got.window_scores, expected.window_scores):
+            np.testing.assert_allclose(scores, reference, rtol=1e-4, atol=1e-5)
+
+
+def test_predict_serves_without_importing_torch_or_sklearn_and_writes_the_same_csv(trained, new_images, tmp_path):
+    model_dir = trained("ensemble")
+    full_csv = tmp_path / "full.csv"
+    predict(model_dir, new_images, full_csv, cache=None, serve=False)
+    served_csv = tmp_path / "served.csv"
+    script = (
+        "import sys, json\n"
+        "from mitoscope.predictions import predict\n"
+        f"predict({str(model_dir)!r}, {[str(p) for p in new_images]!r}, {str(served_csv)!r}, cache=None)\n"
+        "print(json.dumps([m for m in ('torch', 'sklearn', 'skops', 'timm', 'scipy') if m in sys.modules]))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=dict(os.environ),
+                          timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout.strip().splitlines()[-1]) == []
+    full_rows = [line.split(",") for line in full_csv.read_text().splitlines()]
+    served_rows = [line.split(",") for line in served_csv.read_text().splitlines()]
+    assert served_rows[0] == full_rows[0] == ["Image", "Label", "Probability", "dense", "forest", "Note"]
+    for served, full in zip(served_rows[1:], full_rows[1:]):
+        assert served[:2] == full[:2]
+        np.testing.assert_allclose([float(v) for v in served[2:5]], [float(v) for v in full[2:5]], atol=2e-5)
+
+
+def test_what_cannot_be_served_falls_back_to_the_full_pipeline(trained, data, new_images, tmp_path, caplog):
+    resized_windows = trained("pooled", window=96)  # 96 px windows are resized to 160 px in PyTorch
+    with pytest.raises(NotServable, match="resized to 160 px in PyTorch"):
+        ServedModel.load(resized_windows)
+    with caplog.at_level("INFO", logger="mitoscope.predictions"):
+        rows = predict(resized_windows, new_images, tmp_path / "a.csv", cache=None)
+    assert len(rows) == len(new_images) and "full pipeline" in caplog.text
+
+    # A fixed-grid model and an image of another size: found once read, then resized as at training.
+    big = tmp_path / "big.png"
+    Image.open(new_images[0]).resize((320, 320)).save(big)
+    caplog.clear()
+    with caplog.at_level("INFO", logger="mitoscope.predictions"):
+        rows = predict(trained("ensemble"), [big], tmp_path / "b.csv", cache=None)
+    assert "resized in PyTorch" in caplog.text and rows[0]["Note"].startswith("resized 320x320")
+
+    # A model saved before the head arrays existed: its spec lists no arrays file.
+    old = tmp_path / "old-model"
+    old.mkdir()
+    source = trained("pooled", "fullconv")
+    config = json.loads((source / "model.json").read_text())
+    config["head"]["spec"]["files"] = [f for f in config["head"]["spec"]["files"] if not f.endswith(".arrays.safetensors")]
+    config["files"] = {k: v for k, v in config["files"].items() if not k.endswith(".arrays.safetensors")}
+    for name in config["files"]:
+        (old / name).write_bytes((source / name).read_bytes())
+    (old / "model.json").write_text(json.dumps(config))
+    with pytest.raises(NotServable, match="without its .arrays.safetensors file"):
+        ServedModel.load(old)
+    rows = predict(old, new_images, tmp_path / "c.csv", cache=None)
+    assert len(rows) == len(new_images)
+
+
+def test_forest_arrays_give_scikit_learns_probabilities_exactly(tmp_path):
+    """Features taking values that are adjacent float32 numbers: the forest splits between them
+    at a float64 midpoint that no float32 holds, so thresholds rounded to float32 would send
+    one of the two down the wrong branch."""
+    rng = np.random.default_rng(0)
+    base = rng.standard_normal(3).astype(np.float32)
+    levels = np.concatenate([base, np.nextafter(base, np.float32(np.inf))])
+    train_bags = [levels[rng.integers(0, 6, (3, 5))] for _ in range(40)]
+    y = rng.integers(0, 2, 40)
+    head = ForestHead(n_estimators=25, bootstrap=True, random_state=0).fit(train_bags, y)
+    thresholds = forest_arrays(head.forest_)["threshold"]
+    assert (thresholds.astype(np.float32) != thresholds)[forest_arrays(head.forest_)["left"] >= 0].any()
+    test_bags = [np.nextafter(bag, rng.choice([-np.inf, np.inf], bag.shape).astype(np.float32)) for bag in train_bags]
+    test_bags += train_bags
+    save_file(forest_arrays(head.forest_), str(tmp_path / "trees.safetensors"))
+    served = ForestArrays(tmp_path / "trees.safetensors", {"n_windows_": 3, "n_features_in_": 5})
+    expected = head.predict_proba(test_bags)[:, 1]
+    np.testing.assert_allclose(served.predict_proba(test_bags), expected, rtol=0, atol=1e-12)
+    assert len(np.unique(expected)) > 5
+
+
+def test_pooled_arrays_give_the_logistic_regressions_probabilities_and_window_logits(tmp_path):
+    rng = np.random.default_rng(1)
+    bags = [rng.standard_normal((int(rng.integers(2, 6)), 8)).astype(np.float32) for _ in range(30)]
+    y = np.arange(30) % 2
+    head = PooledHead().fit(bags, y)
+    save_file(pooled_arrays(head.pipeline_), str(tmp_path / "pooled.safetensors"))
+    served = PooledArrays(tmp_path / "pooled.safetensors", {"n_features_in_": 8})
+    # scikit-learn fits float32 input in float32 (coef_ too): agreement to float32 rounding.
+    np.testing.assert_allclose(served.predict_proba(bags), head.predict_proba(bags)[:, 1], rtol=0, atol=1e-6)
+    for got, expected in zip(served.window_scores(bags), head.window_scores(bags)):
+        np.testing.assert_allclose(got, expected, rtol=0, atol=1e-5)
+
+
+def test_numpy_box_average_equals_the_pytorch_one_inside_on_and_past_the_edges():
+    rng = np.random.default_rng(2)
+    fmap = rng.standard_normal((6, 9, 13)).astype(np.float32)
+    boxes = np.array([[0, 0, 64, 64], [32, 16, 96, 80], [300, 200, 416, 288], [-20, -10, 40, 30], [100, 50, 101, 51],
+                      [380, 260, 440, 300]], dtype=np.float32)
+    expected = box_average_torch(torch.from_numpy(fmap)[None], torch.from_numpy(boxes), 1 / 32).numpy()
+    np.testing.assert_allclose(box_average_numpy(fmap, boxes, 1 / 32), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_a_damaged_file_of_a_served_model_stops_prediction_before_any_output(trained, new_images, tmp_path):
+    source = trained("ensemble")
+    damaged = tmp_path / "damaged"
+    damaged.mkdir()
+    for file in source.iterdir():
+        (damaged / file.name).write_bytes(file.read_bytes())
+    weights = damaged / "head.dense.safetensors"
+    raw = bytearray(weights.read_bytes())
+    raw[-5] ^= 0xFF  # same size, one weight changed: only the hash can tell
+    weights.write_bytes(bytes(raw))
+    served = ServedModel.load(damaged)  # the hashes are checked when prediction starts
+    with pytest.raises(ModelError, match=r"head\.dense\.safetensors: file was changed or truncated"):
+        served.predict_paths(new_images)
+    out = tmp_path / "out.csv"
+    with pytest.raises(ModelError, match=r"head\.dense\.safetensors"):
+        predict(damaged, new_images, out, cache=None)
+    assert not out.exists()
