@@ -289,6 +289,8 @@ def test_predictions_after_save_and_load_match_exactly(attention_model, dataset,
     loaded = FineTunedModel.load(out)
     after = loaded.predict_paths(paths, with_window_scores=True)
     assert np.array_equal(before.proba, after.proba)
+    with pytest.raises(InputError, match="a fine-tuned network runs in PyTorch"):
+        loaded.predict_paths(paths, engine="openvino")
     assert all(np.array_equal(a, b) for a, b in zip(before.window_scores, after.window_scores))
     assert after.members == {} and after.notes[-1] == f"resized 90x70 to {SIZE}x{SIZE}" and after.notes[0] == ""
     config = json.loads((out / "model.json").read_text())

@@ -25,7 +25,7 @@ from blobs import write_blobs  # noqa: E402
 from mitoscope.array_features import box_average as box_average_numpy  # noqa: E402
 from mitoscope.features import box_average as box_average_torch  # noqa: E402
 from mitoscope.heads import ForestHead, PooledHead, forest_arrays, pooled_arrays  # noqa: E402
-from mitoscope.errors import ModelError  # noqa: E402
+from mitoscope.errors import InputError, ModelError  # noqa: E402
 from mitoscope.inference import ForestArrays, NotServable, PooledArrays, ServedModel  # noqa: E402
 from mitoscope.pipeline import MitoscopeModel, TrainConfig, train  # noqa: E402
 from mitoscope.predictions import predict  # noqa: E402
@@ -208,3 +208,19 @@ def test_a_damaged_file_of_a_served_model_stops_prediction_before_any_output(tra
     with pytest.raises(ModelError, match=r"head\.dense\.safetensors"):
         predict(damaged, new_images, out, cache=None)
     assert not out.exists()
+
+
+def test_the_engine_can_be_chosen_and_torch_means_the_full_pipeline(trained, new_images, tmp_path, caplog):
+    model_dir = trained("pooled", "fullconv")
+    by_onnxruntime = ServedModel.load(model_dir, engine="onnxruntime")
+    assert by_onnxruntime.engine == "onnxruntime"
+    expected = ServedModel.load(model_dir).predict_paths(new_images)
+    np.testing.assert_allclose(by_onnxruntime.predict_paths(new_images).proba, expected.proba, rtol=0, atol=2e-5)
+    with pytest.raises(NotServable, match="engine torch asked for"):
+        ServedModel.load(model_dir, engine="torch")
+    with caplog.at_level("INFO", logger="mitoscope.predictions"):
+        rows = predict(model_dir, new_images, tmp_path / "torch.csv", cache=None, engine="torch")
+    assert "full pipeline: engine torch asked for" in caplog.text
+    np.testing.assert_allclose([row["Probability"] for row in rows], expected.proba, rtol=0, atol=2e-5)
+    with pytest.raises(InputError, match="unknown engine 'cuda'"):
+        predict(model_dir, new_images, tmp_path / "bad.csv", cache=None, engine="cuda")

@@ -303,6 +303,8 @@ def test_head_parameters_reach_an_ensembles_members():
         ({"head": "pooled", "head_params": {"max_epochs": 1}}, "max_epochs"),
         ({"max_pixels": 0}, "max_pixels"),
         ({"weights": "/does/not/exist.safetensors"}, "exist.safetensors"),
+        ({"engine": "tensorrt"}, "unknown --engine 'tensorrt': expected one of auto, torch, openvino, onnxruntime"),
+        ({"engine": "openvino", "device": "cuda"}, "--engine openvino runs on the CPU only"),
     ],
 )
 def test_bad_configuration_fails_before_any_work(changes, message, data, tmp_path, monkeypatch):

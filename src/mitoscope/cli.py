@@ -31,6 +31,7 @@ WEIGHTS_OPTION = typer.Option(None, "--weights", help="Backbone weights file (.s
 WINDOW_OPTION = typer.Option(224, "--window", help="Window size in pixels.")
 OVERLAP_OPTION = typer.Option(0.5, "--overlap", help="Window overlap, 0 to <1.")
 CHANNELS_OPTION = typer.Option(None, "--channels", help="Source channels for R,G,B, e.g. 1,0,2.")
+ENGINE_OPTION = typer.Option("auto", "--engine", help="What runs the backbone: auto (on a CPU OpenVINO, else ONNX Runtime, else PyTorch; on a GPU PyTorch), openvino, onnxruntime or torch.")
 CACHE_HELP = "Feature cache folder (default: ~/.cache/mitoscope/features)."
 MAX_PIXELS_HELP = "Refuse images of more than this many pixels (height x width), a guard against decompression bombs."
 
@@ -105,6 +106,7 @@ def train(
     window: int = WINDOW_OPTION,
     overlap: float = OVERLAP_OPTION,
     extraction: str = typer.Option("windows", "--extraction", help="windows: embed each window on its own (the write-up, exact); fullconv: one pass over the whole image, windows pooled from the feature map (faster)."),
+    engine: str = ENGINE_OPTION,
     channels: Optional[str] = CHANNELS_OPTION,
     cv: int = typer.Option(5, "--cv", help="Cross-validation folds (0 = none)."),
     seed: int = typer.Option(0, "--seed"),
@@ -127,7 +129,7 @@ def train(
     try:
         config = TrainConfig(
             head=head, backbone=backbone, weights=str(weights) if weights else None, pretrained=pretrained,
-            window=window, overlap=overlap, extraction=extraction,
+            window=window, overlap=overlap, extraction=extraction, engine=engine,
             channels=parse_channels(channels) if channels else None, cv=cv, seed=seed, positive=positive,
             batch_size=batch_size, device=device, head_params=parse_head_params(head_param), max_pixels=max_pixels,
         )
@@ -151,6 +153,7 @@ def predict(
     cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help=CACHE_HELP),
     no_cache: bool = typer.Option(False, "--no-cache"),
     max_pixels: Optional[int] = typer.Option(None, "--max-pixels", help=MAX_PIXELS_HELP + " Default: the model's."),
+    engine: str = ENGINE_OPTION,
 ) -> None:
     """Predict new images: CSV with Image, Label, Probability and one column per head.
 
@@ -161,7 +164,7 @@ def predict(
     try:
         with progress_bars() as progress:
             rows = run_predict(model_dir, images, out, cache_from(cache_dir, no_cache), progress,
-                               heatmaps_dir=heatmaps, top_k=top_k, max_pixels=max_pixels)
+                               heatmaps_dir=heatmaps, top_k=top_k, max_pixels=max_pixels, engine=engine)
     except MitoscopeError as exc:
         fail(exc)
     console.print(f"{len(rows)} predictions written to [bold]{out}[/bold]")
@@ -178,6 +181,7 @@ def localize(
     labels: Optional[Path] = typer.Option(None, "--labels", help="Labels CSV (default: DATA_DIR/labels.csv)."),
     cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help=CACHE_HELP),
     no_cache: bool = typer.Option(False, "--no-cache"),
+    engine: str = ENGINE_OPTION,
 ) -> None:
     """Score how well the heatmaps point at true mitoses: pointing game and window AUC.
 
@@ -187,7 +191,8 @@ def localize(
 
     try:
         with progress_bars() as progress:
-            report = run_localize(model_dir, data_dir, boxes, out, labels, cache_from(cache_dir, no_cache), progress)
+            report = run_localize(model_dir, data_dir, boxes, out, labels, cache_from(cache_dir, no_cache), progress,
+                                  engine=engine)
     except MitoscopeError as exc:
         fail(exc)
     auc = report.get("window_auc")
@@ -205,6 +210,7 @@ def evaluate(
     cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help=CACHE_HELP),
     no_cache: bool = typer.Option(False, "--no-cache"),
     max_pixels: Optional[int] = typer.Option(None, "--max-pixels", help=MAX_PIXELS_HELP + " Default: the model's."),
+    engine: str = ENGINE_OPTION,
 ) -> None:
     """Evaluate a saved model on another labelled set.
 
@@ -215,7 +221,7 @@ def evaluate(
     try:
         with progress_bars() as progress:
             metrics = run_evaluate(model_dir, data_dir, labels, out, cache_from(cache_dir, no_cache), progress,
-                                   max_pixels=max_pixels)
+                                   max_pixels=max_pixels, engine=engine)
     except MitoscopeError as exc:
         fail(exc)
     console.print(metrics_table("evaluation", metrics))
@@ -391,6 +397,7 @@ def extract_command(
     window: int = WINDOW_OPTION,
     overlap: float = OVERLAP_OPTION,
     extraction: str = typer.Option("windows", "--extraction", help="windows | fullconv (as for train)."),
+    engine: str = ENGINE_OPTION,
     channels: Optional[str] = CHANNELS_OPTION,
     seed: int = typer.Option(0, "--seed", help="Seed of --random-init weights (as for train)."),
     positive: Optional[str] = typer.Option(None, "--positive", help="Label of the positive class (as for train)."),
@@ -424,8 +431,8 @@ def extract_command(
     try:
         config = ExtractConfig(
             backbone=backbone, weights=str(weights) if weights else None, pretrained=pretrained, window=window,
-            overlap=overlap, extraction=extraction, channels=parse_channels(channels) if channels else None,
-            seed=seed, positive=positive, head=head, batch_size=batch_size, accelerator=accelerator,
+            overlap=overlap, extraction=extraction, engine=engine,
+            channels=parse_channels(channels) if channels else None, seed=seed, positive=positive, head=head, batch_size=batch_size, accelerator=accelerator,
             devices=devices, num_nodes=num_nodes, workers=workers, max_pixels=max_pixels,
         )
         result = extract_to_cache(data_dir, labels, config, cache_dir, progress_bar=True)

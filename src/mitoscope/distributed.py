@@ -59,6 +59,7 @@ from torch.utils.data import DataLoader, Dataset
 from . import __version__
 from .backbones import DEFAULT_BACKBONE, Backbone, create_backbone
 from .errors import InputError, MitoscopeError
+from .engines import ENGINES, EXPORTED_ENGINES
 from .features import EXTRACTION_MODES, FeatureCache, FeatureExtractor, cache_settings, default_cache_dir, file_sha256
 from .heads import HEADS
 from .io import DEFAULT_MAX_PIXELS, ReadOptions, load_labelled_images, read_image
@@ -83,6 +84,7 @@ class ExtractConfig:
     window: int = 224
     overlap: float = 0.5
     extraction: str = "windows"
+    engine: str = "auto"
     channels: tuple[int, int, int] | None = None
     seed: int = 0
     positive: str | None = None
@@ -100,6 +102,10 @@ class ExtractConfig:
         validate_tiling(self.window, self.overlap)
         if self.extraction not in EXTRACTION_MODES:
             raise InputError(f"unknown --extraction {self.extraction!r}: expected one of {', '.join(EXTRACTION_MODES)}")
+        if self.engine not in ENGINES:
+            raise InputError(f"unknown --engine {self.engine!r}: expected one of {', '.join(ENGINES)}")
+        if self.engine in EXPORTED_ENGINES and self.accelerator == "gpu":
+            raise InputError(f"--engine {self.engine} runs on the CPU only; use --engine torch (or auto) with --accelerator gpu")
         if self.head not in HEADS:
             raise InputError(f"unknown --head {self.head!r}: expected one of {', '.join(sorted(HEADS))}")
         if self.batch_size < 1:
@@ -338,7 +344,7 @@ def make_lightning_classes() -> tuple[type, type]:
             config = self.config
             if self.extractor is None or self.extractor.device != self.device:
                 self.extractor = FeatureExtractor(self.backbone, config.window, config.overlap, config.batch_size,
-                                                  str(self.device), mode=config.extraction)
+                                                  str(self.device), mode=config.extraction, engine=config.engine)
 
         def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
             return batch  # a numpy image: the extractor moves each batch of windows itself

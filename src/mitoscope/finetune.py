@@ -1503,8 +1503,11 @@ class FineTunedModel(ModelDescription):
         device: str | None = None,
         with_window_scores: bool = False,
         tta: bool | None = None,
+        engine: str = "auto",
     ) -> Any:
         """Predict image files (any size: each is resized to the training size).
+
+        A fine-tuned network runs in PyTorch: ``engine`` may be "auto" or "torch".
 
         ``cache`` is accepted for the pipeline's sake and unused (no window features here).
         ``tta`` overrides the model's stored test-time-augmentation setting. With
@@ -1514,6 +1517,9 @@ class FineTunedModel(ModelDescription):
         """
         from .predictions import Predictions
 
+        if engine not in ("auto", "torch"):
+            raise InputError(f"engine {engine} runs window-feature models; a fine-tuned network runs in PyTorch "
+                             "(engine auto or torch)")
         paths = [Path(p) for p in paths]
         for path in paths:
             if not path.is_file():

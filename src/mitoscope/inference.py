@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import logging
 from concurrent.futures import ThreadPoolExecutor
+from importlib.util import find_spec
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Callable
@@ -317,7 +318,8 @@ class ServedModel(ModelDescription):
         self._files_verified = False
 
     @classmethod
-    def load(cls, model_dir: str | Path, max_pixels: int | None = None) -> "ServedModel":
+    def load(cls, model_dir: str | Path, max_pixels: int | None = None, engine: str = "auto") -> "ServedModel":
+        """``engine``: auto (OpenVINO, else ONNX Runtime), openvino or onnxruntime; torch is NotServable."""
         # The files' hashes are checked by predict_paths, while OpenVINO starts (see there).
         config = read_model_config(model_dir, verify_files=False)
         if config.get("kind") != "window-features":
@@ -325,9 +327,12 @@ class ServedModel(ModelDescription):
         backbone, tiling = config["backbone"], config["tiling"]
         if int(tiling["window"]) != int(backbone["input_size"]):
             raise NotServable(f"windows of {tiling['window']} px are resized to {backbone['input_size']} px in PyTorch")
-        engine = resolve_engine("auto", "cpu")
-        if engine not in EXPORTED_ENGINES:
-            raise NotServable("neither OpenVINO nor ONNX Runtime is installed")
+        chosen = resolve_engine(engine, "cpu")
+        if chosen not in EXPORTED_ENGINES:
+            raise NotServable("engine torch asked for" if engine == "torch"
+                              else "neither OpenVINO nor ONNX Runtime is installed")
+        if find_spec(chosen) is None:
+            raise NotServable(f"engine {chosen} is not installed")
         export = onnx_path(backbone["name"], backbone["weights_sha256"])
         if not export.is_file():
             raise NotServable(f"no ONNX export of {backbone['name']} yet (made on the first PyTorch run)")
@@ -337,7 +342,7 @@ class ServedModel(ModelDescription):
             ReadOptions.from_dict(read)  # a bad limit is an InputError now, not mid-prediction
             config["read"] = read
         config["_model_dir"] = str(Path(model_dir).resolve())
-        return cls(config, head, export, engine)
+        return cls(config, head, export, chosen)
 
     @property
     def fixed_size(self) -> tuple[int, int] | None:
@@ -359,11 +364,13 @@ class ServedModel(ModelDescription):
 
     def predict_paths(self, paths: Sequence[str | Path], cache: FeatureCache | None = None,
                       progress: Callable[[str, int, int], None] | None = None, batch_size: int = 32,
-                      device: str | None = None, with_window_scores: bool = False) -> Any:
+                      device: str | None = None, with_window_scores: bool = False, engine: str = "auto") -> Any:
         from .predictions import Predictions
 
         if device not in (None, "cpu"):
             raise NotServable(f"device {device}: served on the CPU only")
+        if engine not in ("auto", self.engine):
+            raise NotServable(f"engine {engine} asked for, this model is served by {self.engine}")
         paths = [Path(p) for p in paths]
         options = self.read_options
         with ThreadPoolExecutor(max_workers=2) as pool:

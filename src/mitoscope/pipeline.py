@@ -22,7 +22,7 @@ from safetensors.torch import save_file
 
 from .atomic import atomic_path, atomic_write_text
 from .backbones import DEFAULT_BACKBONE, Backbone, create_backbone, described_backbone
-from .engines import EXPORTED_ENGINES, onnx_path, resolve_engine
+from .engines import ENGINES, EXPORTED_ENGINES, onnx_path, resolve_engine
 from .errors import InputError, ModelError
 from .cache import open_cache
 from .features import (EXTRACTION_MODES, FeatureCache, FeatureExtractor, ImageFeatures, extract_dataset,
@@ -55,6 +55,7 @@ class TrainConfig:
     window: int = 224
     overlap: float = 0.5
     extraction: str = "windows"
+    engine: str = "auto"
     channels: tuple[int, int, int] | None = None
     cv: int = 5
     seed: int = 0
@@ -70,6 +71,11 @@ class TrainConfig:
         validate_tiling(self.window, self.overlap)
         if self.extraction not in EXTRACTION_MODES:
             raise InputError(f"unknown --extraction {self.extraction!r}: expected one of {', '.join(EXTRACTION_MODES)}")
+        if self.engine not in ENGINES:
+            raise InputError(f"unknown --engine {self.engine!r}: expected one of {', '.join(ENGINES)}")
+        if self.engine in EXPORTED_ENGINES and self.device and not self.device.startswith("cpu"):
+            raise InputError(f"--engine {self.engine} runs on the CPU only, but --device is {self.device}; "
+                             "use --engine torch (or auto)")
         if self.cv != 0 and self.cv < 2:
             raise InputError(f"--cv must be 0 (no cross-validation) or at least 2, got {self.cv}")
         if self.batch_size < 1:
@@ -171,6 +177,7 @@ class MitoscopeModel(ModelDescription):
         self.head = head
         self._backbone = backbone
         self._extractor: FeatureExtractor | None = None
+        self._extractor_engine = "auto"
 
     # --- what the model knows -------------------------------------------------------------
     @property
@@ -182,15 +189,18 @@ class MitoscopeModel(ModelDescription):
     def read_options(self) -> ReadOptions:
         return ReadOptions.from_dict(self.config["read"])
 
-    def extractor(self, batch_size: int = 32, device: str | None = None) -> FeatureExtractor:
+    def extractor(self, batch_size: int = 32, device: str | None = None, engine: str = "auto") -> FeatureExtractor:
+        if self._extractor is not None and self._extractor_engine != engine:
+            self._extractor = None  # asked for another engine
         if self._extractor is None:
             tiling = self.config["tiling"]
+            self._extractor_engine = engine
 
             def make(backbone: Backbone) -> FeatureExtractor:
                 return FeatureExtractor(backbone, tiling["window"], tiling["overlap"], batch_size, device,
-                                        mode=tiling.get("extraction", "windows"))
+                                        mode=tiling.get("extraction", "windows"), engine=engine)
 
-            if self._backbone is None and self._exported(device):
+            if self._backbone is None and self._exported(device, engine):
                 try:  # straight from the ONNX export of these weights: no PyTorch model to build
                     self._extractor = make(described_backbone(self.config["backbone"]))
                     self._extractor.runner  # noqa: B018 - opens the session now, so trouble shows here
@@ -203,10 +213,10 @@ class MitoscopeModel(ModelDescription):
             self._extractor = make(self._backbone)
         return self._extractor
 
-    def _exported(self, device: str | None) -> bool:
-        """Whether the default engine here runs exports and these backbone weights have an export."""
+    def _exported(self, device: str | None, engine: str = "auto") -> bool:
+        """Whether ``engine`` here runs exports and these backbone weights have an export."""
         info = self.config["backbone"]
-        return (resolve_engine("auto", pick_device(device)) in EXPORTED_ENGINES
+        return (resolve_engine(engine, pick_device(device)) in EXPORTED_ENGINES
                 and onnx_path(info["name"], info["weights_sha256"]).is_file())
 
     def _load_backbone(self) -> Backbone:
@@ -230,8 +240,9 @@ class MitoscopeModel(ModelDescription):
         progress: Progress | None = None,
         batch_size: int = 32,
         device: str | None = None,
+        engine: str = "auto",
     ) -> tuple[list[ImageFeatures], list[bool]]:
-        extractor = self.extractor(batch_size, device)
+        extractor = self.extractor(batch_size, device, engine)
         feats = extract_dataset(paths, extractor, self.read_options, cache, progress=stage_progress(progress, "features"))
         if self.fixed_size is None:
             return feats, [False] * len(feats)
@@ -250,9 +261,10 @@ class MitoscopeModel(ModelDescription):
         batch_size: int = 32,
         device: str | None = None,
         with_window_scores: bool = False,
+        engine: str = "auto",
     ) -> Predictions:
         paths = [Path(p) for p in paths]
-        feats, resized = self.features(paths, cache, progress, batch_size, device)
+        feats, resized = self.features(paths, cache, progress, batch_size, device, engine)
         bags = [f.features for f in feats]
         proba, members = self.probabilities(bags)
         fixed = self.fixed_size
@@ -337,7 +349,7 @@ def train(
         torch.manual_seed(config.seed)
         backbone = create_backbone(config.backbone, weights=config.weights, pretrained=config.pretrained)
     extractor = FeatureExtractor(backbone, config.window, config.overlap, config.batch_size, config.device,
-                                 mode=config.extraction)
+                                 mode=config.extraction, engine=config.engine)
     read_options = config.read_options
     feats = extract_dataset(data.paths, extractor, read_options, cache, progress=stage_progress(progress, "features"))
     train_size = None
@@ -427,9 +439,11 @@ def localize(
     labels_csv: str | Path | None = None,
     cache: FeatureCache | None = None,
     progress: Progress | None = None,
+    engine: str = "auto",
 ) -> dict[str, Any]:
     """Score how well a model's window scores point at known mitoses (``boxes.csv``):
-    pointing game over Mitosis images and window-level ROC AUC -> ``localization.json``."""
+    pointing game over Mitosis images and window-level ROC AUC -> ``localization.json``.
+    ``engine`` runs the backbone (see :mod:`mitoscope.engines`)."""
     from .localization import localization_report, write_localization
 
     model = load_model(model_dir)
@@ -437,7 +451,7 @@ def localize(
         labels_csv = Path(data_dir) / "labels.csv"
     data = load_labelled_images(data_dir, labels_csv, model.positive)
     y = labels_as_model_classes(data, model, str(labels_csv or data_dir))
-    pred = model.predict_paths(data.paths, cache=cache, progress=progress, with_window_scores=True)
+    pred = model.predict_paths(data.paths, cache=cache, progress=progress, with_window_scores=True, engine=engine)
     report = localization_report(pred, boxes_csv, labels=y)
     report["model"] = str(model_dir)
     write_localization(out_dir, report)
@@ -460,13 +474,14 @@ def evaluate(
     cache: FeatureCache | None = None,
     progress: Progress | None = None,
     max_pixels: int | None = None,
+    engine: str = "auto",
 ) -> dict[str, Any]:
     if Path(out_dir).exists() and not Path(out_dir).is_dir():
         raise InputError(f"{out_dir}: report output exists and is a file, expected a folder")
     model = load_model(model_dir, max_pixels)
     data = load_labelled_images(data_dir, labels_csv, model.positive)
     y = labels_as_model_classes(data, model, str(labels_csv or data_dir))
-    pred = model.predict_paths(data.paths, cache=cache, progress=progress)
+    pred = model.predict_paths(data.paths, cache=cache, progress=progress, engine=engine)
     proba, members = pred.proba, pred.members
     from .evaluation import compute_metrics, write_report
 

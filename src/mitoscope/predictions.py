@@ -88,16 +88,22 @@ def predict(
     top_k: int = 3,
     max_pixels: int | None = None,
     serve: bool = True,
+    engine: str = "auto",
 ) -> list[dict[str, Any]]:
     """Predict images into a CSV; with ``heatmaps_dir`` also write each image's heatmap,
     window-score CSV and top-k window crops. ``max_pixels`` replaces the model's pixel limit.
-    ``serve=False`` always uses the full PyTorch/scikit-learn pipeline."""
+    ``engine`` runs the backbone (see :mod:`mitoscope.engines`); ``serve=False`` (or engine
+    torch) always uses the full PyTorch/scikit-learn pipeline."""
+    from .engines import ENGINES
+    from .errors import InputError
     from .inference import NotServable, ServedModel
 
+    if engine not in ENGINES:
+        raise InputError(f"unknown engine {engine!r}: expected one of {', '.join(ENGINES)}")
     model: Any = None
     if serve:
         try:
-            model = ServedModel.load(model_dir, max_pixels)
+            model = ServedModel.load(model_dir, max_pixels, engine)
         except NotServable as reason:
             logger.info("predicting with the full pipeline: %s", reason)
     if model is None:
@@ -105,11 +111,13 @@ def predict(
     paths = find_images(inputs)
     with_scores = heatmaps_dir is not None
     try:
-        pred = model.predict_paths(paths, cache=cache, progress=progress, with_window_scores=with_scores)
+        pred = model.predict_paths(paths, cache=cache, progress=progress, with_window_scores=with_scores,
+                                   engine=engine)
     except NotServable as reason:  # found only once the images were read; cached features are reused
         logger.info("predicting with the full pipeline: %s", reason)
         model = _full_model(model_dir, max_pixels)
-        pred = model.predict_paths(paths, cache=cache, progress=progress, with_window_scores=with_scores)
+        pred = model.predict_paths(paths, cache=cache, progress=progress, with_window_scores=with_scores,
+                                   engine=engine)
     if heatmaps_dir is not None:
         from .heatmaps import require_window_scores, write_heatmaps
 
