@@ -89,6 +89,15 @@ def median_time(run: Callable[[], Any], repeats: int, warmup: int = 1) -> tuple[
     return statistics.median(times), times
 
 
+def package_version(name: str) -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return None
+
+
 def cpu_model() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -490,6 +499,7 @@ def main() -> None:
         "smoke": smoke,
         "machine": {"cpu_model": cpu_model(), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
                     "torch": torch.__version__, "mitoscope": __version__, "python": platform.python_version(),
+                    "openvino": package_version("openvino"), "onnxruntime": package_version("onnxruntime"),
                     "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None},
         "backbone": args.backbone + (" (random init)" if args.random_init else ""),
         "image": {"source": source, "path": str(image_path), "size": [int(image.shape[0]), int(image.shape[1])],
