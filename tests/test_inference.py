@@ -224,3 +224,16 @@ def test_the_engine_can_be_chosen_and_torch_means_the_full_pipeline(trained, new
     np.testing.assert_allclose([row["Probability"] for row in rows], expected.proba, rtol=0, atol=2e-5)
     with pytest.raises(InputError, match="unknown engine 'cuda'"):
         predict(model_dir, new_images, tmp_path / "bad.csv", cache=None, engine="cuda")
+
+
+def test_served_heatmaps_are_written_from_the_served_window_scores(trained, new_images, tmp_path, caplog):
+    model_dir = trained("attention")
+    with caplog.at_level("INFO", logger="mitoscope.predictions"):
+        rows = predict(model_dir, new_images[:1], tmp_path / "p.csv", cache=None, heatmaps_dir=tmp_path / "maps")
+    assert "full pipeline" not in caplog.text  # served
+    stem = new_images[0].stem
+    assert (tmp_path / "maps" / f"{stem}_heatmap.png").is_file()
+    scores = (tmp_path / "maps" / f"{stem}_windows.csv").read_text().splitlines()
+    assert len(scores) == 1 + 4  # header + the 2x2 grid
+    expected = MitoscopeModel.load(model_dir).predict_paths(new_images[:1], with_window_scores=True)
+    assert rows[0]["Probability"] == pytest.approx(expected.proba[0], abs=2e-5)
