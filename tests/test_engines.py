@@ -110,3 +110,11 @@ def test_an_export_that_disagrees_with_pytorch_is_refused(tiny_backbone, tmp_pat
 def test_the_default_onnx_folder_follows_xdg_cache_home(tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     assert engines.default_onnx_dir() == tmp_path / "mitoscope" / "onnx"
+
+
+def test_openvino_keeps_only_the_most_recent_compiled_shapes_on_disk(tiny_backbone, tmp_path):
+    path = engines.export_onnx(tiny_backbone, tmp_path)
+    runner = OpenVinoRunner(path, cache_dir=tmp_path / "compiled", keep_on_disk=2)
+    for width in (64, 96, 128):
+        runner.feature_map(np.zeros((1, 3, 64, width), np.float32))
+    assert len(list((tmp_path / "compiled").glob("*.blob"))) == 2

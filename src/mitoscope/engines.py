@@ -172,13 +172,16 @@ class OpenVinoRunner:
     dynamic-shape model's (measured: 2.5 s vs 4.4 s for a 3840x2160 image here). Batches run
     ``batch`` images at a time (8 was fastest here; larger batches fall out of the cache), a
     short last batch is padded to the compiled shape rather than compiled again, and compiled
-    shapes are kept (the last ``keep``) and cached on disk under ``cache_dir``.
+    shapes are kept (the last ``keep``) and cached on disk under ``cache_dir``: a 3840x2160
+    image then compiles in 0.35 s instead of 0.7 s. Each cached shape takes about 14 MB, so
+    only the ``keep_on_disk`` most recently compiled stay there (whole-image passes over
+    images of many sizes would otherwise fill the disk).
     """
 
     name = "openvino"
 
     def __init__(self, path: str | os.PathLike[str], threads: int | None = None, batch: int = 8,
-                 cache_dir: str | os.PathLike[str] | None = None, keep: int = 4) -> None:
+                 cache_dir: str | os.PathLike[str] | None = None, keep: int = 4, keep_on_disk: int = 16) -> None:
         import openvino as ov
 
         self.path = Path(path)
@@ -186,12 +189,15 @@ class OpenVinoRunner:
         self.threads = int(threads or available_cpus())
         self.batch = int(batch)
         self.keep = int(keep)
+        self.keep_on_disk = int(keep_on_disk)
         cache = Path(cache_dir) if cache_dir is not None else cache_home() / "openvino"
+        self.cache_dir: Path | None = cache
         try:
             cache.mkdir(parents=True, exist_ok=True)
             self.core.set_property({"CACHE_DIR": str(cache)})
         except OSError as exc:  # a read-only cache costs compile time, never the result
             logger.warning("cannot use %s for compiled models (%s)", cache, exc)
+            self.cache_dir = None
         self.model = self.core.read_model(str(self.path))
         self._compiled: OrderedDict[tuple[int, ...], Any] = OrderedDict()
 
@@ -206,7 +212,20 @@ class OpenVinoRunner:
         self._compiled[shape] = compiled.create_infer_request()
         while len(self._compiled) > self.keep:
             self._compiled.popitem(last=False)
+        self._prune_disk_cache()
         return self._compiled[shape]
+
+    def _prune_disk_cache(self) -> None:
+        if self.cache_dir is None:
+            return
+        blobs = []
+        for blob in self.cache_dir.glob("*.blob"):
+            try:
+                blobs.append((blob.stat().st_mtime, blob))
+            except OSError:  # removed meanwhile by another process
+                continue
+        for _, blob in sorted(blobs, reverse=True)[self.keep_on_disk:]:
+            blob.unlink(missing_ok=True)  # another process that wanted it compiles again
 
     def warm_up(self, shape: tuple[int, ...]) -> None:
         """Compile now for inputs of ``shape`` (the first batch of a run), e.g. while other work waits."""
