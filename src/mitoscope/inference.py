@@ -21,10 +21,9 @@ that need resizing); :func:`mitoscope.predictions.predict` then uses the full pi
 from __future__ import annotations
 
 import json
-import logging
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from importlib.util import find_spec
-from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Callable
 
@@ -38,8 +37,6 @@ from .errors import InputError, ModelError
 from .io import ReadOptions, read_image
 
 __all__ = ["FOREST_ARRAYS", "POOLED_ARRAYS", "NotServable", "ServedModel", "combine_ensemble", "load_array_head"]
-
-logger = logging.getLogger(__name__)
 
 # The arrays files save_head writes beside a forest's and a pooled head's skops file.
 FOREST_ARRAYS = ".trees.safetensors"
