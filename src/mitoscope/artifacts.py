@@ -19,6 +19,7 @@ from typing import Any, Callable
 from . import __version__
 from .atomic import atomic_write_json, sha256_file
 from .errors import InputError, ModelError
+from .io import ReadOptions
 
 FORMAT_VERSION = 1
 MODEL_FILE = "model.json"
@@ -144,9 +145,28 @@ def verify_model_files(model_dir: str | Path, config: dict[str, Any]) -> None:
 
 
 class ModelDescription:
-    """What every saved model tells from its ``model.json``: classes, positive class, threshold."""
+    """What every saved model tells from its ``model.json``: classes, positive class, threshold,
+    how images are read, and the size a fixed-grid head was trained on."""
 
     config: dict[str, Any]
+
+    @property
+    def read_options(self) -> ReadOptions:
+        return ReadOptions.from_dict(self.config["read"])
+
+    @property
+    def fixed_size(self) -> tuple[int, int] | None:
+        """(H, W) every image is resized to for a fixed-grid head; None when any size works."""
+        size = self.config.get("train_image_size")
+        return (int(size[0]), int(size[1])) if size else None
+
+    def limit_pixels(self, max_pixels: int | None) -> None:
+        """Replace the model's pixel limit for its reads (None keeps it); a bad limit fails now."""
+        if max_pixels is None:
+            return
+        read = {**self.config.get("read", {}), "max_pixels": max_pixels}
+        ReadOptions.from_dict(read)  # a bad limit is an InputError now, not mid-prediction
+        self.config["read"] = read
 
     @property
     def classes(self) -> tuple[str, str]:

@@ -99,15 +99,12 @@ class FeatureExtractor:
         return ArrayExtractor(self.runner, self.window, self.overlap, self.input_size, cfg["mean"], cfg["std"],
                               self.batch_size, self.mode)
 
-    def _pooled(self, batch: torch.Tensor) -> torch.Tensor:
+    def _run(self, output: str, batch: torch.Tensor) -> torch.Tensor:
+        """The runner's ``pooled`` or ``feature_map`` of a tensor batch (exported runners take numpy)."""
+        run = getattr(self.runner, output)
         if self.runner.name == "torch":
-            return self.runner.pooled(batch)
-        return torch.from_numpy(np.asarray(self.runner.pooled(batch.float().cpu().contiguous().numpy())))
-
-    def _feature_map(self, batch: torch.Tensor) -> torch.Tensor:
-        if self.runner.name == "torch":
-            return self.runner.feature_map(batch)
-        return torch.from_numpy(np.asarray(self.runner.feature_map(batch.float().cpu().contiguous().numpy())))
+            return run(batch)
+        return torch.from_numpy(np.asarray(run(batch.float().cpu().contiguous().numpy())))
 
     def prepare(self, windows: np.ndarray) -> torch.Tensor:
         batch = torch.from_numpy(windows).to(self.device).permute(0, 3, 1, 2).float()
@@ -123,7 +120,7 @@ class FeatureExtractor:
         for start in range(0, len(windows), self.batch_size):
             batch = self.prepare(np.ascontiguousarray(windows[start : start + self.batch_size]))
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
-                out.append(self._pooled(batch).float().cpu())
+                out.append(self._run("pooled", batch).float().cpu())
         return torch.cat(out).numpy().astype(np.float32, copy=False)
 
     @torch.inference_mode()
@@ -138,7 +135,7 @@ class FeatureExtractor:
             batch = F.interpolate(batch, size=size, mode="bilinear", antialias=True)
         batch = ((batch - self.mean) / self.std).contiguous(memory_format=torch.channels_last)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
-            fmap = self._feature_map(batch).float()
+            fmap = self._run("feature_map", batch).float()
         if fmap.ndim != 4:
             raise InputError(f"backbone {self.backbone.name} has no spatial feature map: use --extraction windows")
         stride = batch.shape[-1] / fmap.shape[-1]

@@ -1483,10 +1483,6 @@ class FineTunedModel(ModelDescription):
         return bool(self.config.get("tta", False))
 
     @property
-    def read_options(self) -> ReadOptions:
-        return ReadOptions.from_dict(self.config["read"])
-
-    @property
     def map_shape(self) -> tuple[int, int]:
         return tuple(self.config["network"]["feature_map"])
 

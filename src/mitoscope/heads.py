@@ -39,7 +39,8 @@ from torch import nn
 from torch.nn import functional as F
 
 from mitoscope.errors import InputError, ModelError
-from mitoscope.inference import FOREST_ARRAYS, POOLED_ARRAYS, ForestArrays, PooledArrays, combine_ensemble
+from mitoscope.inference import (FOREST_ARRAYS, POOLED_ARRAYS, ForestArrays, PooledArrays, combine_ensemble,
+                                 mean_max_pool)
 
 __all__ = [
     "HEADS",
@@ -662,11 +663,6 @@ class EnsembleHead(_Head):
 # --------------------------------------------------------------------------------------------
 
 
-def _pool(bags: list[np.ndarray]) -> np.ndarray:
-    """Mean and max of the windows of each image: ``(n_images, 2 * D)``."""
-    return np.stack([np.concatenate([bag.mean(axis=0), bag.max(axis=0)]) for bag in bags])
-
-
 class PooledHead(_Head):
     """Mean- and max-pooled window features -> standardise -> logistic regression.
 
@@ -687,13 +683,13 @@ class PooledHead(_Head):
                 C=self.C, max_iter=self.max_iter, class_weight="balanced"
             )),
         ])
-        self.pipeline_ = pipeline.fit(_pool(checked), labels)
+        self.pipeline_ = pipeline.fit(mean_max_pool(checked), labels)
         self.n_features_in_ = checked[0].shape[1]
         self.classes_ = np.array([0, 1])
         return self
 
     def _positive_proba(self, bags: Sequence[np.ndarray]) -> np.ndarray:
-        pooled = _pool(_check_bags(bags, self.n_features_in_))
+        pooled = mean_max_pool(_check_bags(bags, self.n_features_in_))
         proba = self.pipeline_.predict_proba(pooled)
         return proba[:, list(self.pipeline_.classes_).index(1)]
 

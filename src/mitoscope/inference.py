@@ -191,6 +191,11 @@ class EnsembleArrays:
         return combine_ensemble(members["dense"], members["forest"], self.dense_weight)
 
 
+def mean_max_pool(bags: Sequence[np.ndarray]) -> np.ndarray:
+    """Mean and max of the windows of each image: ``(n_images, 2 * D)`` (the pooled head's input)."""
+    return np.stack([np.concatenate([bag.mean(axis=0), bag.max(axis=0)]) for bag in bags])
+
+
 class PooledArrays:
     """:class:`mitoscope.heads.PooledHead` at inference: mean+max pooling -> StandardScaler -> logistic."""
 
@@ -213,8 +218,7 @@ class PooledArrays:
 
     def predict_proba(self, bags: Sequence[np.ndarray]) -> np.ndarray:
         self._check(bags)
-        pooled = np.stack([np.concatenate([bag.mean(axis=0), bag.max(axis=0)]) for bag in bags])
-        return _sigmoid(self._decision(pooled))
+        return _sigmoid(self._decision(mean_max_pool(bags)))
 
     def window_scores(self, bags: Sequence[np.ndarray]) -> list[np.ndarray]:
         self._check(bags)
@@ -334,21 +338,10 @@ class ServedModel(ModelDescription):
         if not export.is_file():
             raise NotServable(f"no ONNX export of {backbone['name']} yet (made on the first PyTorch run)")
         head = load_array_head(Path(model_dir), config["head"]["spec"])
-        if max_pixels is not None:
-            read = {**config.get("read", {}), "max_pixels": max_pixels}
-            ReadOptions.from_dict(read)  # a bad limit is an InputError now, not mid-prediction
-            config["read"] = read
         config["_model_dir"] = str(Path(model_dir).resolve())
-        return cls(config, head, export, chosen)
-
-    @property
-    def fixed_size(self) -> tuple[int, int] | None:
-        size = self.config.get("train_image_size")
-        return (int(size[0]), int(size[1])) if size else None
-
-    @property
-    def read_options(self) -> ReadOptions:
-        return ReadOptions.from_dict(self.config["read"])
+        model = cls(config, head, export, chosen)
+        model.limit_pixels(max_pixels)
+        return model
 
     def extractor(self, batch_size: int = 32) -> ArrayExtractor:
         if self._extractor is None:

@@ -180,15 +180,6 @@ class MitoscopeModel(ModelDescription):
         self._extractor_engine = "auto"
 
     # --- what the model knows -------------------------------------------------------------
-    @property
-    def fixed_size(self) -> tuple[int, int] | None:
-        size = self.config.get("train_image_size")
-        return tuple(size) if size else None
-
-    @property
-    def read_options(self) -> ReadOptions:
-        return ReadOptions.from_dict(self.config["read"])
-
     def extractor(self, batch_size: int = 32, device: str | None = None, engine: str = "auto") -> FeatureExtractor:
         if self._extractor is not None and self._extractor_engine != engine:
             self._extractor = None  # asked for another engine
@@ -424,10 +415,7 @@ def load_model(model_dir: str | Path, max_pixels: int | None = None) -> Any:
         model = FineTunedModel.load(model_dir)
     else:
         model = MitoscopeModel.load(model_dir)
-    if max_pixels is not None:
-        read = {**model.config.get("read", {}), "max_pixels": max_pixels}
-        ReadOptions.from_dict(read)  # a bad limit is an InputError now, not mid-prediction
-        model.config["read"] = read
+    model.limit_pixels(max_pixels)
     return model
 
 
