@@ -226,6 +226,36 @@ def test_the_engine_can_be_chosen_and_torch_means_the_full_pipeline(trained, new
         predict(model_dir, new_images, tmp_path / "bad.csv", cache=None, engine="cuda")
 
 
+def test_serving_honours_the_verdicts_beside_the_export(trained, new_images, tmp_path, caplog):
+    """An engine rejected by its check is skipped by auto and refused when named, served or not."""
+    from mitoscope.atomic import atomic_write_bytes, atomic_write_json
+    from mitoscope.engines import onnx_path, verdict_path
+
+    model_dir = trained("pooled", "fullconv")
+    backbone = json.loads((model_dir / "model.json").read_text())["backbone"]
+    verdict = verdict_path(onnx_path(backbone["name"], backbone["weights_sha256"]), "openvino")
+    passed = verdict.read_bytes()
+    try:
+        atomic_write_json(verdict, {**json.loads(passed), "relative_error": 0.5})
+        with caplog.at_level("WARNING", logger="mitoscope.engines"):
+            served = ServedModel.load(model_dir)
+        assert served.engine == "onnxruntime"
+        assert "openvino cannot run" in caplog.text and "relative error 0.5" in caplog.text
+        assert MitoscopeModel.load(model_dir).extractor(device="cpu").engine == "onnxruntime"
+        with pytest.raises(InputError, match="engine openvino cannot run .*relative error 0.5, expected at most 0.001"):
+            ServedModel.load(model_dir, engine="openvino")
+        with pytest.raises(InputError, match="engine openvino cannot run .*relative error 0.5"):
+            predict(model_dir, new_images, tmp_path / "p.csv", cache=None, engine="openvino")
+        verdict.unlink()  # not checked (e.g. a new OpenVINO): the full pipeline checks it, then it serves
+        with pytest.raises(NotServable, match="engine openvino has not been checked against PyTorch"):
+            ServedModel.load(model_dir)
+        predict(model_dir, new_images, tmp_path / "q.csv", cache=None)
+        assert json.loads(verdict.read_text())["relative_error"] <= 1e-3
+        assert ServedModel.load(model_dir).engine == "openvino"
+    finally:
+        atomic_write_bytes(verdict, passed)
+
+
 def test_served_heatmaps_are_written_from_the_served_window_scores(trained, new_images, tmp_path, caplog):
     model_dir = trained("attention")
     with caplog.at_level("INFO", logger="mitoscope.predictions"):

@@ -108,7 +108,7 @@ class ArrayExtractor:
 
     def fingerprint(self) -> dict[str, Any]:
         return extractor_fingerprint(self.backbone_name, self.weights_id, self.input_size, self.window, self.overlap,
-                                     self.mode, self.mean, self.std)
+                                     self.mode, self.mean, self.std, getattr(self.runner, "precision", "f32"))
 
     def warm_up(self, image_size: tuple[int, int] | None) -> None:
         """Let the runner prepare (OpenVINO: compile) for images of ``image_size`` (None: unknown)."""

@@ -57,8 +57,10 @@ class WindowExtractor(Protocol):
 
 
 def extractor_fingerprint(name: str, weights_id: str, input_size: int, window: int, overlap: float, mode: str,
-                          mean: Sequence[float], std: Sequence[float]) -> dict[str, Any]:
-    """What makes an extractor's features what they are (the engine does not: see engines.py)."""
+                          mean: Sequence[float], std: Sequence[float], precision: str = "f32") -> dict[str, Any]:
+    """What makes an extractor's features what they are: the engine does not (they agree to float32
+    rounding, see engines.py), the precision it computes in does (bf16 features get their own key)."""
+    precision_key = {} if precision == "f32" else {"precision": precision}  # f32 keys stay as they were
     return {
         "backbone": name,
         "weights_sha256": weights_id,
@@ -68,6 +70,7 @@ def extractor_fingerprint(name: str, weights_id: str, input_size: int, window: i
         "mode": mode,
         "mean": [float(v) for v in mean],
         "std": [float(v) for v in std],
+        **precision_key,
     }
 
 

@@ -31,7 +31,7 @@ WEIGHTS_OPTION = typer.Option(None, "--weights", help="Backbone weights file (.s
 WINDOW_OPTION = typer.Option(224, "--window", help="Window size in pixels.")
 OVERLAP_OPTION = typer.Option(0.5, "--overlap", help="Window overlap, 0 to <1.")
 CHANNELS_OPTION = typer.Option(None, "--channels", help="Source channels for R,G,B, e.g. 1,0,2.")
-ENGINE_OPTION = typer.Option("auto", "--engine", help="What runs the backbone: auto (on a CPU OpenVINO, else ONNX Runtime, else PyTorch; on a GPU PyTorch), openvino, onnxruntime or torch.")
+ENGINE_OPTION = typer.Option("auto", "--engine", help="What runs the backbone: auto (on a CPU OpenVINO, else ONNX Runtime, else PyTorch, each engine used once it matched PyTorch on a probe; on a GPU PyTorch), openvino, onnxruntime, openvino-bf16 (OpenVINO in bfloat16: faster on CPUs with bf16, less exact) or torch.")
 CACHE_HELP = "Feature cache folder (default: ~/.cache/mitoscope/features)."
 MAX_PIXELS_HELP = "Refuse images of more than this many pixels (height x width), a guard against decompression bombs."
 

@@ -429,7 +429,7 @@ def extract_to_cache(
         torch.manual_seed(config.seed)
         backbone = create_backbone(config.backbone, weights=config.weights, pretrained=config.pretrained)
     fingerprint = FeatureExtractor(backbone, config.window, config.overlap, config.batch_size, "cpu",
-                                   mode=config.extraction).fingerprint()
+                                   mode=config.extraction, engine=config.engine).fingerprint()
     plan = ExtractionPlan(data.paths, cache, fingerprint, config.read_options)
     workers = config.workers if config.workers is not None else (min(4, max(0, (os.cpu_count() or 1) - 1))
                                                                  if config.on_gpu else 0)

@@ -2,28 +2,39 @@
 
 On this project's 2-core CPU (measured by ``benchmarks/speed.py``) OpenVINO runs the exported
 EfficientNet about 3x faster than PyTorch eager and ONNX Runtime about 2x, so ``engine="auto"``
-picks, on the CPU, OpenVINO if it is installed, else ONNX Runtime; on a GPU, PyTorch.
+tries, on the CPU, OpenVINO, then ONNX Runtime, then PyTorch; on a GPU it picks PyTorch.
 
 The backbone is exported once to ONNX (its ``forward_features`` and its pooled vector, with
 dynamic batch, height and width) into ``$XDG_CACHE_HOME/mitoscope/onnx`` (or ``folder``),
 under a name that holds the backbone's name, the sha256 of its weights and the torch
-version, written atomically after every installed runtime's output was checked against
-PyTorch's on a probe image; a mismatch or a failed export makes ``auto`` fall back to
-PyTorch (logged) and an explicit engine raise. A saved model whose backbone already has an
-export runs from it without PyTorch at all (see :mod:`mitoscope.inference`). Features of the
-engines agree to float32 rounding, so the feature cache does not key on the engine; its
-provenance records it.
+version. Before an engine first runs an export, its feature map is checked against
+PyTorch's on a probe image, and the verdict (the relative error, or why the runtime failed)
+is remembered in a small JSON file beside the export, keyed by the engine's runtime, the
+runtime's version and the precision it computes in: each engine passes or fails on its own,
+once. A rejected engine makes ``auto`` try the next one (one logged warning) and an
+explicitly named engine raise :class:`~mitoscope.errors.InputError` with its error. A saved
+model whose backbone already has a checked export runs from it without PyTorch at all (see
+:func:`served_engine` and :mod:`mitoscope.inference`).
+
+Every engine computes in float32 by default, OpenVINO included (it would pick bfloat16 on
+CPUs that have it), so the features of the engines agree to float32 rounding and the
+feature cache does not key on the engine; its provenance records it. ``openvino-bf16``
+computes in bfloat16 when asked: faster where the CPU has bf16, further from PyTorch (its
+own probe tolerance), and its features are cached under their own key.
 
 The exported runners take and return numpy arrays; :class:`TorchRunner` takes and returns
-tensors. Nothing here imports PyTorch until a PyTorch runner or an export is made.
+tensors. Nothing here imports PyTorch until a PyTorch runner, an export or a check is made.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import warnings
 from collections import OrderedDict
+from dataclasses import dataclass
+from importlib import import_module
 from importlib.metadata import PackageNotFoundError, version
 from importlib.util import find_spec
 from pathlib import Path
@@ -31,7 +42,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
-from .atomic import atomic_path
+from .atomic import atomic_path, atomic_write_json
 from .defaults import cache_home
 from .errors import InputError
 
@@ -40,17 +51,30 @@ if TYPE_CHECKING:
 
     from .backbones import Backbone
 
-__all__ = ["ENGINES", "EXPORTED_ENGINES", "BackboneRunner", "OnnxRunner", "OpenVinoRunner", "TorchRunner",
-           "available_cpus", "default_onnx_dir", "export_onnx", "make_runner", "onnx_path", "open_exported",
-           "resolve_engine"]
+__all__ = ["AUTO_ENGINES", "ENGINES", "EXPORTED_ENGINES", "PRECISIONS", "PROBE_TOLERANCE", "BackboneRunner",
+           "NeedsPyTorch", "OnnxRunner", "OpenVinoRunner", "TorchRunner", "Verdict", "available_cpus",
+           "check_export", "default_onnx_dir", "engine_precision", "export_onnx", "make_runner", "onnx_path",
+           "open_exported", "remembered_verdict", "resolve_engine", "served_engine", "verdict_path"]
 
 logger = logging.getLogger(__name__)
 
-EXPORTED_ENGINES = ("openvino", "onnxruntime")  # in the order "auto" prefers them
+AUTO_ENGINES = ("openvino", "onnxruntime")  # what "auto" tries on the CPU, in this order
+EXPORTED_ENGINES = (*AUTO_ENGINES, "openvino-bf16")
 ENGINES = ("auto", "torch", *EXPORTED_ENGINES)
+# engine -> (the Python package that runs it, the precision it computes in)
+_RUNTIMES = {"openvino": ("openvino", "f32"), "onnxruntime": ("onnxruntime", "f32"),
+             "openvino-bf16": ("openvino", "bf16")}
+PRECISIONS = ("f32", "bf16")
 OPSET = 17
-# Largest difference allowed between an engine and PyTorch on the probe, relative to the largest value.
-PROBE_TOLERANCE = 1e-3
+# Largest difference allowed between an engine and PyTorch's feature map on the probe, relative
+# to its largest value, per precision. bf16 keeps 8 bits of mantissa; its bound comes from the
+# error measured on the default backbone (README, "Speed"), with a margin.
+PROBE_TOLERANCE = {"f32": 1e-3, "bf16": 0.15}
+
+
+class NeedsPyTorch(InputError):
+    """An export cannot run here without PyTorch: an engine still has to be checked against
+    it, or under ``auto`` every exported engine was rejected. Says which."""
 
 
 class BackboneRunner(Protocol):
@@ -100,15 +124,93 @@ def onnx_path(name: str, weights_id: str, folder: str | os.PathLike[str] | None 
     return folder / f"{name}-{weights_id[:16]}-torch{_torch_version()}-opset{OPSET}.onnx"
 
 
+def engine_precision(engine: str) -> str:
+    """The precision ``engine`` computes in: "bf16" for openvino-bf16, else "f32" (torch included)."""
+    return _RUNTIMES[engine][1] if engine in _RUNTIMES else "f32"
+
+
+def _installed(engine: str) -> bool:
+    return find_spec(_RUNTIMES[engine][0]) is not None
+
+
+def _runtime_version(engine: str) -> str:
+    runtime = _RUNTIMES[engine][0]
+    try:  # the installed metadata: cheap, no import
+        return version(runtime)
+    except PackageNotFoundError:  # installed under another distribution name (onnxruntime-gpu...)
+        pass
+    try:
+        return str(import_module(runtime).__version__)
+    except ImportError:
+        raise InputError(f"engine {engine} needs the Python package {runtime}, which is not installed") from None
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """How ``engine`` (at ``runtime_version``) ran an export on the probe image, against PyTorch.
+
+    ``relative_error`` is the largest difference between the feature maps relative to
+    PyTorch's largest value; None when the runtime failed on the probe (``failure`` says how).
+    Whether it passed is decided against today's :data:`PROBE_TOLERANCE`, so a changed
+    tolerance needs no new check.
+    """
+
+    engine: str
+    runtime_version: str
+    relative_error: float | None
+    failure: str = ""
+    path: Path | None = None  # where it is remembered
+
+    @property
+    def tolerance(self) -> float:
+        return PROBE_TOLERANCE[engine_precision(self.engine)]
+
+    @property
+    def passed(self) -> bool:
+        return self.relative_error is not None and self.relative_error <= self.tolerance
+
+    def describe(self) -> str:
+        """Why it was rejected (or what it measured), and where the verdict lies."""
+        if self.relative_error is None:
+            what = f"it failed on a probe image ({self.failure})"
+        else:
+            what = (f"its features differ from PyTorch's on a probe image: relative error {self.relative_error:.2g}, "
+                    f"expected at most {self.tolerance:g}")
+        where = f"; verdict in {self.path}, delete it to check again" if self.path is not None else ""
+        return f"{what} ({_RUNTIMES[self.engine][0]} {self.runtime_version}{where})"
+
+
+def verdict_path(export: str | os.PathLike[str], engine: str) -> Path:
+    """Where the verdict of ``engine`` (its runtime, that runtime's version and its precision) on ``export`` lives."""
+    runtime, precision = _RUNTIMES[engine]
+    export = Path(export)
+    return export.with_name(f"{export.stem}.{runtime}-{_runtime_version(engine)}-{precision}.json")
+
+
+def remembered_verdict(export: str | os.PathLike[str], engine: str) -> Verdict | None:
+    """The verdict of an earlier check of ``engine`` on ``export``; None if there is none (or it is unreadable)."""
+    path = verdict_path(export, engine)
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+        error = record["relative_error"]
+        return Verdict(engine, str(record["runtime_version"]), None if error is None else float(error),
+                       str(record.get("failure", "")), path)
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, KeyError, TypeError) as exc:  # damaged: check again, and overwrite it
+        logger.info("ignoring the unreadable verdict %s (%s)", path, exc)
+        return None
+
+
 def export_onnx(backbone: "Backbone", folder: str | os.PathLike[str] | None = None) -> Path:
-    """The backbone's ONNX file: exported and checked against PyTorch now, unless an export
-    of the same weights exists. A failed export or check leaves no file behind."""
+    """The backbone's ONNX file: exported now, unless an export of the same weights exists.
+    A failed export leaves no file behind. Each engine checks it on its own (:func:`check_export`)."""
     path = onnx_path(backbone.name, backbone.weights_id, folder)
     if path.is_file():
         return path
     if backbone.model is None:
-        raise InputError(f"no ONNX export of {backbone.name} (weights {backbone.weights_id[:12]}) at {path}, "
-                         "and no model to export it from")
+        raise NeedsPyTorch(f"no ONNX export of {backbone.name} (weights {backbone.weights_id[:12]}) at {path}, "
+                           "and no model to export it from")
     import torch
     from torch import nn
 
@@ -133,9 +235,6 @@ def export_onnx(backbone: "Backbone", folder: str | os.PathLike[str] | None = No
                 model, (probe,), str(temp), input_names=["images"], output_names=["maps", "pooled"],
                 dynamic_axes={"images": {0: "batch", 2: "height", 3: "width"}}, opset_version=OPSET, dynamo=False,
             )
-        for engine in EXPORTED_ENGINES:  # every runtime that may run this file later
-            if find_spec(engine):
-                _check_against_torch(open_exported(temp, engine), backbone)
     logger.info("exported %s to %s", backbone.name, path)
     return path
 
@@ -176,14 +275,21 @@ class OpenVinoRunner:
     image then compiles in 0.35 s instead of 0.7 s. Each cached shape takes about 14 MB, so
     only the ``keep_on_disk`` most recently compiled stay there (whole-image passes over
     images of many sizes would otherwise fill the disk).
+
+    ``precision`` ("f32" or "bf16") is what OpenVINO computes in. It is always set: left to
+    itself OpenVINO picks bf16 on CPUs that have it, too far from PyTorch for the probe check.
     """
 
-    name = "openvino"
-
     def __init__(self, path: str | os.PathLike[str], threads: int | None = None, batch: int = 8,
-                 cache_dir: str | os.PathLike[str] | None = None, keep: int = 4, keep_on_disk: int = 16) -> None:
+                 cache_dir: str | os.PathLike[str] | None = None, keep: int = 4, keep_on_disk: int = 16,
+                 precision: str = "f32") -> None:
         import openvino as ov
 
+        if precision not in PRECISIONS:
+            raise InputError(f"unknown precision {precision!r}: expected one of {', '.join(PRECISIONS)}")
+        self.precision = precision
+        self.name = "openvino" if precision == "f32" else f"openvino-{precision}"
+        self._precision_type = getattr(ov.Type, precision)
         self.path = Path(path)
         self.core = ov.Core()
         self.threads = int(threads or available_cpus())
@@ -208,7 +314,8 @@ class OpenVinoRunner:
         model = self.model.clone()
         model.reshape({"images": list(shape)})
         compiled = self.core.compile_model(model, "CPU", {"PERFORMANCE_HINT": "LATENCY",
-                                                          "INFERENCE_NUM_THREADS": self.threads})
+                                                          "INFERENCE_NUM_THREADS": self.threads,
+                                                          "INFERENCE_PRECISION_HINT": self._precision_type})
         self._compiled[shape] = compiled.create_infer_request()
         while len(self._compiled) > self.keep:
             self._compiled.popitem(last=False)
@@ -252,15 +359,17 @@ class OpenVinoRunner:
 
 
 def open_exported(path: str | os.PathLike[str], engine: str, threads: int | None = None) -> OnnxRunner | OpenVinoRunner:
-    """A runner for an ONNX file in ``engine`` (one of :data:`EXPORTED_ENGINES`)."""
-    if engine == "openvino":
-        return OpenVinoRunner(path, threads)
+    """A runner for an ONNX file in ``engine`` (one of :data:`EXPORTED_ENGINES`), unchecked."""
+    if engine in ("openvino", "openvino-bf16"):
+        return OpenVinoRunner(path, threads, precision=engine_precision(engine))
     if engine == "onnxruntime":
         return OnnxRunner(path, threads)
     raise InputError(f"unknown exported engine {engine!r}: expected one of {', '.join(EXPORTED_ENGINES)}")
 
 
-def _check_against_torch(runner: OnnxRunner | OpenVinoRunner, backbone: "Backbone") -> None:
+def _probe_error(runner: OnnxRunner | OpenVinoRunner, backbone: "Backbone") -> float:
+    """The largest difference between ``runner``'s and PyTorch's feature maps of a probe batch,
+    relative to PyTorch's largest value."""
     import torch
 
     size = backbone.input_size
@@ -268,15 +377,39 @@ def _check_against_torch(runner: OnnxRunner | OpenVinoRunner, backbone: "Backbon
     with torch.inference_mode():
         expected = backbone.model.forward_features(probe.contiguous(memory_format=torch.channels_last)).float().numpy()
     got = np.asarray(runner.feature_map(probe.numpy()))
-    scale = float(np.abs(expected).max()) or 1.0
-    error = float(np.abs(got - expected).max()) / scale if got.shape == expected.shape else float("inf")
-    if not error <= PROBE_TOLERANCE:
-        raise InputError(f"{runner.name}'s {backbone.name} differs from PyTorch's on a probe image "
-                         f"(relative error {error:.2g}, shapes {tuple(got.shape)} vs {tuple(expected.shape)})")
+    if got.shape != expected.shape:
+        raise InputError(f"expected a feature map of shape {expected.shape} (PyTorch's), got {got.shape}")
+    return float(np.abs(got - expected).max()) / (float(np.abs(expected).max()) or 1.0)
+
+
+def check_export(export: str | os.PathLike[str], engine: str, backbone: "Backbone",
+                 threads: int | None = None) -> tuple[Verdict, OnnxRunner | OpenVinoRunner | None]:
+    """Check ``engine`` on ``export`` against ``backbone``'s PyTorch model and remember the verdict.
+
+    Returns the verdict and, when the runtime ran, its runner (to be used if the verdict passed).
+    """
+    if backbone.model is None:
+        raise NeedsPyTorch(f"engine {engine} has not been checked against PyTorch on {Path(export).name} yet, "
+                           f"and backbone {backbone.name} has no model here to check it with")
+    runtime_version = _runtime_version(engine)
+    runner = None
+    try:
+        runner = open_exported(export, engine, threads)
+        error, failure = _probe_error(runner, backbone), ""
+    except Exception as exc:  # the runtime cannot read, compile or run the export: rejected too
+        error, failure, runner = None, " ".join(f"{type(exc).__name__}: {exc}".split())[:300], None
+    path = verdict_path(export, engine)
+    atomic_write_json(path, {"engine": engine, "runtime": _RUNTIMES[engine][0], "runtime_version": runtime_version,
+                             "precision": engine_precision(engine), "relative_error": error, "failure": failure})
+    verdict = Verdict(engine, runtime_version, error, failure, path)
+    logger.info("checked %s on %s against PyTorch: %s", engine, Path(export).name,
+                "passed" if verdict.passed else "rejected, " + verdict.describe())
+    return verdict, runner
 
 
 def resolve_engine(engine: str, device: Any) -> str:
-    """The engine ``engine`` means on ``device`` (a torch.device or its name)."""
+    """The engine ``engine`` means on ``device`` (a torch.device or its name): for ``auto`` the
+    first it will try (see :func:`make_runner` for what follows when that one is rejected)."""
     if engine not in ENGINES:
         raise InputError(f"unknown engine {engine!r}: expected one of {', '.join(ENGINES)}")
     device_type = getattr(device, "type", None) or str(device).split(":")[0]
@@ -286,19 +419,66 @@ def resolve_engine(engine: str, device: Any) -> str:
         return engine
     if device_type != "cpu":
         return "torch"
-    # Found, not imported: cheap. onnx is what the exporter needs.
-    for candidate in EXPORTED_ENGINES:
-        if find_spec("onnx") and find_spec(candidate):
+    candidates = _auto_candidates()
+    return candidates[0] if candidates else "torch"
+
+
+def _auto_candidates() -> list[str]:
+    """The exported engines ``auto`` tries on the CPU, in order. Found, not imported: cheap;
+    onnx is what the exporter needs."""
+    return [engine for engine in AUTO_ENGINES if find_spec("onnx") and _installed(engine)]
+
+
+def _reason(exc: BaseException) -> str:
+    return " ".join(str(exc).split())[:600]
+
+
+def served_engine(export: str | os.PathLike[str], engine: str = "auto") -> str:
+    """The exported engine that runs ``export`` with no PyTorch at hand, from the verdicts
+    remembered beside it: ``engine`` itself, or under ``auto`` the first engine that was not
+    rejected (a skipped one is logged, once).
+
+    Raises InputError when the named ``engine`` was rejected, and :class:`NeedsPyTorch` when
+    the engine to use has not been checked yet or every engine was rejected.
+    """
+    if engine not in ("auto", *EXPORTED_ENGINES):
+        raise InputError(f"unknown exported engine {engine!r}: expected auto or one of {', '.join(EXPORTED_ENGINES)}")
+    name = Path(export).name
+    skipped = []
+    for candidate in _auto_candidates() if engine == "auto" else [engine]:
+        verdict = remembered_verdict(export, candidate)
+        if verdict is None:
+            raise NeedsPyTorch(f"engine {candidate} has not been checked against PyTorch on {name} yet")
+        if verdict.passed:
+            if skipped:
+                logger.warning("%s; using %s", "; ".join(skipped), candidate)
             return candidate
-    return "torch"
+        if engine != "auto":
+            raise InputError(f"engine {candidate} cannot run {name}: {verdict.describe()}")
+        skipped.append(f"{candidate} cannot run {name}: {verdict.describe()}")
+    raise NeedsPyTorch("; ".join(skipped) or "no exported engine is installed")
+
+
+def _checked_runner(export: Path, engine: str, backbone: "Backbone") -> OnnxRunner | OpenVinoRunner:
+    """``engine``'s runner for ``export``, checked now unless a verdict is remembered; raises
+    InputError with the engine's error when it was rejected."""
+    verdict, runner = remembered_verdict(export, engine), None
+    if verdict is None:
+        verdict, runner = check_export(export, engine, backbone)
+    if not verdict.passed:
+        raise InputError(verdict.describe())
+    return runner if runner is not None else open_exported(export, engine)
 
 
 def make_runner(backbone: "Backbone", device: Any, engine: str = "auto",
                 folder: str | os.PathLike[str] | None = None) -> BackboneRunner:
-    """The runner for ``engine`` (see the module docstring for ``auto`` and its fallback).
+    """The runner for ``engine`` (see the module docstring for the checks and ``auto``'s order).
 
-    A model-less backbone (:func:`mitoscope.backbones.described_backbone`) runs only from an
-    existing ONNX export; any trouble with it raises InputError.
+    An engine that was named and cannot run (no export, rejected by its check, a runtime
+    error) raises InputError naming it; under ``auto`` the next engine is tried, and PyTorch
+    last. A model-less backbone (:func:`mitoscope.backbones.described_backbone`) runs only
+    from an export that its engine passed; where a PyTorch model would settle it (a check
+    still to make, every engine rejected), this raises :class:`NeedsPyTorch`.
     """
     chosen = resolve_engine(engine, device)
     if chosen == "torch":
@@ -306,11 +486,35 @@ def make_runner(backbone: "Backbone", device: Any, engine: str = "auto",
             raise InputError(f"backbone {backbone.name} is only described here (no model): it can run only "
                              "from its ONNX export")
         return TorchRunner(backbone.model)
+    failures: list[str] = []
     try:
-        return open_exported(export_onnx(backbone, folder), chosen)
-    except Exception as exc:  # export or runtime trouble: say what, then fall back or stop
-        reason = " ".join(str(exc).split())[:300]
-        if engine != "auto" or backbone.model is None:
-            raise InputError(f"engine {chosen} cannot run {backbone.name}: {reason}") from None
-        logger.warning("%s cannot run %s (%s); using PyTorch", chosen, backbone.name, reason)
-        return TorchRunner(backbone.model)
+        made = not onnx_path(backbone.name, backbone.weights_id, folder).is_file()
+        export = export_onnx(backbone, folder)
+        candidates = _auto_candidates() if engine == "auto" else [chosen]
+        if made:  # check every engine auto may use now, while the model is here: serving needs no PyTorch later
+            for candidate in _auto_candidates():
+                check_export(export, candidate, backbone)
+    except NeedsPyTorch:
+        raise
+    except Exception as exc:  # no export: no exported engine can run
+        if engine != "auto":
+            raise InputError(f"engine {chosen} cannot run {backbone.name}: {_reason(exc)}") from None
+        failures.append(f"cannot export {backbone.name} to ONNX ({_reason(exc)})")
+        candidates = []
+    for candidate in candidates:
+        try:
+            runner = _checked_runner(export, candidate, backbone)
+        except NeedsPyTorch:
+            raise
+        except Exception as exc:  # rejected by its check, or runtime trouble: say what, then go on or stop
+            if engine != "auto":
+                raise InputError(f"engine {candidate} cannot run {backbone.name}: {_reason(exc)}") from None
+            failures.append(f"{candidate} cannot run {backbone.name}: {_reason(exc)}")
+            continue
+        if failures:
+            logger.warning("%s; using %s", "; ".join(failures), candidate)
+        return runner
+    if backbone.model is None:
+        raise NeedsPyTorch("; ".join(failures))
+    logger.warning("%s; using PyTorch", "; ".join(failures))
+    return TorchRunner(backbone.model)

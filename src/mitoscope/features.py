@@ -20,7 +20,7 @@ from .atomic import sha256_file as file_sha256
 from .backbones import Backbone
 from .cache import (CACHE_FORMAT, FeatureCache, ImageFeatures, ProgressCallback, cache_settings, default_cache_dir,
                     extract_dataset, extractor_fingerprint, open_cache, read_metadata)
-from .engines import BackboneRunner, make_runner, resolve_engine
+from .engines import BackboneRunner, engine_precision, make_runner, resolve_engine
 from .errors import InputError
 from .tiling import crop_windows, make_grid, pad_to, validate_tiling
 
@@ -88,8 +88,10 @@ class FeatureExtractor:
 
     def fingerprint(self) -> dict[str, Any]:
         cfg = self.backbone.data_config
+        # The engine asked for, not the runner: a fingerprint must not open a session. Only a
+        # named openvino-bf16 computes in bf16 (auto never picks it, nor falls back to it).
         return extractor_fingerprint(self.backbone.name, self.backbone.weights_id, self.input_size, self.window,
-                                     self.overlap, self.mode, cfg["mean"], cfg["std"])
+                                     self.overlap, self.mode, cfg["mean"], cfg["std"], engine_precision(self.engine))
 
     def _array_extractor(self) -> ArrayExtractor | None:
         """The numpy path, when the backbone runs exported and windows keep their size."""

@@ -4,8 +4,9 @@ Importing torch takes about 4 s on this project's 2-core CPU and scikit-learn wi
 another 3 s, more than a whole 4K prediction should. A saved model whose backbone has an
 ONNX export (made when it was trained or first run here) is therefore served by:
 
-- the export in OpenVINO or ONNX Runtime (:mod:`mitoscope.engines`) with numpy pre- and
-  post-processing (:mod:`mitoscope.array_features`);
+- the export in OpenVINO or ONNX Runtime (:mod:`mitoscope.engines`), in the engine that the
+  verdicts remembered beside the export allow (:func:`mitoscope.engines.served_engine`),
+  with numpy pre- and post-processing (:mod:`mitoscope.array_features`);
 - the head evaluated from arrays: the dense and attention networks from their safetensors
   weights, the forest and the pooled head's logistic regression from the plain arrays
   :func:`mitoscope.heads.save_head` writes beside their skops files. These are the fitted
@@ -14,8 +15,9 @@ ONNX export (made when it was trained or first run here) is therefore served by:
   scikit-learn head.
 
 :meth:`ServedModel.load` raises :class:`NotServable` for anything it does not cover (a
-fine-tuned network, a model saved before the arrays were written, no export yet, windows
-that need resizing); :func:`mitoscope.predictions.predict` then uses the full pipeline.
+fine-tuned network, a model saved before the arrays were written, no export yet or no engine
+checked against PyTorch on it, windows that need resizing); :func:`mitoscope.predictions.predict`
+then uses the full pipeline.
 """
 
 from __future__ import annotations
@@ -23,7 +25,6 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from importlib.util import find_spec
 from pathlib import Path
 from typing import Any, Callable
 
@@ -32,7 +33,7 @@ import numpy as np
 from .array_features import ArrayExtractor
 from .artifacts import ModelDescription, read_model_config, verify_model_files
 from .cache import FeatureCache, ImageFeatures, extract_dataset
-from .engines import EXPORTED_ENGINES, onnx_path, open_exported, resolve_engine
+from .engines import EXPORTED_ENGINES, NeedsPyTorch, onnx_path, open_exported, resolve_engine, served_engine
 from .errors import InputError, ModelError
 from .io import ReadOptions, read_image
 
@@ -320,7 +321,8 @@ class ServedModel(ModelDescription):
 
     @classmethod
     def load(cls, model_dir: str | Path, max_pixels: int | None = None, engine: str = "auto") -> "ServedModel":
-        """``engine``: auto (OpenVINO, else ONNX Runtime), openvino or onnxruntime; torch is NotServable."""
+        """``engine``: auto (OpenVINO, else ONNX Runtime, whichever passed its check), or an exported
+        engine (raises InputError if it was rejected); torch is NotServable."""
         # The files' hashes are checked by predict_paths, while OpenVINO starts (see there).
         config = read_model_config(model_dir, verify_files=False)
         if config.get("kind") != "window-features":
@@ -332,11 +334,13 @@ class ServedModel(ModelDescription):
         if chosen not in EXPORTED_ENGINES:
             raise NotServable("engine torch asked for" if engine == "torch"
                               else "neither OpenVINO nor ONNX Runtime is installed")
-        if find_spec(chosen) is None:
-            raise NotServable(f"engine {chosen} is not installed")
         export = onnx_path(backbone["name"], backbone["weights_sha256"])
         if not export.is_file():
             raise NotServable(f"no ONNX export of {backbone['name']} yet (made on the first PyTorch run)")
+        try:
+            chosen = served_engine(export, engine)
+        except NeedsPyTorch as reason:  # a check to make, or PyTorch to run: the full pipeline does both
+            raise NotServable(str(reason)) from None
         head = load_array_head(Path(model_dir), config["head"]["spec"])
         config["_model_dir"] = str(Path(model_dir).resolve())
         model = cls(config, head, export, chosen)

@@ -22,7 +22,7 @@ from safetensors.torch import save_file
 
 from .atomic import atomic_path, atomic_write_text
 from .backbones import DEFAULT_BACKBONE, Backbone, create_backbone, described_backbone
-from .engines import ENGINES, EXPORTED_ENGINES, onnx_path, resolve_engine
+from .engines import ENGINES, EXPORTED_ENGINES, NeedsPyTorch, onnx_path, resolve_engine, served_engine
 from .errors import InputError, ModelError
 from .cache import open_cache
 from .features import (EXTRACTION_MODES, FeatureCache, FeatureExtractor, ImageFeatures, extract_dataset,
@@ -187,13 +187,14 @@ class MitoscopeModel(ModelDescription):
             tiling = self.config["tiling"]
             self._extractor_engine = engine
 
-            def make(backbone: Backbone) -> FeatureExtractor:
+            def make(backbone: Backbone, engine: str = engine) -> FeatureExtractor:
                 return FeatureExtractor(backbone, tiling["window"], tiling["overlap"], batch_size, device,
                                         mode=tiling.get("extraction", "windows"), engine=engine)
 
-            if self._backbone is None and self._exported(device, engine):
+            exported = self._exported(device, engine) if self._backbone is None else None
+            if exported is not None:
                 try:  # straight from the ONNX export of these weights: no PyTorch model to build
-                    self._extractor = make(described_backbone(self.config["backbone"]))
+                    self._extractor = make(described_backbone(self.config["backbone"]), exported)
                     self._extractor.runner  # noqa: B018 - opens the session now, so trouble shows here
                     return self._extractor
                 except Exception as exc:
@@ -204,11 +205,18 @@ class MitoscopeModel(ModelDescription):
             self._extractor = make(self._backbone)
         return self._extractor
 
-    def _exported(self, device: str | None, engine: str = "auto") -> bool:
-        """Whether ``engine`` here runs exports and these backbone weights have an export."""
+    def _exported(self, device: str | None, engine: str = "auto") -> str | None:
+        """The exported engine that runs these backbone weights' export for ``engine`` here without
+        the network (see :func:`mitoscope.engines.served_engine`); None when the network is needed."""
         info = self.config["backbone"]
-        return (resolve_engine(engine, pick_device(device)) in EXPORTED_ENGINES
-                and onnx_path(info["name"], info["weights_sha256"]).is_file())
+        export = onnx_path(info["name"], info["weights_sha256"])
+        if resolve_engine(engine, pick_device(device)) not in EXPORTED_ENGINES or not export.is_file():
+            return None
+        try:
+            return served_engine(export, engine)
+        except NeedsPyTorch as reason:  # a check to make, or every engine rejected: the network settles it
+            logger.info("building the model of %s: %s", info["name"], reason)
+            return None
 
     def _load_backbone(self) -> Backbone:
         info = self.config["backbone"]
