@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 from pathlib import Path
 
-from common import DATA, PRETRAIN_SET, REPO, pretrain_scenes, require_shared, save_results, scene_pair, timed
+import numpy as np
+
+from common import (DATA, PRETRAIN_SET, REPO, machine, pretrain_scenes, require_shared, save_results, scene_pair,
+                    timed)
 
 from mitoscope.pipeline import TrainConfig, evaluate, localize, open_cache, train
 
@@ -111,52 +113,76 @@ def _command(data: Path, labels: Path, out: Path, settings: dict, extra: str = "
     return " ".join(parts) + extra
 
 
+def summary(runs: list[dict]) -> dict:
+    """Mean and sample sd over the seeds of every number the runs share (e.g. test.auc)."""
+    flat: dict[str, list[float]] = {}
+    for run in runs:
+        for group in ("test", "cv", "localization"):
+            for key, value in (run.get(group) or {}).items():
+                if isinstance(value, (int, float)) and value is not None:
+                    flat.setdefault(f"{group}.{key}", []).append(float(value))
+        if "finetune_s" in run:
+            flat.setdefault("finetune_s", []).append(run["finetune_s"])
+    return {key: {"mean": round(float(np.mean(v)), 4), "sd": round(float(np.std(v, ddof=1)), 4) if len(v) > 1 else None,
+                  "n": len(v)} for key, v in flat.items()}
+
+
 def finetuned(args: argparse.Namespace) -> dict:
-    """The fine-tuned model (`mitoscope finetune`) on scenes (test set) and on H&E crops (grouped CV)."""
+    """The fine-tuned model (`mitoscope finetune`) on scenes (test set) and on H&E crops (grouped CV),
+    once per seed in ``args.seeds``; the record holds every run and their mean ± sd."""
+    results = {}
+    for set_name in args.sets:
+        runs = [finetuned_once(args, set_name, seed) for seed in args.seeds]
+        results[f"{set_name}/finetuned"] = {"set": set_name, "model": "finetuned", "seeds": list(args.seeds),
+                                            "summary": summary(runs), "runs": runs}
+        print(json.dumps(results[f"{set_name}/finetuned"]["summary"]), flush=True)
+    return results
+
+
+def finetuned_once(args: argparse.Namespace, set_name: str, seed: int) -> dict:
     from mitoscope.augment import AugmentConfig
     from mitoscope.finetune import FineTuneConfig, finetune
 
-    results = {}
-    for set_name in args.sets:
-        record: dict = {"set": set_name, "model": "finetuned"}
-        model_dir = args.work / "models" / f"{set_name}-finetuned"
-        if set_name == "he-atypical":
-            data = DATA / "he-mitotic-figures"
-            config = FineTuneConfig(**CROP_RECIPE, positive="atypical")
-            with timed(record, "finetune_s"):
-                result = finetune(data, data / "labels.csv", model_dir, config, overwrite=True)
-            record["cv"] = {k: result.cv_metrics.get(k) for k in KEYS}
-            record["commands"] = [_command(data, data / "labels.csv", model_dir, CROP_RECIPE, " --positive atypical")]
-            record["baseline"] = "published slide-level split, ImageNet EfficientNetV2-S: balanced accuracy 0.71, AUC 0.70"
-        else:
-            train_dir, test_dir = scene_pair(args.work, set_name)
-            extra: dict = {}
-            if set_name == "variable-scale":  # pre-trained on tiles of large images first (the write-up's Round 2)
-                pre = pretrain_scenes(args.work)
-                extra = dict(pretrain_data=str(pre), pretrain_labels=str(pre / "labels.csv"), tile=1024, tile_overlap=0.25)
-                record["pretrain"] = {"set": PRETRAIN_SET[0], "compose_args": PRETRAIN_SET[1], "n": PRETRAIN_SET[2],
-                                      "seed": PRETRAIN_SET[3]}
-            config = FineTuneConfig(**SCENE_RECIPE, **extra, augment=AugmentConfig(stain_jitter=False))
-            with timed(record, "finetune_s"):
-                finetune(train_dir, train_dir / "labels.csv", model_dir, config, overwrite=True)
-            report_dir = args.work / "reports" / f"{set_name}-finetuned"
-            with timed(record, "evaluate_s"):
-                test = evaluate(model_dir, test_dir, test_dir / "labels.csv", report_dir)
-            record["test"] = {k: test.get(k) for k in KEYS}
-            with timed(record, "localize_s"):
-                where = localize(model_dir, test_dir, test_dir / "boxes.csv", report_dir / "localization",
-                                 labels_csv=test_dir / "labels.csv")
-            record["localization"] = {k: where.get(k) for k in ("pointing_game", "pointing_game_centre", "window_auc",
-                                                                 "mean_image_window_auc")}
-            settings = {**SCENE_RECIPE, **extra, "no_stain_jitter": True}
-            record["commands"] = [
-                _command(train_dir, train_dir / "labels.csv", model_dir, settings),
-                f"mitoscope evaluate {model_dir} {test_dir} --labels {test_dir}/labels.csv --out REPORT",
-                f"mitoscope localize {model_dir} {test_dir} --boxes {test_dir}/boxes.csv --out REPORT/localization",
-            ]
-        results[f"{set_name}/finetuned"] = record
-        print(json.dumps(record), flush=True)
-    return results
+    record: dict = {"set": set_name, "model": "finetuned", "seed": seed}
+    model_dir = args.work / "models" / f"{set_name}-finetuned-seed{seed}"
+    if set_name == "he-atypical":
+        data = DATA / "he-mitotic-figures"
+        config = FineTuneConfig(**{**CROP_RECIPE, "seed": seed}, positive="atypical")
+        with timed(record, "finetune_s"):
+            result = finetune(data, data / "labels.csv", model_dir, config, overwrite=True)
+        record["cv"] = {k: result.cv_metrics.get(k) for k in KEYS}
+        record["commands"] = [_command(data, data / "labels.csv", model_dir, {**CROP_RECIPE, "seed": seed},
+                                       " --positive atypical")]
+        record["baseline"] = "published slide-level split, ImageNet EfficientNetV2-S: balanced accuracy 0.71, AUC 0.70"
+    else:
+        train_dir, test_dir = scene_pair(args.work, set_name)
+        extra: dict = {}
+        if set_name == "variable-scale":  # pre-trained on tiles of large images first (the write-up's Round 2)
+            pre = pretrain_scenes(args.work)
+            extra = dict(pretrain_data=str(pre), pretrain_labels=str(pre / "labels.csv"), tile=1024, tile_overlap=0.25)
+            record["pretrain"] = {"set": PRETRAIN_SET[0], "compose_args": PRETRAIN_SET[1], "n": PRETRAIN_SET[2],
+                                  "seed": PRETRAIN_SET[3]}
+        config = FineTuneConfig(**{**SCENE_RECIPE, "seed": seed}, **extra, augment=AugmentConfig(stain_jitter=False))
+        with timed(record, "finetune_s"):
+            finetune(train_dir, train_dir / "labels.csv", model_dir, config, overwrite=True)
+        report_dir = args.work / "reports" / f"{set_name}-finetuned-seed{seed}"
+        with timed(record, "evaluate_s"):
+            test = evaluate(model_dir, test_dir, test_dir / "labels.csv", report_dir)
+        record["test"] = {k: test.get(k) for k in KEYS}
+        with timed(record, "localize_s"):
+            where = localize(model_dir, test_dir, test_dir / "boxes.csv", report_dir / "localization",
+                             labels_csv=test_dir / "labels.csv")
+        record["localization"] = {k: where.get(k) for k in ("pointing_game", "pointing_game_centre", "window_auc",
+                                                             "mean_image_window_auc")}
+        settings = {**SCENE_RECIPE, "seed": seed, **extra, "no_stain_jitter": True}
+        record["commands"] = [
+            _command(train_dir, train_dir / "labels.csv", model_dir, settings),
+            f"mitoscope evaluate {model_dir} {test_dir} --labels {test_dir}/labels.csv --out REPORT",
+            f"mitoscope localize {model_dir} {test_dir} --boxes {test_dir}/boxes.csv --out REPORT/localization",
+        ]
+    record["history"] = (model_dir / "history.csv").read_text() if (model_dir / "history.csv").is_file() else None
+    print(json.dumps({k: v for k, v in record.items() if k != "history"}), flush=True)
+    return record
 
 
 def main() -> None:
@@ -180,13 +206,14 @@ def main() -> None:
     c.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "crops_round1.json")
     f = sub.add_parser("finetune", help="the fine-tuned model: scenes (test set, localization) and H&E crops (CV)")
     f.add_argument("--sets", nargs="+", default=["large-cells-1024", "small-cells-1024", "variable-scale", "he-atypical"])
+    f.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="one fine-tuning run per seed")
     f.add_argument("--work", type=Path, default=Path("/tmp/mitoscope-bench"))
     f.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "finetune.json")
     args = parser.parse_args()
     require_shared()
     args.work.mkdir(parents=True, exist_ok=True)
     run = {"scenes": scenes, "crops": crops, "finetune": finetuned}[args.what]
-    results = {"machine": platform.processor() or platform.machine(), "results": run(args)}
+    results = {"machine": machine(), "results": run(args)}
     save_results(args.out, results)
 
 

@@ -42,13 +42,38 @@ def compose(out: Path, args: list[str], n: int, seed: int) -> Path:
 
 
 def scene_pair(work: Path, name: str) -> tuple[Path, Path]:
+    """Training scenes from one part of the cells, test scenes from the other (cell-disjoint):
+    a test score on shared cells would also reward remembering individual cells."""
     args = SCENE_SETS[name]
-    return (compose(work / f"{name}-train", args, N_TRAIN, 1), compose(work / f"{name}-test", args, N_TEST, 2))
+    return (compose(work / f"{name}-train-disjoint", [*args, "--part", "train"], N_TRAIN, 1),
+            compose(work / f"{name}-test-disjoint", [*args, "--part", "test"], N_TEST, 2))
 
 
 def pretrain_scenes(work: Path) -> Path:
     name, args, n, seed = PRETRAIN_SET
-    return compose(work / name, args, n, seed)
+    return compose(work / f"{name}-disjoint", [*args, "--part", "train"], n, seed)
+
+
+def machine() -> dict[str, Any]:
+    """Which CPU gave the numbers: libraries pick other kernels (and OpenVINO other precisions) per CPU."""
+    import os
+    import platform
+
+    info: dict[str, Any] = {"machine": platform.machine(), "cpus": len(os.sched_getaffinity(0))}
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return info
+    for line in text.splitlines():
+        if line.startswith("model name"):
+            info["cpu"] = line.split(":", 1)[1].strip()
+        if line.startswith("flags"):
+            flags = set(line.split(":", 1)[1].split())
+            info["avx512_bf16"] = "avx512_bf16" in flags
+            info["avx512f"] = "avx512f" in flags
+            info["avx2"] = "avx2" in flags
+            break
+    return info
 
 
 @contextmanager

@@ -204,8 +204,12 @@ def test_phase_one_leaves_the_base_exactly_unchanged_and_phase_two_trains_it(arr
     assert any(not torch.equal(before[k], after_full[k]) for k in last_stage)
     assert all(torch.equal(before[k], after_full[k]) for k in earlier)  # frozen blocks: BN stats included
     assert probe.lrs == [0.002, 0.01] and full.history[0]["lr"] == 0.002  # the base at its rate, the head at its own
-    assert probe.params == {id(p) for p in network.head.parameters()} | {id(p) for n, p in network.backbone.named_parameters()
-                                                                          if n.startswith(("blocks.4.", "conv_head", "bn2"))}
+    batchnorm = {id(p) for m in network.backbone.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
+                 for p in m.parameters()}
+    assert probe.params == {id(p) for p in network.head.parameters()} | {
+        id(p) for n, p in network.backbone.named_parameters() if n.startswith(("blocks.4.", "conv_head", "bn2"))} - batchnorm
+    statistics = [k for k in last_stage if k.endswith(("running_mean", "running_var"))]
+    assert statistics and all(torch.equal(before[k], after_full[k]) for k in statistics)  # frozen BatchNorm
     history_keys = {"train_loss", "train_accuracy", "train_auc", "val_loss", "val_accuracy", "val_auc"}
     assert history_keys <= set(full.history[0])
 
@@ -243,7 +247,11 @@ def test_unfreeze_counts_timm_groups_from_the_end():
     assert any(n.startswith("conv_head") for n in last)
     two = set_trainable(network, 2)
     assert set(last) < set(two) and any(n.startswith("blocks.3.") for n in two)
-    assert len(set_trainable(network, "all")) == len(list(network.backbone.parameters()))
+    assert len(set_trainable(network, "all", batchnorm="train")) == len(list(network.backbone.parameters()))
+    batchnorm = {f"{m}.{n}" for m, module in network.backbone.named_modules()
+                 if isinstance(module, torch.nn.modules.batchnorm._BatchNorm) for n, _ in module.named_parameters()}
+    assert batchnorm and set(set_trainable(network, "all")) == \
+        {n for n, _ in network.backbone.named_parameters()} - batchnorm  # frozen BatchNorm by default
 
 
 class SpoilLaterEpochs(L.Callback):
@@ -654,3 +662,37 @@ def test_cli_trunk_flags_and_no_lightning_chatter(dataset, tmp_path, monkeypatch
     assert json.loads((tmp_path / "plain" / "model.json").read_text())["training"]["trunk_cache"] is None
     refused = CliRunner().invoke(app, common + ["--out", str(tmp_path / "no"), "--trunk-cache-gb", "0.000001"])
     assert refused.exit_code == 2 and "--trunk-views" in refused.output
+
+
+# ----------------------------------------------------------------------------- stability
+
+
+def test_the_scene_recipe_learns_one_distinctive_cell_among_decoys_without_collapsing(tmp_path):
+    """Real ImageNet lite0, the scene recipe's settings (attention over positions, top two stages
+    unfrozen at its peak learning rate, frozen BatchNorm, clipped gradients) on a small problem a
+    working recipe must learn: the output must neither stay nor become constant."""
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[:96, :96]
+    (tmp_path / "data").mkdir()
+    rows = []
+    for i in range(32):
+        image = rng.normal(60, 12, (96, 96, 3))
+        centres = rng.integers(12, 84, (5, 2))
+        for k, (cy, cx) in enumerate(centres):  # four grey decoy cells, and in Mitosis images one magenta cell
+            colour = [230, 40, 200] if (i % 2 and k == 0) else [170, 170, 170]
+            image[(yy - cy) ** 2 + (xx - cx) ** 2 < 36] = colour
+        Image.fromarray(image.clip(0, 255).astype(np.uint8)).save(tmp_path / "data" / f"i{i:02d}.png")
+        rows.append(f"i{i:02d}.png,{'Mitosis' if i % 2 else 'Normal'}")
+    (tmp_path / "labels.csv").write_text("Image,Label\n" + "\n".join(rows) + "\n")
+    config = FineTuneConfig(backbone="tf_efficientnet_lite0", size=96, pool="attention", dropout=0.25, unfreeze=2,
+                            epochs_head=2, epochs_full=4, lr_head=1e-3, lr_full=3e-4, batch_size=4, trunk_views=2,
+                            accelerator="cpu", seed=0, patience=30, augment=AugmentConfig(stain_jitter=False))
+    result = finetune(tmp_path / "data", tmp_path / "labels.csv", tmp_path / "model", config)
+    proba = np.asarray(result.model.predict_paths(sorted((tmp_path / "data").glob("*.png"))).proba)
+    y = np.arange(32) % 2
+    from sklearn.metrics import roc_auc_score
+
+    assert proba.std() > 0.1, f"constant output: {proba.round(3)}"
+    assert roc_auc_score(y, proba) > 0.95
+    last = [row for row in result.history if row["phase"] == "full"][-1]
+    assert last["train_loss"] < 0.5  # still learning at the end, not sitting at ln 2

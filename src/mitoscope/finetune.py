@@ -155,6 +155,7 @@ BALANCES = ("pos_weight", "sampler", "none")
 # onecycle: each phase warms up over its first WARMUP_FRACTION of steps, then anneals (cosine)
 # to ~0; fresh Adam updates at full rate on pretrained layers can wreck them in a few steps.
 SCHEDULES = ("onecycle", "constant")
+BATCHNORMS = ("frozen", "train")
 WARMUP_FRACTION = 0.15
 PRECISIONS = ("auto", "32", "32-true", "16-mixed", "bf16-mixed")
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda")
@@ -218,6 +219,11 @@ class FineTuneConfig:
     lr_full: float = 1e-4
     weight_decay: float = 1e-4
     schedule: str = "onecycle"
+    # "frozen": BatchNorm layers keep their ImageNet statistics and scale/shift while the layers
+    # around them train (Keras' fine-tuning recipe, which the write-up used). Trained on small
+    # batches they drifted until the final feature map went dead and the output constant.
+    batchnorm: str = "frozen"
+    gradient_clip: float = 1.0  # largest gradient norm per step; 0 turns clipping off
     unfreeze: str | int = "all"
     batch_size: int = 16
     accumulate: int = 1
@@ -269,6 +275,11 @@ class FineTuneConfig:
         for name in ("epochs_head", "epochs_full", "accumulate", "batch_size", "num_nodes", "patience",
                      "attention_hidden", "attention_dim"):
             positive_int(name, 0 if name.startswith("epochs") or name == "attention_hidden" else 1)
+        if self.batchnorm not in BATCHNORMS:
+            raise InputError(f"--batchnorm must be one of {', '.join(BATCHNORMS)}, got {self.batchnorm!r}")
+        if isinstance(self.gradient_clip, bool) or not isinstance(self.gradient_clip, (int, float)) \
+                or not self.gradient_clip >= 0:
+            raise InputError(f"--gradient-clip must be a gradient norm >= 0 (0: off), got {self.gradient_clip!r}")
         if self.schedule not in SCHEDULES:
             raise InputError(f"--schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
         if self.epochs_head + self.epochs_full < 1:
@@ -585,12 +596,14 @@ def check_input_size(network: FineTuneNetwork, name: str, size: int) -> tuple[in
     return int(maps.shape[2]), int(maps.shape[3])
 
 
-def set_trainable(network: FineTuneNetwork, unfreeze: str | int | None) -> list[str]:
+def set_trainable(network: FineTuneNetwork, unfreeze: str | int | None, batchnorm: str = "frozen") -> list[str]:
     """Freeze the backbone except ``unfreeze`` (None: nothing, "all", or the last N timm groups).
 
     The head always trains. Returns the names of the backbone parameters left trainable.
     Groups are timm's coarse ``group_matcher`` groups (stem, then one per stage; for
-    EfficientNets ``conv_head``/``bn2`` belong to the last stage).
+    EfficientNets ``conv_head``/``bn2`` belong to the last stage). With ``batchnorm="frozen"``
+    the BatchNorm layers of the unfrozen part stay frozen too, so that training keeps them in
+    eval mode (their running statistics do not move either).
     """
     backbone = network.backbone
     for parameter in backbone.parameters():
@@ -598,6 +611,11 @@ def set_trainable(network: FineTuneNetwork, unfreeze: str | int | None) -> list[
     for parameter in network.head.parameters():
         parameter.requires_grad_(True)
     wanted = unfrozen_parameter_names(backbone, unfreeze)
+    if batchnorm == "frozen":
+        wanted -= {f"{module_name}.{name}" if module_name else name
+                   for module_name, module in backbone.named_modules()
+                   if isinstance(module, nn.modules.batchnorm._BatchNorm)
+                   for name, _ in module.named_parameters(recurse=False)}
     for name, parameter in backbone.named_parameters():
         if name in wanted:
             parameter.requires_grad_(True)
@@ -1201,6 +1219,8 @@ def make_trainer(config: FineTuneConfig, max_epochs: int, callbacks: Sequence[An
             strategy=_strategy(config),
             precision=resolve_precision(config),
             accumulate_grad_batches=config.accumulate,
+            gradient_clip_val=config.gradient_clip or None,
+            gradient_clip_algorithm="norm",
             callbacks=list(callbacks),
             logger=False,  # the history is kept by the module itself: no log files anywhere
             enable_model_summary=False,
@@ -1238,7 +1258,7 @@ def fit_phase(
     """
     from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 
-    set_trainable(network, phase.unfreeze)
+    set_trainable(network, phase.unfreeze, config.batchnorm)
     y = np.asarray(y, dtype=np.int64)
     train_y = y[train_indices]
     n_pos, n_neg = int(train_y.sum()), int(len(train_y) - train_y.sum())
