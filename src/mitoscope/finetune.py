@@ -1084,6 +1084,8 @@ def _make_module_class() -> type:
                 f"{split}_loss": float(losses.mean()),
                 f"{split}_accuracy": float(np.mean((proba >= 0.5) == (y == 1))),
                 f"{split}_auc": _binary_auc(y, proba),
+                # The spread of the outputs: near 0 when the network collapsed to a constant.
+                f"{split}_logit_sd": float(logits.float().std()) if len(logits) > 1 else float("nan"),
             }
 
         def on_validation_epoch_end(self) -> None:
@@ -1653,8 +1655,8 @@ class FineTunedModel(ModelDescription):
 # History: CSV, JSON, plot
 # --------------------------------------------------------------------------------------------
 
-HISTORY_COLUMNS = ("stage", "phase", "epoch", "lr", "train_loss", "train_accuracy", "train_auc",
-                   "val_loss", "val_accuracy", "val_auc")
+HISTORY_COLUMNS = ("stage", "phase", "epoch", "lr", "train_loss", "train_accuracy", "train_auc", "train_logit_sd",
+                   "val_loss", "val_accuracy", "val_auc", "val_logit_sd")
 
 
 def history_csv(rows: Sequence[dict[str, Any]]) -> str:
