@@ -353,6 +353,38 @@ def test_evaluate_refuses_bad_input_cleanly(case, ensemble_model, data, cache_di
         assert not report.exists()
 
 
+# --------------------------------------------------------------------------- train: warnings
+
+
+def warning_lines(result) -> list[str]:
+    return [line for line in result.output.splitlines() if line.startswith("warning:")]
+
+
+def test_train_warns_of_a_model_at_chance(tmp_path, cache_dir):
+    data = tmp_path / "same"
+    write_blobs(data, 4)
+    for image in sorted((data / "images").glob("*.png"))[1:]:  # every image the same: nothing to tell the classes by
+        shutil.copy(data / "images" / "img00.png", image)
+    model = tmp_path / "model"
+    result = invoke("train", data, "--labels", data / "labels.csv", "--out", model, *TINY, "--head", "pooled",
+                    "--cv", 2, "--cache-dir", cache_dir)
+    assert result.exit_code == 0, result.output
+    lines = warning_lines(result)
+    assert len(lines) == 2 and "does not rule out chance" in lines[0] and "is degenerate" in lines[1]
+    assert [f"warning: {w}" for w in json.loads((model / "metrics.json").read_text())["warnings"]] == lines
+
+
+def test_thresholds_are_shown_in_significant_digits():
+    from rich.console import Console
+
+    from mitoscope.cli import metrics_table
+
+    console = Console(record=True, width=200)
+    console.print(metrics_table("cv", {"f1": 0.5, "auc": 0.61, "threshold": 0.00027123}))
+    text = console.export_text()
+    assert "0.000271" in text and "0.500" in text and "0.610" in text
+
+
 # --------------------------------------------------------------------------- cache options
 
 

@@ -431,7 +431,14 @@ def test_cli_finetune_then_predict_and_evaluate_like_round_one(dataset, tmp_path
     assert keys <= set(report) and "2-fold" in report["evaluation"]
     history = list(csv.DictReader((out / "history.csv").open()))
     assert [(r["stage"], r["phase"]) for r in history] == [("main", "head"), ("main", "full")]
-    assert json.loads((out / "model.json").read_text())["tta"] is True
+    described = json.loads((out / "model.json").read_text())
+    assert described["tta"] is True
+    assert described["source_images"] == {"bit_depths": [8], "channel_counts": [3], "n_images": 12}
+    # 12 images, 1 + 1 epochs from random weights: chance, said in the report, the model and the CLI.
+    assert report["warnings"] == described["training"]["warnings"] and report["warnings"]
+    assert any("does not rule out chance" in warning for warning in report["warnings"])
+    assert [line.removeprefix("warning: ") for line in result.output.splitlines()
+            if line.startswith("warning:")] == report["warnings"]
 
     rows = pipeline.predict(out, [folder / "images"], tmp_path / "pred.csv")
     round_one = pipeline.train(folder, labels, tmp_path / "round1", pipeline.TrainConfig(

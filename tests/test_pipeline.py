@@ -25,6 +25,7 @@ from mitoscope.pipeline import (
     TrainConfig,
     build_head,
     evaluate,
+    head_epochs,
     load_model,
     predict,
     train,
@@ -266,6 +267,45 @@ def test_predict_max_pixels_overrides_the_models_limit(trained, image_paths, cac
     with pytest.raises(InputError, match="img00.png"):
         predict(trained("pooled").model_dir, image_paths[:1], tmp_path / "p.csv", cache, max_pixels=SIZE * SIZE - 1)
     assert not (tmp_path / "p.csv").exists()
+
+
+# --------------------------------------------------------------------------- warnings
+
+
+def test_a_model_at_chance_says_so_in_its_result_its_metrics_and_its_description(tmp_path, cache):
+    # The same pixels under both labels: equal probabilities, AUC 0.5, and max F1 calls every image positive.
+    folder = tmp_path / "same"
+    (folder / "images").mkdir(parents=True)
+    pixels = blob_image(np.random.default_rng(0), positive=True)
+    for i in range(8):
+        Image.fromarray(pixels).save(folder / "images" / f"img{i:02d}.png")
+    (folder / "labels.csv").write_text("Image,Label\n" + "".join(
+        f"img{i:02d}.png,{'Mitosis' if i % 2 == 0 else 'Normal'}\n" for i in range(8)))
+    result = train(folder, folder / "labels.csv", tmp_path / "model", config_for("pooled", cv=2), cache)
+    assert result.cv_metrics["auc"] == 0.5
+    chance, degenerate = result.warnings
+    assert chance.startswith("2-fold cross-validation (out-of-fold) AUC 0.5 (95% CI") and "chance" in chance
+    assert degenerate.startswith(f"threshold {result.model.threshold:.3g} is degenerate: all 8")
+    assert degenerate.endswith("calls every one of those images Mitosis")
+    assert json.loads((result.model_dir / "metrics.json").read_text())["warnings"] == result.warnings
+    assert json.loads((result.model_dir / "model.json").read_text())["training"]["warnings"] == result.warnings
+
+
+def test_every_report_lists_its_warnings_even_when_there_are_none(trained):
+    result = trained("pooled")  # 2-fold CV
+    assert json.loads((result.model_dir / "metrics.json").read_text())["warnings"] == result.warnings
+    forest = trained("forest")  # no CV (no held-out predictions to judge) and no epochs
+    assert forest.warnings == [] and json.loads((forest.model_dir / "model.json").read_text())["training"]["warnings"] == []
+
+
+def test_head_epochs_reads_the_early_stopped_network_of_a_head():
+    from types import SimpleNamespace
+
+    dense = DenseHead()
+    dense.history_ = {"best_epoch": 1, "epochs_run": 12}
+    assert head_epochs(dense) == head_epochs(SimpleNamespace(dense_=dense)) == [("DenseHead (final fit)", 1, 12)]
+    dense.history_ = {"best_epoch": None, "epochs_run": 40}  # too few images for a validation split
+    assert head_epochs(dense) == [] and head_epochs(ForestHead()) == []
 
 
 # --------------------------------------------------------------------------- configuration

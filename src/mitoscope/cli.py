@@ -64,6 +64,10 @@ def fail(exc: MitoscopeError) -> None:
     raise typer.Exit(code=2)
 
 
+def warn(message: str) -> None:
+    console.print(f"[yellow]warning:[/yellow] {message}", highlight=False, soft_wrap=True)
+
+
 def cache_from(cache_dir: Optional[Path], no_cache: bool):
     from .cache import open_cache
 
@@ -89,7 +93,8 @@ def metrics_table(title: str, metrics: dict[str, Any]) -> Table:
     table = Table(title=title)
     for key in ("f1", "auc", "accuracy", "precision", "recall", "balanced_accuracy", "threshold"):
         table.add_column(key)
-    table.add_row(*[("-" if metrics.get(k) is None else f"{metrics[k]:.3f}") for k in
+    # The threshold in significant digits: a max-F1 cut of 0.00027 must not read 0.000.
+    table.add_row(*[("-" if metrics.get(k) is None else f"{metrics[k]:{'.3g' if k == 'threshold' else '.3f'}}") for k in
                     ("f1", "auc", "accuracy", "precision", "recall", "balanced_accuracy", "threshold")])
     return table
 
@@ -140,6 +145,8 @@ def train(
         fail(exc)
     if result.cv_metrics:
         console.print(metrics_table(f"{cv}-fold cross-validation ({head})", result.cv_metrics))
+    for message in result.warnings:
+        warn(message)
     console.print(f"model written to [bold]{result.model_dir}[/bold] in {time.perf_counter() - started:.0f} s")
 
 
@@ -259,6 +266,8 @@ def demo(
         fail(exc)
     if result.cv_metrics:
         console.print(metrics_table(f"{cv}-fold cross-validation on the training images ({head})", result.cv_metrics))
+    for message in result.warnings:
+        warn(message)
     console.print(metrics_table("held-out test images", result.test_metrics))
     console.print(f"model:       [bold]{result.model_dir}[/bold]")
     console.print(f"report:      [bold]{result.report_dir / 'metrics.json'}[/bold] (+ roc.png, confusion_matrix.png)")
@@ -384,6 +393,8 @@ def finetune_command(
         console.print(metrics_table(f"{cv}-fold cross-validation (fine-tuned {backbone})", result.cv_metrics))
     if result.validation_metrics:
         console.print(metrics_table("validation split (optimistic: it chose the checkpoints)", result.validation_metrics))
+    for message in result.warnings:
+        warn(message)
     console.print(f"model written to [bold]{result.model_dir}[/bold] in {time.perf_counter() - started:.0f} s")
 
 

@@ -117,10 +117,10 @@ from .augment import AugmentConfig, augment_batch, dihedral, invert_dihedral
 from .backbones import Backbone, create_backbone
 from .defaults import DEFAULT_FINETUNE_BACKBONE, OFFLINE_ALTERNATIVE
 from .errors import InputError, ModelError, WeightsUnavailableError
-from .evaluation import best_f1_threshold, compute_metrics, cross_validate, write_report
+from .evaluation import best_f1_threshold, compute_metrics, cross_validate, fit_warnings, write_report
 from .features import FeatureCache, file_sha256, pick_device, resize_image
 from .heads import _GatedAttentionNetwork
-from .io import LabelledImages, ReadOptions, load_labelled_images, read_image
+from .io import LabelledImages, ReadOptions, SourceProfile, load_labelled_images, read_image
 from .tiling import crop_windows, make_grid, validate_tiling
 
 logger = logging.getLogger(__name__)
@@ -1692,6 +1692,8 @@ class FineTuneResult:
     model_dir: Path | None
     history: list[dict[str, Any]]
     validation_metrics: dict[str, Any] | None
+    # What to know before trusting the model: see mitoscope.evaluation.fit_warnings.
+    warnings: list[str] = field(default_factory=list)
 
 
 def _work_dir(out_dir: Path) -> Path:
@@ -1770,6 +1772,7 @@ def finetune(
         raise InputError(f"{source}: {config.cv}-fold grouped cross-validation needs at least {config.cv} groups, "
                          f"got {np.unique(groups).size}; lower --cv")
     validation_split(data.y, groups, config.val_fraction, config.seed, source)  # fails now rather than after hours
+    sources = SourceProfile.from_paths(data.paths, config.read_options)  # headers only: an unreadable one fails now
     with quiet_lightning(True):
         make_trainer(config, 1, [], Path(os.devnull))  # devices, precision: checked now, not after the images are read
     network, backbone = build_network(config)
@@ -1840,6 +1843,13 @@ def finetune(
             threshold = best_f1_threshold(val_y, final.val_proba_)
             rule = "max F1 on the validation split's predictions"
         validation_metrics = compute_metrics(val_y, final.val_proba_, threshold, data.classes)
+        held_out = ((data.y, cv_result.oof_proba, f"{config.cv}-fold cross-validation (out-of-fold)") if cv_result
+                    else (val_y, final.val_proba_, "validation split"))
+        training_warnings = fit_warnings(
+            *held_out[:2], threshold, data.classes, held_out[2],
+            epochs=[(f"fine-tuning phase {label}", r.best_epoch, r.epochs_run) for label, r in stage_phases])
+        for warning in training_warnings:
+            logger.info("warning: %s", warning)
         validation_metrics["notes"].append(
             "validation split of the final fit: it also chose the best checkpoints (and the threshold without --cv), "
             "so these numbers are optimistic"
@@ -1856,6 +1866,7 @@ def finetune(
             },
             "image_size": config.size,
             "read": config.read_options.to_dict(),
+            "source_images": sources.to_dict(),
             "classes": list(data.classes),
             "positive": data.classes[1],
             "threshold": threshold,
@@ -1876,11 +1887,13 @@ def finetune(
                 "trunk_cache": None if trunk_cache is None else trunk_cache.describe(),
                 "settings": {k: v for k, v in config.to_dict().items() if k not in ("progress_bar",)},
                 "precision": resolve_precision(config),
+                "warnings": training_warnings,
             },
         }
         model = FineTunedModel(model_config, final.network_)
         if not is_zero:
-            return FineTuneResult(None, cv_result.metrics if cv_result else None, None, history, validation_metrics)
+            return FineTuneResult(None, cv_result.metrics if cv_result else None, None, history, validation_metrics,
+                                  training_warnings)
 
         def extra(tmp: Path) -> list[str]:
             atomic_write_text(tmp / "history.csv", history_csv(history))
@@ -1894,13 +1907,14 @@ def finetune(
                 write_report(tmp, cv_result.metrics, data.y, cv_result.oof_proba, data.classes, extra={
                     "evaluation": f"{config.cv}-fold {'grouped ' if groups is not None else ''}cross-validation of the "
                                   f"whole two-phase fine-tuning, out-of-fold predictions",
-                    "per_fold": cv_result.per_fold,
+                    "per_fold": cv_result.per_fold, "warnings": training_warnings,
                 })
                 names += ["metrics.json", "roc.png", "confusion_matrix.png"]
             return names
 
         model_dir = model.save(out_dir, extra, overwrite=overwrite)
-        return FineTuneResult(model, cv_result.metrics if cv_result else None, model_dir, history, validation_metrics)
+        return FineTuneResult(model, cv_result.metrics if cv_result else None, model_dir, history, validation_metrics,
+                              training_warnings)
     finally:
         if is_zero:
             shutil.rmtree(work, ignore_errors=True)

@@ -29,7 +29,7 @@ from .features import (EXTRACTION_MODES, FeatureCache, FeatureExtractor, ImageFe
                        pick_device)
 from .heads import HEADS, load_head, make_head, save_head
 from .predictions import Predictions, Progress, predict, prediction_rows, rows_to_csv, score_label
-from .io import DEFAULT_MAX_PIXELS, LabelledImages, ReadOptions, load_labelled_images
+from .io import DEFAULT_MAX_PIXELS, LabelledImages, ReadOptions, SourceProfile, load_labelled_images
 from .tiling import validate_tiling
 
 logger = logging.getLogger(__name__)
@@ -167,6 +167,9 @@ class TrainResult:
     model: "MitoscopeModel"
     cv_metrics: dict[str, Any] | None
     model_dir: Path
+    # What to know before trusting the model (chance-level CV, a degenerate threshold...): see
+    # mitoscope.evaluation.fit_warnings. Also in metrics.json and model.json.
+    warnings: list[str] = field(default_factory=list)
 
 
 class MitoscopeModel(ModelDescription):
@@ -334,6 +337,7 @@ def train(
             f"{labels_csv or data_dir}: {config.cv}-fold cross-validation needs at least {config.cv} images of each "
             f"class, got {np.bincount(data.y, minlength=2).tolist()} ({', '.join(data.classes)}); lower --cv"
         )
+    sources = SourceProfile.from_paths(data.paths, config.read_options)  # headers only: an unreadable one fails now
     # Random-init weights come from the seed, not from whatever the process drew before:
     # the same arguments give the same model (and the feature cache can be reused).
     with torch.random.fork_rng(devices=[]):
@@ -364,11 +368,19 @@ def train(
     if progress:
         progress("final fit", 1, 1)
     threshold = float(cv_result.threshold) if cv_result is not None else 0.5
+    from .evaluation import fit_warnings
+
+    held_out = (data.y, cv_result.oof_proba, threshold) if cv_result is not None else (None, None, None)
+    warnings = fit_warnings(*held_out, data.classes, f"{config.cv}-fold cross-validation (out-of-fold)",
+                            epochs=head_epochs(head))
+    for warning in warnings:
+        logger.info("warning: %s", warning)
     model_config = {
         "kind": "window-features",
         "backbone": backbone.describe(),
         "tiling": {"window": config.window, "overlap": config.overlap, "extraction": config.extraction},
         "read": read_options.to_dict(),
+        "source_images": sources.to_dict(),
         "classes": list(data.classes),
         "positive": data.classes[1],
         "threshold": threshold,
@@ -382,6 +394,7 @@ def train(
             "cv_folds": config.cv,
             "seed": config.seed,
             "labels": str(labels_csv) if labels_csv else None,
+            "warnings": warnings,
         },
     }
     model = MitoscopeModel(model_config, head, backbone)
@@ -395,12 +408,23 @@ def train(
         if cv_result is not None:
             write_report(tmp, cv_result.metrics, data.y, cv_result.oof_proba, data.classes,
                          extra={"evaluation": f"{config.cv}-fold cross-validation, out-of-fold predictions",
-                                "per_fold": cv_result.per_fold})
+                                "per_fold": cv_result.per_fold, "warnings": warnings})
             names += ["metrics.json", "roc.png", "confusion_matrix.png"]
         return names
 
     model_dir = model.save(out_dir, extra, overwrite=overwrite)
-    return TrainResult(model=model, cv_metrics=cv_result.metrics if cv_result else None, model_dir=Path(model_dir))
+    return TrainResult(model=model, cv_metrics=cv_result.metrics if cv_result else None, model_dir=Path(model_dir),
+                       warnings=warnings)
+
+
+def head_epochs(head: Any) -> list[tuple[str, int | None, int]]:
+    """``(what, best_epoch, epochs_run)`` of a fitted head's early-stopped network (an ensemble's
+    dense member); empty for heads without one, or trained without a validation split."""
+    owner = getattr(head, "dense_", None) or head
+    history = getattr(owner, "history_", None) or {}
+    if history.get("best_epoch") is None:
+        return []
+    return [(f"{type(owner).__name__} (final fit)", int(history["best_epoch"]), int(history["epochs_run"]))]
 
 
 def load_model(model_dir: str | Path, max_pixels: int | None = None) -> Any:
