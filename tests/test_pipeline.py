@@ -223,7 +223,7 @@ def test_fixed_grid_head_resizes_another_size_and_says_so(trained, odd_image, im
     assert direct.notes == [""]
     np.testing.assert_allclose(pred.proba[0], direct.proba[0], rtol=0, atol=1e-6)
     rows = model.predict([odd_image], cache=cache)
-    assert list(rows[0]) == ["Image", "Label", "Probability", "dense", "forest", "Note"]
+    assert list(rows[0]) == ["Image", "Label", "Probability", "Threshold", "dense", "forest", "Note"]
     assert rows[0]["Note"] == pred.notes[0]
 
 
@@ -247,7 +247,7 @@ def test_predict_and_evaluate_write_their_files(trained, data, image_paths, cach
     rows = predict(model_dir, [data / "images"], tmp_path / "out" / "predictions.csv", cache)
     assert len(rows) == len(image_paths)
     text = (tmp_path / "out" / "predictions.csv").read_text().splitlines()
-    assert text[0] == "Image,Label,Probability,pooled,Note"
+    assert text[0] == "Image,Label,Probability,Threshold,pooled,Note"
     assert {line.split(",")[1] for line in text[1:]} <= {"Mitosis", "Normal"}
     metrics = evaluate(model_dir, data, data / "labels.csv", tmp_path / "report", cache)
     assert metrics["n_images"] == 8
@@ -260,7 +260,7 @@ def test_predict_and_evaluate_write_their_files(trained, data, image_paths, cach
     assert evaluated[0].split(",")[-1] == "True"
     for line in evaluated[1:]:
         cells = line.split(",")
-        assert cells[-1] == truth[cells[0]]
+        assert cells[-1] == truth[Path(cells[0]).name]
 
 
 def test_predict_max_pixels_overrides_the_models_limit(trained, image_paths, cache, tmp_path):

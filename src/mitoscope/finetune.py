@@ -1486,6 +1486,10 @@ class FineTunedModel(ModelDescription):
     def map_shape(self) -> tuple[int, int]:
         return tuple(self.config["network"]["feature_map"])
 
+    @property
+    def gives_window_scores(self) -> bool:
+        return True  # attention weights, or the class-activation map of avg pooling
+
     def _read(self, path: Path) -> tuple[np.ndarray, tuple[int, int]]:
         image = read_image(path, self.read_options)
         return resize_image(image, (self.size, self.size)), image.shape[:2]
@@ -1500,6 +1504,7 @@ class FineTunedModel(ModelDescription):
         with_window_scores: bool = False,
         tta: bool | None = None,
         engine: str = "auto",
+        skip_bad: bool = False,
     ) -> Any:
         """Predict image files (any size: each is resized to the training size).
 
@@ -1509,17 +1514,26 @@ class FineTunedModel(ModelDescription):
         ``tta`` overrides the model's stored test-time-augmentation setting. With
         ``with_window_scores`` every image gets one score per feature-map position
         (attention weights, or the class-activation map for ``avg`` pooling) and ``boxes``
-        the cells they stand for.
+        the cells they stand for. With ``skip_bad`` an image that cannot be read is left out and
+        listed in the result's ``skipped`` instead of raising InputError.
         """
         from .predictions import Predictions
 
         if engine not in ("auto", "torch"):
             raise InputError(f"engine {engine} runs window-feature models; a fine-tuned network runs in PyTorch "
                              "(engine auto or torch)")
+        skipped: dict[Path, str] = {}
+
+        def skip(path: Path, error: InputError) -> None:
+            if not skip_bad:
+                raise error
+            skipped[path] = str(error)
+
         paths = [Path(p) for p in paths]
         for path in paths:
             if not path.is_file():
-                raise InputError(f"{path}: image file not found")
+                skip(path, InputError(f"{path}: image file not found"))
+        paths = [path for path in paths if path not in skipped]
         use_tta = self.tta if tta is None else bool(tta)
         torch_device = pick_device(device)
         self.network.to(torch_device)
@@ -1545,16 +1559,22 @@ class FineTunedModel(ModelDescription):
         with ThreadPoolExecutor(max_workers=1) as pool:
             pending = pool.submit(step, paths[0]) if paths else None
             for index in range(len(paths)):
-                array, image_size = pending.result()
+                try:
+                    array, image_size = pending.result()
+                except InputError as error:
+                    skip(paths[index], error)
+                    array = None
                 if index + 1 < len(paths):
                     pending = pool.submit(step, paths[index + 1])
-                batch.append(array)
-                sizes.append((int(image_size[0]), int(image_size[1])))
-                if len(batch) >= batch_size:
-                    flush()
+                if array is not None:
+                    batch.append(array)
+                    sizes.append((int(image_size[0]), int(image_size[1])))
+                    if len(batch) >= batch_size:
+                        flush()
                 if progress:
                     progress("predicting", index + 1, len(paths))
         flush()
+        paths = [path for path in paths if path not in skipped]
         self.network.cpu()
         size = self.size
         notes = ["" if s == (size, size) else f"resized {s[1]}x{s[0]} to {size}x{size}" for s in sizes]
@@ -1567,6 +1587,7 @@ class FineTunedModel(ModelDescription):
             window_scores=scores,
             boxes=[position_boxes(s, self.map_shape) for s in sizes],
             image_sizes=sizes,
+            skipped=skipped,
         )
 
     def predict(self, paths: Sequence[str | Path], **kwargs: Any) -> list[dict[str, Any]]:
