@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import typer
+from PIL import Image
 from typer.testing import CliRunner
 
 from blobs import write_blobs, write_labels
@@ -106,11 +107,13 @@ def test_train_predict_evaluate_end_to_end(ensemble_model, data, cache_dir, tmp_
     assert result.exit_code == 0, result.output
     with open(out_csv, newline="") as handle:
         header = next(csv.reader(handle))
-    assert header == ["Image", "Label", "Probability", "dense", "forest", "Note"]
+    assert header == ["Image", "Label", "Probability", "Threshold", "dense", "forest", "Note"]
     rows = read_rows(out_csv)
-    assert [r["Image"] for r in rows] == [f"img{i:02d}.png" for i in range(8)]
+    # The path as given: the folder on the command line joined with each file's name.
+    assert [r["Image"] for r in rows] == [str(data / "images" / f"img{i:02d}.png") for i in range(8)]
     threshold = json.loads((ensemble_model / "model.json").read_text())["threshold"]
     for row in rows:
+        assert float(row["Threshold"]) == threshold
         assert row["Label"] == ("Mitosis" if float(row["Probability"]) >= threshold else "Normal")
         assert 0.0 <= float(row["dense"]) <= 1.0 and 0.0 <= float(row["forest"]) <= 1.0
         assert row["Note"] == ""
@@ -146,7 +149,7 @@ def test_labels_keep_the_csvs_own_words_with_positive(tmp_path, cache_dir):
     out_csv = tmp_path / "p.csv"
     result = invoke("predict", model, data / "images", "--out", out_csv, "--cache-dir", cache_dir)
     assert result.exit_code == 0, result.output
-    assert out_csv.read_text().splitlines()[0] == "Image,Label,Probability,pooled,Note"
+    assert out_csv.read_text().splitlines()[0] == "Image,Label,Probability,Threshold,pooled,Note"
     rows = read_rows(out_csv)
     assert len(rows) == 6 and {r["Label"] for r in rows} <= {"yes", "no"}
     for row in rows:
@@ -353,6 +356,101 @@ def test_evaluate_refuses_bad_input_cleanly(case, ensemble_model, data, cache_di
         assert not report.exists()
 
 
+# --------------------------------------------------------------------------- train: warnings
+
+
+def warning_lines(result) -> list[str]:
+    return [line for line in result.output.splitlines() if line.startswith("warning:")]
+
+
+def test_train_warns_of_a_model_at_chance(tmp_path, cache_dir):
+    data = tmp_path / "same"
+    write_blobs(data, 4)
+    for image in sorted((data / "images").glob("*.png"))[1:]:  # every image the same: nothing to tell the classes by
+        shutil.copy(data / "images" / "img00.png", image)
+    model = tmp_path / "model"
+    result = invoke("train", data, "--labels", data / "labels.csv", "--out", model, *TINY, "--head", "pooled",
+                    "--cv", 2, "--cache-dir", cache_dir)
+    assert result.exit_code == 0, result.output
+    lines = warning_lines(result)
+    assert len(lines) == 2 and "does not rule out chance" in lines[0] and "is degenerate" in lines[1]
+    assert [f"warning: {w}" for w in json.loads((model / "metrics.json").read_text())["warnings"]] == lines
+
+
+def test_thresholds_are_shown_in_significant_digits():
+    from rich.console import Console
+
+    from mitoscope.cli import metrics_table
+
+    console = Console(record=True, width=200)
+    console.print(metrics_table("cv", {"f1": 0.5, "auc": 0.61, "threshold": 0.00027123}))
+    text = console.export_text()
+    assert "0.000271" in text and "0.500" in text and "0.610" in text
+
+
+# --------------------------------------------------------------------------- predict: trust and batches
+
+
+def test_predict_skip_bad_goes_past_a_truncated_image_and_lists_it(ensemble_model, data, cache_dir, tmp_path):
+    image, _, _ = bad_image("truncated png", tmp_path / "in", data)
+    out_csv = tmp_path / "out" / "predictions.csv"
+    result = invoke("predict", ensemble_model, data / "images" / "img01.png", image, data / "images" / "img02.png",
+                    "--out", out_csv, "--cache-dir", cache_dir, "--skip-bad")
+    assert result.exit_code == 0, result.output
+    assert len(warning_lines(result)) == 1 and "truncated.png" in warning_lines(result)[0]
+    assert "2 predictions written" in result.output and "1 image(s) skipped" in result.output
+    rows = read_rows(out_csv)
+    assert [Path(r["Image"]).name for r in rows] == ["img01.png", "truncated.png", "img02.png"]
+    assert rows[1]["Label"] == "" and rows[1]["Note"].startswith(f"not predicted: {image}: cannot decode image")
+    assert rows[0]["Label"] in ("Mitosis", "Normal") and rows[2]["Label"] in ("Mitosis", "Normal")
+
+
+def test_predict_heatmaps_of_a_head_without_window_scores_fail_at_once(ensemble_model, data, tmp_path):
+    out_csv = tmp_path / "predictions.csv"
+    result = invoke("predict", ensemble_model, data / "images", "--out", out_csv, "--no-cache",
+                    "--heatmaps", tmp_path / "maps")
+    assert_clean_failure(result, ["gives no window scores", "attention, pooled"])
+    assert "features" not in result.output  # failed before any extraction started
+    assert not out_csv.exists() and not (tmp_path / "maps").exists()
+
+
+def test_predict_and_evaluate_refuse_other_channels_unless_chosen(ensemble_model, data, cache_dir, tmp_path):
+    grey = tmp_path / "grey" / "images"
+    grey.mkdir(parents=True)
+    for i in range(8):
+        Image.open(data / "images" / f"img{i:02d}.png").convert("L").save(grey / f"img{i:02d}.png")
+    shutil.copy(data / "labels.csv", grey.parent / "labels.csv")
+    out_csv = tmp_path / "p.csv"
+    result = invoke("predict", ensemble_model, grey, "--out", out_csv, "--cache-dir", cache_dir)
+    assert_clean_failure(result, ["img00.png", "1 channel(s)", "--channels"])
+    assert not out_csv.exists()
+    result = invoke("predict", ensemble_model, grey, "--out", out_csv, "--cache-dir", cache_dir, "--channels", "0,0,0")
+    assert result.exit_code == 0, result.output
+    assert warning_lines(result) == [] and len(read_rows(out_csv)) == 8
+
+    args = [ensemble_model, grey.parent, "--labels", grey.parent / "labels.csv", "--cache-dir", cache_dir]
+    assert_clean_failure(invoke("evaluate", *args, "--out", tmp_path / "r1"), ["1 channel(s)", "--channels"])
+    result = invoke("evaluate", *args, "--out", tmp_path / "r2", "--channels", "0,0,0")
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "r2" / "metrics.json").read_text())["warnings"] == []
+    assert_clean_failure(invoke("predict", ensemble_model, grey, "--out", out_csv, "--channels", "0,0"), "--channels")
+
+
+def test_predict_warns_when_a_16_bit_image_meets_an_8_bit_model(ensemble_model, data, cache_dir, tmp_path):
+    import tifffile
+
+    tiff = tmp_path / "img00.tif"
+    tifffile.imwrite(tiff, np.asarray(Image.open(data / "images" / "img00.png")).astype(np.uint16) * 257,
+                     photometric="rgb")
+    out_csv = tmp_path / "p.csv"
+    result = invoke("predict", ensemble_model, tiff, "--out", out_csv, "--cache-dir", cache_dir)
+    assert result.exit_code == 0, result.output
+    assert warning_lines(result) == [f"warning: {tiff}: 16-bit image, the model was trained on 8-bit images: "
+                                     f"percentile scaling gives it other intensities than the training images; "
+                                     f"convert it to the training format for a reliable answer"]
+    assert read_rows(out_csv)[0]["Note"] == warning_lines(result)[0].replace(f"{tiff}: ", "")
+
+
 # --------------------------------------------------------------------------- cache options
 
 
@@ -408,7 +506,7 @@ def test_real_scenes_train_and_predict_with_the_default_backbone(compose_scenes_
     result = invoke("predict", model, png / "images", "--out", tmp_path / "png.csv", "--cache-dir", cache)
     assert result.exit_code == 0, result.output
     rows = read_rows(tmp_path / "png.csv")
-    assert [r["Image"] for r in rows] == sorted(truth)
+    assert [Path(r["Image"]).name for r in rows] == sorted(truth)
     assert {r["Label"] for r in rows} <= {"Mitosis", "Normal"}
     assert all(0.0 <= float(r["Probability"]) <= 1.0 for r in rows)
 

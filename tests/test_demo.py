@@ -70,8 +70,8 @@ def test_demo_on_a_tiny_synthetic_set_writes_model_report_and_predictions(tmp_pa
     test_names = [r["Image"] for r in read_rows(out / "synthetic-test" / "labels.csv")]
     rows = read_rows(result.predictions_csv)
     assert result.predictions_csv == out / "predictions.csv"
-    assert [r["Image"] for r in rows] == test_names
-    assert list(rows[0]) == ["Image", "Label", "Probability", "pooled", "Note"]
+    assert [r["Image"] for r in rows] == [str(out / "synthetic-test" / "images" / name) for name in test_names]
+    assert list(rows[0]) == ["Image", "Label", "Probability", "Threshold", "pooled", "Note"]
     assert {r["Label"] for r in rows} <= {"Mitosis", "Normal"}
     assert list((out / "feature-cache").rglob("*.safetensors"))
 
@@ -105,7 +105,7 @@ def test_demo_on_user_images_holds_out_a_stratified_split(tmp_path):
     assert metrics["n_images"] == 4
     assert json.loads((out / "model" / "model.json").read_text())["training"]["n_images"] == 12
     predicted = [r["Image"] for r in read_rows(result.predictions_csv)]
-    assert sorted(predicted) == sorted(Path(p).name for p in test_paths)
+    assert sorted(predicted) == sorted(test_paths)
 
 
 def test_demo_needs_enough_user_images_to_hold_some_out(tmp_path):

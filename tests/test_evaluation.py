@@ -14,9 +14,11 @@ from sklearn.metrics import f1_score
 
 from mitoscope.errors import InputError
 from mitoscope.evaluation import (
+    auc_interval,
     best_f1_threshold,
     compute_metrics,
     cross_validate,
+    fit_warnings,
     plot_confusion_matrix,
     plot_roc,
     thresholds_from_other_folds,
@@ -321,3 +323,72 @@ def test_plots_write_pngs_directly(tmp_path):
     with pytest.raises(InputError):
         plot_confusion_matrix([[1, 2, 3]], CLASSES, tmp_path / "bad.png")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c.png", "r.png"]
+
+
+# --------------------------------------------------------------------------- warnings
+
+
+def test_auc_interval_has_the_spread_of_auc_over_repeated_samples():
+    """Binormal scores with a true AUC of 0.8, 50 images per class: the interval's half-width is
+    1.96 times the standard deviation of the AUCs of many such samples (Hanley & McNeil: 0.0445)."""
+    rng = np.random.default_rng(0)
+    shift = np.sqrt(2) * 0.8416212  # AUC = Phi(shift / sqrt(2)) = 0.8
+    positives = rng.standard_normal((4000, 50)) + shift
+    negatives = rng.standard_normal((4000, 50))
+    aucs = (positives[:, :, None] > negatives[:, None, :]).mean(axis=(1, 2))
+    low, high = auc_interval(0.8, 50, 50)
+    assert (low + high) / 2 == pytest.approx(0.8)
+    assert (high - low) / 2 / 1.959964 == pytest.approx(0.0445, abs=5e-4)
+    assert (high - low) / 2 / 1.959964 == pytest.approx(aucs.std(), rel=0.1)
+    assert auc_interval(0.99, 3, 3)[1] == 1.0 and auc_interval(0.01, 3, 3)[0] == 0.0  # clipped
+    with pytest.raises(InputError, match="both classes"):
+        auc_interval(0.7, 0, 5)
+
+
+def test_no_warning_for_a_model_that_separates_the_classes_with_a_sensible_threshold():
+    y = np.array([0, 1] * 15)
+    proba = np.where(y == 1, 0.7, 0.3) + np.linspace(-0.05, 0.05, 30)
+    threshold = best_f1_threshold(y, proba)
+    assert fit_warnings(y, proba, threshold, CLASSES, "cross-validation", [("DenseHead", 7, 20)]) == []
+
+
+def test_probabilities_that_do_not_separate_the_classes_warn_of_chance_and_a_degenerate_threshold():
+    # Positives and negatives interleaved, each positive just below a negative: AUC 0.45, and max F1
+    # calls every image positive (the H&E pooled model's 0.00027 threshold).
+    y = np.array([1, 0] * 10)
+    proba = np.linspace(0.0002, 0.0004, 20)
+    threshold = best_f1_threshold(y, proba)
+    assert threshold < proba.min()
+    chance, degenerate = fit_warnings(y, proba, threshold, CLASSES, "5-fold cross-validation (out-of-fold)")
+    # Hanley & McNeil: SE = sqrt((0.2475 + 9 * 0.0878 + 9 * 0.0768) / 100) = 0.1315; 0.45 -/+ 1.96 SE.
+    assert chance.startswith("5-fold cross-validation (out-of-fold) AUC 0.45 (95% CI 0.192 to 0.708, 10 Mitosis "
+                             "and 10 Normal images) does not rule out chance (0.5)")
+    assert degenerate == ("threshold 0.0001 is degenerate: all 20 5-fold cross-validation (out-of-fold) "
+                          "probabilities lie at or above it, so it calls every one of those images Mitosis")
+
+
+def test_a_threshold_above_every_probability_and_an_auc_below_chance_warn_too():
+    y = np.array([1] * 40 + [0] * 40)
+    proba = np.linspace(0.1, 0.4, 80)  # every positive below every negative: AUC 0
+    warnings = fit_warnings(y, proba, 0.9, CLASSES, "validation split")
+    assert len(warnings) == 2
+    assert "validation split AUC 0 (95% CI 0 to 0" in warnings[0]
+    assert warnings[1].endswith("lie below it, so it calls every one of those images Normal")
+
+
+def test_an_auc_whose_interval_clears_chance_is_not_flagged():
+    y = np.array([0, 1] * 30)
+    proba = np.where(y == 1, 0.6, 0.4) + np.random.default_rng(1).normal(0, 0.12, 60)
+    proba = np.clip(proba, 0, 1)
+    auc = compute_metrics(y, proba, 0.5, CLASSES)["auc"]
+    assert auc_interval(auc, 30, 30)[0] > 0.5
+    assert fit_warnings(y, proba, 0.5, CLASSES) == []
+
+
+def test_a_best_epoch_of_one_in_a_longer_training_warns():
+    epochs = [("DenseHead (final fit)", 1, 16), ("fine-tuning phase head", 1, 1), ("fine-tuning phase full", 4, 9),
+              ("AttentionHead (final fit)", None, 30)]
+    assert fit_warnings(epochs=epochs) == [
+        "DenseHead (final fit): the best validation epoch was the first of 16; training never improved on it "
+        "(learning rate too high, too few images, or nothing learnable)"
+    ]

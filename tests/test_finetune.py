@@ -310,6 +310,25 @@ def test_predictions_after_save_and_load_match_exactly(attention_model, dataset,
     assert {"history.csv", "history.json", "training_curves.png", "network.safetensors"} <= set(config["files"])
 
 
+def test_a_fine_tuned_model_skips_unreadable_images_only_when_asked(attention_model, dataset, tmp_path):
+    result, out = attention_model
+    folder, _ = dataset
+    paths = sorted((folder / "images").glob("*.png"))[:3]
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(paths[0].read_bytes()[:300])
+    missing = tmp_path / "missing.png"
+    model = FineTunedModel.load(out)
+    with pytest.raises(InputError, match=r"broken\.png: cannot decode image"):
+        model.predict_paths([paths[0], broken])
+    pred = model.predict_paths([paths[0], broken, paths[1], missing, paths[2]], with_window_scores=True,
+                               batch_size=2, skip_bad=True)
+    assert pred.paths == paths and list(pred.skipped) == [missing, broken]
+    assert "not found" in pred.skipped[missing] and "cannot decode image" in pred.skipped[broken]
+    assert len(pred.window_scores) == len(pred.boxes) == len(pred.notes) == 3
+    np.testing.assert_allclose(pred.proba, model.predict_paths(paths).proba, rtol=0, atol=1e-6)
+    assert model.gives_window_scores  # heatmaps from any fine-tuned network (attention or its CAM)
+
+
 def test_attention_weights_sum_to_one_and_their_cells_tile_the_image(attention_model, tmp_path):
     result, out = attention_model
     model = FineTunedModel.load(out)
@@ -439,15 +458,24 @@ def test_cli_finetune_then_predict_and_evaluate_like_round_one(dataset, tmp_path
     assert keys <= set(report) and "2-fold" in report["evaluation"]
     history = list(csv.DictReader((out / "history.csv").open()))
     assert [(r["stage"], r["phase"]) for r in history] == [("main", "head"), ("main", "full")]
-    assert json.loads((out / "model.json").read_text())["tta"] is True
+    described = json.loads((out / "model.json").read_text())
+    assert described["tta"] is True
+    assert described["source_images"] == {"bit_depths": [8], "channel_counts": [3], "n_images": 12}
+    # 12 images, 1 + 1 epochs from random weights: chance, said in the report, the model and the CLI.
+    assert report["warnings"] == described["training"]["warnings"] and report["warnings"]
+    assert any("does not rule out chance" in warning for warning in report["warnings"])
+    assert [line.removeprefix("warning: ") for line in result.output.splitlines()
+            if line.startswith("warning:")] == report["warnings"]
 
     rows = pipeline.predict(out, [folder / "images"], tmp_path / "pred.csv")
     round_one = pipeline.train(folder, labels, tmp_path / "round1", pipeline.TrainConfig(
         head="pooled", backbone="test_efficientnet", pretrained=False, window=SIZE, cv=0))
-    round_one_rows = round_one.model.predict([folder / "images" / rows[0]["Image"]])
+    assert rows[0]["Image"] == str(sorted((folder / "images").glob("*.png"))[0])  # the path as given
+    round_one_rows = round_one.model.predict([rows[0]["Image"]])
     expected = ["finetuned" if c == "pooled" else c for c in round_one_rows[0]]
     with open(tmp_path / "pred.csv", newline="") as handle:
-        assert next(csv.reader(handle)) == expected == ["Image", "Label", "Probability", "finetuned", "Note"]
+        assert next(csv.reader(handle)) == expected == ["Image", "Label", "Probability", "Threshold", "finetuned",
+                                                        "Note"]
     metrics = pipeline.evaluate(out, folder, labels, tmp_path / "eval")
     assert keys <= set(metrics) and metrics["n_images"] == 12
     assert {"metrics.json", "predictions.csv", "roc.png"} <= {p.name for p in (tmp_path / "eval").iterdir()}

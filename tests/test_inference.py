@@ -110,10 +110,10 @@ def test_predict_serves_without_importing_torch_or_sklearn_and_writes_the_same_c
     assert json.loads(done.stdout.strip().splitlines()[-1]) == []
     full_rows = [line.split(",") for line in full_csv.read_text().splitlines()]
     served_rows = [line.split(",") for line in served_csv.read_text().splitlines()]
-    assert served_rows[0] == full_rows[0] == ["Image", "Label", "Probability", "dense", "forest", "Note"]
+    assert served_rows[0] == full_rows[0] == ["Image", "Label", "Probability", "Threshold", "dense", "forest", "Note"]
     for served, full in zip(served_rows[1:], full_rows[1:]):
         assert served[:2] == full[:2]
-        np.testing.assert_allclose([float(v) for v in served[2:5]], [float(v) for v in full[2:5]], atol=2e-5)
+        np.testing.assert_allclose([float(v) for v in served[2:6]], [float(v) for v in full[2:6]], atol=2e-5)
 
 
 def test_what_cannot_be_served_falls_back_to_the_full_pipeline(trained, data, new_images, tmp_path, caplog):

@@ -18,11 +18,14 @@ from PIL import Image
 from mitoscope.errors import InputError
 from mitoscope.io import (
     DEFAULT_MAX_PIXELS,
+    ImageHeader,
     LabelledImages,
     ReadOptions,
+    SourceProfile,
     find_images,
     load_labelled_images,
     parse_channels,
+    read_header,
     read_image,
 )
 
@@ -433,6 +436,102 @@ def test_animated_gif_is_refused(tmp_path):
     frames[0].save(tmp_path / "anim.gif", save_all=True, append_images=frames[1:])
     with pytest.raises(InputError, match=r"anim\.gif.*3 frames"):
         read_image(tmp_path / "anim.gif")
+
+
+# --------------------------------------------------------------------------- headers and source profiles
+
+
+def _header_cases(tmp_path: Path) -> list[tuple[Path, int, int, ReadOptions]]:
+    """(file, source channels, bits per sample, options) for every layout the reading rule knows."""
+    rgb, stack = _rgb8(), _stack16()
+    cases = []
+
+    def pillow(name: str, image: Image.Image, channels: int, bits: int) -> None:
+        image.save(tmp_path / name)
+        cases.append((tmp_path / name, channels, bits, ReadOptions()))
+
+    def tiff(name: str, data: np.ndarray, channels: int, bits: int, options: ReadOptions = ReadOptions(),
+             **kwargs) -> None:
+        tifffile.imwrite(tmp_path / name, data, **kwargs)
+        cases.append((tmp_path / name, channels, bits, options))
+
+    pillow("rgb.png", Image.fromarray(rgb), 3, 8)
+    pillow("rgb.jpg", Image.fromarray(rgb), 3, 8)
+    pillow("rgba.png", Image.fromarray(np.dstack([rgb, rgb[:, :, :1]])), 4, 8)
+    pillow("grey.png", Image.fromarray(rgb[:, :, 0]), 1, 8)
+    pillow("grey_alpha.png", Image.fromarray(rgb[:, :, :2].copy(), mode="LA"), 1, 8)
+    pillow("palette.png", Image.fromarray(rgb).convert("P"), 3, 8)
+    pillow("bilevel.png", Image.fromarray(rgb[:, :, 0] > 128), 1, 1)
+    pillow("grey16.png", Image.fromarray(stack[0]), 1, 16)
+    tiff("cyx16.tif", stack, 3, 16, photometric="minisblack", metadata={"axes": "CYX"})
+    tiff("yxs16.tif", np.moveaxis(stack, 0, -1), 3, 16, photometric="rgb")
+    tiff("five.tif", _stack16(5), 5, 16, ReadOptions(channels=(4, 0, 2)), photometric="minisblack",
+         metadata={"axes": "CYX"})
+    tiff("float.tif", stack[:2].astype(np.float32), 2, 32, photometric="minisblack", metadata={"axes": "CYX"})
+    tiff("palette.tif", rgb[:, :, 0] // 32, 3, 8, photometric="palette",
+         colormap=_rng().integers(0, 65536, (3, 256)).astype(np.uint16))
+    tiff("mask.tif", rgb[:, :, 0] > 100, 1, 1, photometric="minisblack")
+    return cases
+
+
+def test_the_header_tells_the_channels_and_bit_depth_the_reading_rule_sees(tmp_path, monkeypatch):
+    seen: dict[Path, tuple[int, bool]] = {}
+    from mitoscope import io as io_module
+
+    decode = io_module._to_rgb8
+
+    def spy(pixels, is_8bit, options, path):  # the channels and 8-bit-ness read_image decides on
+        seen[path] = (pixels.shape[2], is_8bit)
+        return decode(pixels, is_8bit, options, path)
+
+    monkeypatch.setattr(io_module, "_to_rgb8", spy)
+    for path, channels, bits, options in _header_cases(tmp_path):
+        header = read_header(path, options)
+        image = read_image(path, options)
+        assert header == ImageHeader(path, image.shape[0], image.shape[1], channels, bits), path.name
+        assert seen[path] == (channels, not header.scaled), path.name
+
+
+def test_the_header_is_read_without_decoding_and_refuses_what_read_image_refuses(tmp_path):
+    raw = tmp_path / "whole.png"
+    Image.fromarray(_rgb8(64, 64)).save(raw)
+    truncated = tmp_path / "truncated.png"
+    truncated.write_bytes(raw.read_bytes()[:200])
+    assert read_header(truncated) == ImageHeader(truncated, 64, 64, 3, 8)  # only decoding finds it out
+    with pytest.raises(InputError, match="truncated"):
+        read_image(truncated)
+    (tmp_path / "empty.png").write_bytes(b"")
+    (tmp_path / "text.png").write_text("not pixels")
+    tifffile.imwrite(tmp_path / "five.tif", _stack16(5), photometric="minisblack", metadata={"axes": "CYX"})
+    for name, message in [("missing.png", "does not exist"), ("empty.png", "file is empty"),
+                          ("text.png", "not an image file"), ("five.tif", "5 channels; choose three")]:
+        with pytest.raises(InputError, match=message):
+            read_header(tmp_path / name)
+    with pytest.raises(InputError, match=r"whole\.png: image is .*over the limit of 4,095 pixels"):
+        read_header(raw, ReadOptions(max_pixels=4095))
+
+
+def test_a_source_profile_refuses_other_channel_counts_and_warns_across_the_8_bit_line(tmp_path):
+    profile = SourceProfile.of([ImageHeader(Path("a.png"), 9, 9, 3, 8), ImageHeader(Path("b.png"), 9, 9, 4, 8)])
+    assert profile == SourceProfile(bit_depths=(8,), channel_counts=(3, 4), n_images=2)
+    assert SourceProfile.from_dict(json.loads(json.dumps(profile.to_dict()))) == profile
+    assert SourceProfile.from_dict(None) is None  # a model saved before profiles were recorded
+
+    assert profile.check(ImageHeader(Path("same.png"), 5, 5, 3, 8)) == ""
+    assert profile.check(ImageHeader(Path("bilevel.png"), 5, 5, 4, 1)) == ""  # kept as is, as 8-bit data
+    with pytest.raises(InputError, match=r"grey\.png: image has 1 channel\(s\), the model was trained on images of "
+                                         r"3 or 4 channel\(s\).*--channels r,g,b \(indices 0\.\.0\)"):
+        profile.check(ImageHeader(Path("grey.png"), 5, 5, 1, 8))
+    assert profile.check(ImageHeader(Path("grey.png"), 5, 5, 1, 8), channels_chosen=True) == ""
+    deep = profile.check(ImageHeader(Path("deep.tif"), 5, 5, 3, 16))
+    assert deep.startswith("16-bit image, the model was trained on 8-bit images: percentile scaling")
+
+    scaled = SourceProfile(bit_depths=(16, 32), channel_counts=(3,), n_images=4)
+    assert scaled.check(ImageHeader(Path("float.tif"), 5, 5, 3, 32)) == ""
+    shallow = scaled.check(ImageHeader(Path("rgb.png"), 5, 5, 3, 8))
+    assert shallow.startswith("8-bit image, the model was trained on 16-bit and 32-bit images: its values are used")
+    assert SourceProfile(bit_depths=(8, 16), channel_counts=(3,), n_images=2).check(ImageHeader(
+        Path("x.tif"), 5, 5, 3, 16)) == ""
 
 
 # --------------------------------------------------------------------------- options

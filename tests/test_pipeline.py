@@ -25,6 +25,7 @@ from mitoscope.pipeline import (
     TrainConfig,
     build_head,
     evaluate,
+    head_epochs,
     load_model,
     predict,
     train,
@@ -222,7 +223,7 @@ def test_fixed_grid_head_resizes_another_size_and_says_so(trained, odd_image, im
     assert direct.notes == [""]
     np.testing.assert_allclose(pred.proba[0], direct.proba[0], rtol=0, atol=1e-6)
     rows = model.predict([odd_image], cache=cache)
-    assert list(rows[0]) == ["Image", "Label", "Probability", "dense", "forest", "Note"]
+    assert list(rows[0]) == ["Image", "Label", "Probability", "Threshold", "dense", "forest", "Note"]
     assert rows[0]["Note"] == pred.notes[0]
 
 
@@ -246,7 +247,7 @@ def test_predict_and_evaluate_write_their_files(trained, data, image_paths, cach
     rows = predict(model_dir, [data / "images"], tmp_path / "out" / "predictions.csv", cache)
     assert len(rows) == len(image_paths)
     text = (tmp_path / "out" / "predictions.csv").read_text().splitlines()
-    assert text[0] == "Image,Label,Probability,pooled,Note"
+    assert text[0] == "Image,Label,Probability,Threshold,pooled,Note"
     assert {line.split(",")[1] for line in text[1:]} <= {"Mitosis", "Normal"}
     metrics = evaluate(model_dir, data, data / "labels.csv", tmp_path / "report", cache)
     assert metrics["n_images"] == 8
@@ -259,13 +260,52 @@ def test_predict_and_evaluate_write_their_files(trained, data, image_paths, cach
     assert evaluated[0].split(",")[-1] == "True"
     for line in evaluated[1:]:
         cells = line.split(",")
-        assert cells[-1] == truth[cells[0]]
+        assert cells[-1] == truth[Path(cells[0]).name]
 
 
 def test_predict_max_pixels_overrides_the_models_limit(trained, image_paths, cache, tmp_path):
     with pytest.raises(InputError, match="img00.png"):
         predict(trained("pooled").model_dir, image_paths[:1], tmp_path / "p.csv", cache, max_pixels=SIZE * SIZE - 1)
     assert not (tmp_path / "p.csv").exists()
+
+
+# --------------------------------------------------------------------------- warnings
+
+
+def test_a_model_at_chance_says_so_in_its_result_its_metrics_and_its_description(tmp_path, cache):
+    # The same pixels under both labels: equal probabilities, AUC 0.5, and max F1 calls every image positive.
+    folder = tmp_path / "same"
+    (folder / "images").mkdir(parents=True)
+    pixels = blob_image(np.random.default_rng(0), positive=True)
+    for i in range(8):
+        Image.fromarray(pixels).save(folder / "images" / f"img{i:02d}.png")
+    (folder / "labels.csv").write_text("Image,Label\n" + "".join(
+        f"img{i:02d}.png,{'Mitosis' if i % 2 == 0 else 'Normal'}\n" for i in range(8)))
+    result = train(folder, folder / "labels.csv", tmp_path / "model", config_for("pooled", cv=2), cache)
+    assert result.cv_metrics["auc"] == 0.5
+    chance, degenerate = result.warnings
+    assert chance.startswith("2-fold cross-validation (out-of-fold) AUC 0.5 (95% CI") and "chance" in chance
+    assert degenerate.startswith(f"threshold {result.model.threshold:.3g} is degenerate: all 8")
+    assert degenerate.endswith("calls every one of those images Mitosis")
+    assert json.loads((result.model_dir / "metrics.json").read_text())["warnings"] == result.warnings
+    assert json.loads((result.model_dir / "model.json").read_text())["training"]["warnings"] == result.warnings
+
+
+def test_every_report_lists_its_warnings_even_when_there_are_none(trained):
+    result = trained("pooled")  # 2-fold CV
+    assert json.loads((result.model_dir / "metrics.json").read_text())["warnings"] == result.warnings
+    forest = trained("forest")  # no CV (no held-out predictions to judge) and no epochs
+    assert forest.warnings == [] and json.loads((forest.model_dir / "model.json").read_text())["training"]["warnings"] == []
+
+
+def test_head_epochs_reads_the_early_stopped_network_of_a_head():
+    from types import SimpleNamespace
+
+    dense = DenseHead()
+    dense.history_ = {"best_epoch": 1, "epochs_run": 12}
+    assert head_epochs(dense) == head_epochs(SimpleNamespace(dense_=dense)) == [("DenseHead (final fit)", 1, 12)]
+    dense.history_ = {"best_epoch": None, "epochs_run": 40}  # too few images for a validation split
+    assert head_epochs(dense) == [] and head_epochs(ForestHead()) == []
 
 
 # --------------------------------------------------------------------------- configuration

@@ -19,7 +19,7 @@ from typing import Any, Callable
 from . import __version__
 from .atomic import atomic_write_json, sha256_file
 from .errors import InputError, ModelError
-from .io import ReadOptions
+from .io import ReadOptions, SourceProfile
 
 FORMAT_VERSION = 1
 MODEL_FILE = "model.json"
@@ -146,7 +146,8 @@ def verify_model_files(model_dir: str | Path, config: dict[str, Any]) -> None:
 
 class ModelDescription:
     """What every saved model tells from its ``model.json``: classes, positive class, threshold,
-    how images are read, and the size a fixed-grid head was trained on."""
+    how images are read, the kinds of image it was trained on, and the size a fixed-grid head
+    was trained on."""
 
     config: dict[str, Any]
 
@@ -162,11 +163,38 @@ class ModelDescription:
 
     def limit_pixels(self, max_pixels: int | None) -> None:
         """Replace the model's pixel limit for its reads (None keeps it); a bad limit fails now."""
-        if max_pixels is None:
-            return
-        read = {**self.config.get("read", {}), "max_pixels": max_pixels}
-        ReadOptions.from_dict(read)  # a bad limit is an InputError now, not mid-prediction
+        if max_pixels is not None:
+            self._override_reading("max_pixels", max_pixels)
+
+    def choose_channels(self, channels: tuple[int, int, int] | None) -> None:
+        """Replace the source channels the model reads as R, G, B (None keeps the model's)."""
+        if channels is not None:
+            self._override_reading("channels", list(channels))
+            self.config["_channels_chosen"] = True
+
+    @property
+    def channels_chosen(self) -> bool:
+        """Whether :meth:`choose_channels` replaced the model's channels for these reads."""
+        return bool(self.config.get("_channels_chosen"))
+
+    def _override_reading(self, key: str, value: Any) -> None:
+        read = {**self.config.get("read", {}), key: value}
+        ReadOptions.from_dict(read)  # a bad option is an InputError now, not mid-prediction
         self.config["read"] = read
+
+    @property
+    def source_profile(self) -> SourceProfile | None:
+        """The bit depths and channel counts of the training images; None for models saved before
+        they were recorded."""
+        try:
+            return SourceProfile.from_dict(self.config.get("source_images"))
+        except InputError as error:
+            raise ModelError(f"{Path(self.config.get('_model_dir', '.')) / MODEL_FILE}: {error}") from None
+
+    @property
+    def gives_window_scores(self) -> bool:
+        """Whether the model scores windows (or feature-map positions): what heatmaps need."""
+        return hasattr(getattr(self, "head", None), "window_scores")
 
     @property
     def classes(self) -> tuple[str, str]:

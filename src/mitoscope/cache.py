@@ -171,26 +171,39 @@ def extract_dataset(
     resize_to: tuple[int, int] | None = None,
     progress: ProgressCallback | None = None,
     read: Callable[[Path, ReadOptions], np.ndarray] = read_image,
+    skipped: dict[Path, str] | None = None,
 ) -> list[ImageFeatures]:
-    """Features of every image, from the cache when present; reading (``read``) runs one image ahead."""
+    """Features of every image, from the cache when present; reading (``read``) runs one image ahead.
+
+    An image that cannot be read raises InputError; with ``skipped`` (a dict) it is recorded
+    there instead (path -> the error's message) and left out of the list returned.
+    """
     read_options = read_options or ReadOptions()
     settings = cache_settings(extractor.fingerprint(), read_options, resize_to)
     paths = [Path(p) for p in paths]
     results: list[ImageFeatures | None] = [None] * len(paths)
     todo: list[tuple[int, str | None]] = []
+
+    def skip(path: Path, error: InputError) -> None:
+        if skipped is None:
+            raise error
+        skipped[path] = str(error)
+
     for index, path in enumerate(paths):
         if not path.is_file():
-            raise InputError(f"{path}: image file not found")
+            skip(path, InputError(f"{path}: image file not found"))
+            continue
         key = FeatureCache.key(file_sha256(path), settings) if cache else None
         cached = cache.load(key) if cache and key else None
         if cached is not None:
             # The same limit as reading, so a warm cache never lets an image through that a cold one refuses.
             height, width = cached.image_size
             if height * width > read_options.max_pixels:
-                raise InputError(
+                skip(path, InputError(
                     f"{path}: image is {width}x{height} = {height * width:,} pixels, over the limit of "
                     f"{read_options.max_pixels:,} pixels (max_pixels; raise it only for files you trust)"
-                )
+                ))
+                continue
             results[index] = cached
         else:
             todo.append((index, key))
@@ -201,17 +214,22 @@ def extract_dataset(
     with ThreadPoolExecutor(max_workers=1) as pool:
         pending = pool.submit(read, paths[todo[0][0]], read_options) if todo else None
         for position, (index, key) in enumerate(todo):
-            image = pending.result()
+            try:
+                image = pending.result()
+            except InputError as error:
+                skip(paths[index], error)
+                image = None
             if position + 1 < len(todo):
                 pending = pool.submit(read, paths[todo[position + 1][0]], read_options)
-            feats = extractor.extract(image, resize_to=resize_to)
-            if cache and key:
-                provenance = {"image": str(paths[index]), "mitoscope": __version__, "engine": extractor.engine, **settings}
-                try:
-                    cache.save(key, feats, provenance)
-                except OSError as exc:  # a full or read-only cache costs time, never the result
-                    logger.warning("cannot write feature cache entry under %s (%s)", cache.root, exc)
-            results[index] = feats
+            if image is not None:
+                results[index] = features = extractor.extract(image, resize_to=resize_to)
+                if cache and key:
+                    provenance = {"image": str(paths[index]), "mitoscope": __version__, "engine": extractor.engine,
+                                  **settings}
+                    try:
+                        cache.save(key, features, provenance)
+                    except OSError as exc:  # a full or read-only cache costs time, never the result
+                        logger.warning("cannot write feature cache entry under %s (%s)", cache.root, exc)
             done += 1
             if progress:
                 progress(done, len(paths))

@@ -64,6 +64,10 @@ def fail(exc: MitoscopeError) -> None:
     raise typer.Exit(code=2)
 
 
+def warn(message: str) -> None:
+    console.print(f"[yellow]warning:[/yellow] {message}", highlight=False, soft_wrap=True)
+
+
 def cache_from(cache_dir: Optional[Path], no_cache: bool):
     from .cache import open_cache
 
@@ -89,7 +93,8 @@ def metrics_table(title: str, metrics: dict[str, Any]) -> Table:
     table = Table(title=title)
     for key in ("f1", "auc", "accuracy", "precision", "recall", "balanced_accuracy", "threshold"):
         table.add_column(key)
-    table.add_row(*[("-" if metrics.get(k) is None else f"{metrics[k]:.3f}") for k in
+    # The threshold in significant digits: a max-F1 cut of 0.00027 must not read 0.000.
+    table.add_row(*[("-" if metrics.get(k) is None else f"{metrics[k]:{'.3g' if k == 'threshold' else '.3f'}}") for k in
                     ("f1", "auc", "accuracy", "precision", "recall", "balanced_accuracy", "threshold")])
     return table
 
@@ -140,6 +145,8 @@ def train(
         fail(exc)
     if result.cv_metrics:
         console.print(metrics_table(f"{cv}-fold cross-validation ({head})", result.cv_metrics))
+    for message in result.warnings:
+        warn(message)
     console.print(f"model written to [bold]{result.model_dir}[/bold] in {time.perf_counter() - started:.0f} s")
 
 
@@ -154,20 +161,26 @@ def predict(
     no_cache: bool = typer.Option(False, "--no-cache"),
     max_pixels: Optional[int] = typer.Option(None, "--max-pixels", help=MAX_PIXELS_HELP + " Default: the model's."),
     engine: str = ENGINE_OPTION,
+    channels: Optional[str] = typer.Option(None, "--channels", help="Source channels for R,G,B, e.g. 1,0,2, instead of the model's; also accepts images whose channel count the model was not trained on."),
+    skip_bad: bool = typer.Option(False, "--skip-bad", help="Go on past images that cannot be read (or are refused): each gets a row with an empty Label and the error in Note."),
 ) -> None:
-    """Predict new images: CSV with Image, Label, Probability and one column per head.
+    """Predict new images: CSV with Image, Label, Probability, Threshold, one column per head and Note.
 
     Example: mitoscope predict model/ new_images/ --out predictions.csv --heatmaps heatmaps/
     """
+    from .io import parse_channels
     from .predictions import predict as run_predict
 
     try:
         with progress_bars() as progress:
             rows = run_predict(model_dir, images, out, cache_from(cache_dir, no_cache), progress,
-                               heatmaps_dir=heatmaps, top_k=top_k, max_pixels=max_pixels, engine=engine)
+                               heatmaps_dir=heatmaps, top_k=top_k, max_pixels=max_pixels, engine=engine,
+                               channels=parse_channels(channels) if channels else None, skip_bad=skip_bad, warn=warn)
     except MitoscopeError as exc:
         fail(exc)
-    console.print(f"{len(rows)} predictions written to [bold]{out}[/bold]")
+    n_skipped = sum(1 for row in rows if not row["Label"])
+    skipped = f" ({n_skipped} image(s) skipped: see the warnings above)" if n_skipped else ""
+    console.print(f"{len(rows) - n_skipped} predictions written to [bold]{out}[/bold]{skipped}")
     if heatmaps is not None:
         console.print(f"heatmaps written to [bold]{heatmaps}[/bold]")
 
@@ -211,17 +224,20 @@ def evaluate(
     no_cache: bool = typer.Option(False, "--no-cache"),
     max_pixels: Optional[int] = typer.Option(None, "--max-pixels", help=MAX_PIXELS_HELP + " Default: the model's."),
     engine: str = ENGINE_OPTION,
+    channels: Optional[str] = typer.Option(None, "--channels", help="Source channels for R,G,B, e.g. 1,0,2, instead of the model's."),
 ) -> None:
     """Evaluate a saved model on another labelled set.
 
     Example: mitoscope evaluate model/ test_scenes/ --labels test_scenes/labels.csv --out report/
     """
+    from .io import parse_channels
     from .pipeline import evaluate as run_evaluate
 
     try:
         with progress_bars() as progress:
             metrics = run_evaluate(model_dir, data_dir, labels, out, cache_from(cache_dir, no_cache), progress,
-                                   max_pixels=max_pixels, engine=engine)
+                                   max_pixels=max_pixels, engine=engine,
+                                   channels=parse_channels(channels) if channels else None, warn=warn)
     except MitoscopeError as exc:
         fail(exc)
     console.print(metrics_table("evaluation", metrics))
@@ -259,6 +275,8 @@ def demo(
         fail(exc)
     if result.cv_metrics:
         console.print(metrics_table(f"{cv}-fold cross-validation on the training images ({head})", result.cv_metrics))
+    for message in result.warnings:
+        warn(message)
     console.print(metrics_table("held-out test images", result.test_metrics))
     console.print(f"model:       [bold]{result.model_dir}[/bold]")
     console.print(f"report:      [bold]{result.report_dir / 'metrics.json'}[/bold] (+ roc.png, confusion_matrix.png)")
@@ -386,6 +404,8 @@ def finetune_command(
         console.print(metrics_table(f"{cv}-fold cross-validation (fine-tuned {backbone})", result.cv_metrics))
     if result.validation_metrics:
         console.print(metrics_table("validation split (optimistic: it chose the checkpoints)", result.validation_metrics))
+    for message in result.warnings:
+        warn(message)
     console.print(f"model written to [bold]{result.model_dir}[/bold] in {time.perf_counter() - started:.0f} s")
 
 

@@ -33,6 +33,7 @@ class DemoResult:
     cv_metrics: dict[str, Any] | None
     test_metrics: dict[str, Any]
     synthetic: bool
+    warnings: list[str]  # the trained model's (see TrainResult.warnings)
 
 
 def write_split_csv(path: Path, paths: list[Path], labels: list[str]) -> Path:
@@ -87,4 +88,5 @@ def run_demo(
         names = [row[column] for row in csv.DictReader(handle)]
     images = [test_dir / "images" / n for n in names] if data_dir is None else [Path(n) for n in names]
     predict(model_dir, images, predictions_csv, cache, progress)
-    return DemoResult(out_dir, model_dir, report_dir, predictions_csv, result.cv_metrics, metrics, data_dir is None)
+    return DemoResult(out_dir, model_dir, report_dir, predictions_csv, result.cv_metrics, metrics, data_dir is None,
+                      result.warnings)

@@ -28,7 +28,9 @@ __all__ = [
     "CVResult",
     "best_f1_threshold",
     "compute_metrics",
+    "auc_interval",
     "cross_validate",
+    "fit_warnings",
     "plot_confusion_matrix",
     "plot_roc",
     "thresholds_from_other_folds",
@@ -39,6 +41,8 @@ logger = logging.getLogger(__name__)
 
 #: Threshold used when the labels give nothing to tune it on (a single class).
 DEFAULT_THRESHOLD = 0.5
+#: Normal quantile of the AUC confidence interval that must exclude chance (0.5): 95%, two-sided.
+CHANCE_Z = 1.959964
 
 
 class BagClassifier(Protocol):
@@ -345,6 +349,81 @@ def cross_validate(
         metrics=metrics,
         per_fold=per_fold,
     )
+
+
+# --------------------------------------------------------------------------- warnings
+
+
+def auc_interval(auc: float, n_positive: int, n_negative: int, z: float = CHANCE_Z) -> tuple[float, float]:
+    """Confidence interval ``auc -/+ z * SE`` of a ROC AUC, clipped to [0, 1].
+
+    SE is Hanley & McNeil's (1982) standard error for ``n_positive`` positive and
+    ``n_negative`` negative images; the default ``z`` gives a two-sided 95% interval.
+    """
+    if n_positive < 1 or n_negative < 1:
+        raise InputError(f"an AUC interval needs images of both classes; got {n_positive} positive, "
+                         f"{n_negative} negative")
+    q1, q2 = auc / (2.0 - auc), 2.0 * auc * auc / (1.0 + auc)
+    variance = (auc * (1.0 - auc) + (n_positive - 1) * (q1 - auc * auc)
+                + (n_negative - 1) * (q2 - auc * auc)) / (n_positive * n_negative)
+    half = z * float(np.sqrt(max(variance, 0.0)))
+    return max(0.0, auc - half), min(1.0, auc + half)
+
+
+def fit_warnings(
+    y: Any = None,
+    proba: Any = None,
+    threshold: float | None = None,
+    classes: tuple[str, str] = ("negative", "positive"),
+    source: str = "out-of-fold",
+    epochs: Sequence[tuple[str, int | None, int]] = (),
+) -> list[str]:
+    """What a user must know before trusting a freshly trained model, one sentence each.
+
+    ``y`` and ``proba`` are the held-out labels and probabilities the decision ``threshold``
+    was chosen on (cross-validation's out-of-fold predictions, or a validation split's);
+    ``source`` names them in the messages. ``epochs`` lists ``(what, best_epoch, epochs_run)``
+    of each early-stopped training. The rules:
+
+    - **chance**: the held-out ROC AUC's 95% confidence interval (:func:`auc_interval`)
+      reaches 0.5 or below: the model is not shown to tell the classes apart;
+    - **degenerate threshold**: every held-out image lies on one side of the threshold, so
+      the model calls all of them one class (max-F1 does so, calling all positive, when the
+      probabilities do not separate the classes);
+    - **first epoch**: the best validation epoch of a training that ran longer was its first:
+      training never improved on its starting point.
+    """
+    warnings: list[str] = []
+    negative, positive = classes
+    if y is not None and proba is not None:
+        labels = _as_labels(y)
+        scores = _as_scores(proba, labels.size)
+        n_positive = int(labels.sum())
+        n_negative = labels.size - n_positive
+        if n_positive and n_negative:
+            auc = float(roc_auc_score(labels, scores))
+            low, high = auc_interval(auc, n_positive, n_negative)
+            if low <= 0.5:
+                warnings.append(
+                    f"{source} AUC {auc:.3g} (95% CI {low:.3g} to {high:.3g}, {n_positive} {positive} and "
+                    f"{n_negative} {negative} images) does not rule out chance (0.5): the model is not shown to "
+                    f"tell {positive} from {negative}"
+                )
+        if threshold is not None:
+            above = int(np.sum(scores >= threshold))
+            if above in (0, labels.size):
+                called, side = (positive, "at or above") if above else (negative, "below")
+                warnings.append(
+                    f"threshold {threshold:.3g} is degenerate: all {labels.size} {source} probabilities lie {side} "
+                    f"it, so it calls every one of those images {called}"
+                )
+    for what, best, run in epochs:
+        if best == 1 and run > 1:
+            warnings.append(
+                f"{what}: the best validation epoch was the first of {run}; training never improved on it "
+                f"(learning rate too high, too few images, or nothing learnable)"
+            )
+    return warnings
 
 
 # --------------------------------------------------------------------------- plots and report

@@ -117,10 +117,10 @@ from .augment import AugmentConfig, augment_batch, dihedral, invert_dihedral
 from .backbones import Backbone, create_backbone
 from .defaults import DEFAULT_FINETUNE_BACKBONE, OFFLINE_ALTERNATIVE
 from .errors import InputError, ModelError, WeightsUnavailableError
-from .evaluation import best_f1_threshold, compute_metrics, cross_validate, write_report
+from .evaluation import best_f1_threshold, compute_metrics, cross_validate, fit_warnings, write_report
 from .features import FeatureCache, file_sha256, pick_device, resize_image
 from .heads import _GatedAttentionNetwork
-from .io import LabelledImages, ReadOptions, load_labelled_images, read_image
+from .io import LabelledImages, ReadOptions, SourceProfile, load_labelled_images, read_image
 from .tiling import crop_windows, make_grid, validate_tiling
 
 logger = logging.getLogger(__name__)
@@ -1508,6 +1508,10 @@ class FineTunedModel(ModelDescription):
     def map_shape(self) -> tuple[int, int]:
         return tuple(self.config["network"]["feature_map"])
 
+    @property
+    def gives_window_scores(self) -> bool:
+        return True  # attention weights, or the class-activation map of avg pooling
+
     def _read(self, path: Path) -> tuple[np.ndarray, tuple[int, int]]:
         image = read_image(path, self.read_options)
         return resize_image(image, (self.size, self.size)), image.shape[:2]
@@ -1522,6 +1526,7 @@ class FineTunedModel(ModelDescription):
         with_window_scores: bool = False,
         tta: bool | None = None,
         engine: str = "auto",
+        skip_bad: bool = False,
     ) -> Any:
         """Predict image files (any size: each is resized to the training size).
 
@@ -1531,17 +1536,26 @@ class FineTunedModel(ModelDescription):
         ``tta`` overrides the model's stored test-time-augmentation setting. With
         ``with_window_scores`` every image gets one score per feature-map position
         (attention weights, or the class-activation map for ``avg`` pooling) and ``boxes``
-        the cells they stand for.
+        the cells they stand for. With ``skip_bad`` an image that cannot be read is left out and
+        listed in the result's ``skipped`` instead of raising InputError.
         """
         from .predictions import Predictions
 
         if engine not in ("auto", "torch"):
             raise InputError(f"engine {engine} runs window-feature models; a fine-tuned network runs in PyTorch "
                              "(engine auto or torch)")
+        skipped: dict[Path, str] = {}
+
+        def skip(path: Path, error: InputError) -> None:
+            if not skip_bad:
+                raise error
+            skipped[path] = str(error)
+
         paths = [Path(p) for p in paths]
         for path in paths:
             if not path.is_file():
-                raise InputError(f"{path}: image file not found")
+                skip(path, InputError(f"{path}: image file not found"))
+        paths = [path for path in paths if path not in skipped]
         use_tta = self.tta if tta is None else bool(tta)
         torch_device = pick_device(device)
         self.network.to(torch_device)
@@ -1567,16 +1581,22 @@ class FineTunedModel(ModelDescription):
         with ThreadPoolExecutor(max_workers=1) as pool:
             pending = pool.submit(step, paths[0]) if paths else None
             for index in range(len(paths)):
-                array, image_size = pending.result()
+                try:
+                    array, image_size = pending.result()
+                except InputError as error:
+                    skip(paths[index], error)
+                    array = None
                 if index + 1 < len(paths):
                     pending = pool.submit(step, paths[index + 1])
-                batch.append(array)
-                sizes.append((int(image_size[0]), int(image_size[1])))
-                if len(batch) >= batch_size:
-                    flush()
+                if array is not None:
+                    batch.append(array)
+                    sizes.append((int(image_size[0]), int(image_size[1])))
+                    if len(batch) >= batch_size:
+                        flush()
                 if progress:
                     progress("predicting", index + 1, len(paths))
         flush()
+        paths = [path for path in paths if path not in skipped]
         self.network.cpu()
         size = self.size
         notes = ["" if s == (size, size) else f"resized {s[1]}x{s[0]} to {size}x{size}" for s in sizes]
@@ -1589,6 +1609,7 @@ class FineTunedModel(ModelDescription):
             window_scores=scores,
             boxes=[position_boxes(s, self.map_shape) for s in sizes],
             image_sizes=sizes,
+            skipped=skipped,
         )
 
     def predict(self, paths: Sequence[str | Path], **kwargs: Any) -> list[dict[str, Any]]:
@@ -1714,6 +1735,8 @@ class FineTuneResult:
     model_dir: Path | None
     history: list[dict[str, Any]]
     validation_metrics: dict[str, Any] | None
+    # What to know before trusting the model: see mitoscope.evaluation.fit_warnings.
+    warnings: list[str] = field(default_factory=list)
 
 
 def _work_dir(out_dir: Path) -> Path:
@@ -1792,6 +1815,7 @@ def finetune(
         raise InputError(f"{source}: {config.cv}-fold grouped cross-validation needs at least {config.cv} groups, "
                          f"got {np.unique(groups).size}; lower --cv")
     validation_split(data.y, groups, config.val_fraction, config.seed, source)  # fails now rather than after hours
+    sources = SourceProfile.from_paths(data.paths, config.read_options)  # headers only: an unreadable one fails now
     with quiet_lightning(True):
         make_trainer(config, 1, [], Path(os.devnull))  # devices, precision: checked now, not after the images are read
     network, backbone = build_network(config)
@@ -1862,6 +1886,13 @@ def finetune(
             threshold = best_f1_threshold(val_y, final.val_proba_)
             rule = "max F1 on the validation split's predictions"
         validation_metrics = compute_metrics(val_y, final.val_proba_, threshold, data.classes)
+        held_out = ((data.y, cv_result.oof_proba, f"{config.cv}-fold cross-validation (out-of-fold)") if cv_result
+                    else (val_y, final.val_proba_, "validation split"))
+        training_warnings = fit_warnings(
+            *held_out[:2], threshold, data.classes, held_out[2],
+            epochs=[(f"fine-tuning phase {label}", r.best_epoch, r.epochs_run) for label, r in stage_phases])
+        for warning in training_warnings:
+            logger.info("warning: %s", warning)
         validation_metrics["notes"].append(
             "validation split of the final fit: it also chose the best checkpoints (and the threshold without --cv), "
             "so these numbers are optimistic"
@@ -1878,6 +1909,7 @@ def finetune(
             },
             "image_size": config.size,
             "read": config.read_options.to_dict(),
+            "source_images": sources.to_dict(),
             "classes": list(data.classes),
             "positive": data.classes[1],
             "threshold": threshold,
@@ -1898,11 +1930,13 @@ def finetune(
                 "trunk_cache": None if trunk_cache is None else trunk_cache.describe(),
                 "settings": {k: v for k, v in config.to_dict().items() if k not in ("progress_bar",)},
                 "precision": resolve_precision(config),
+                "warnings": training_warnings,
             },
         }
         model = FineTunedModel(model_config, final.network_)
         if not is_zero:
-            return FineTuneResult(None, cv_result.metrics if cv_result else None, None, history, validation_metrics)
+            return FineTuneResult(None, cv_result.metrics if cv_result else None, None, history, validation_metrics,
+                                  training_warnings)
 
         def extra(tmp: Path) -> list[str]:
             atomic_write_text(tmp / "history.csv", history_csv(history))
@@ -1916,13 +1950,14 @@ def finetune(
                 write_report(tmp, cv_result.metrics, data.y, cv_result.oof_proba, data.classes, extra={
                     "evaluation": f"{config.cv}-fold {'grouped ' if groups is not None else ''}cross-validation of the "
                                   f"whole two-phase fine-tuning, out-of-fold predictions",
-                    "per_fold": cv_result.per_fold,
+                    "per_fold": cv_result.per_fold, "warnings": training_warnings,
                 })
                 names += ["metrics.json", "roc.png", "confusion_matrix.png"]
             return names
 
         model_dir = model.save(out_dir, extra, overwrite=overwrite)
-        return FineTuneResult(model, cv_result.metrics if cv_result else None, model_dir, history, validation_metrics)
+        return FineTuneResult(model, cv_result.metrics if cv_result else None, model_dir, history, validation_metrics,
+                              training_warnings)
     finally:
         if is_zero:
             shutil.rmtree(work, ignore_errors=True)

@@ -35,6 +35,7 @@ if TYPE_CHECKING:
 __all__ = [
     "OverlayLayout",
     "WINDOW_SCORE_HEADS",
+    "check_heatmap_names",
     "clip_boxes",
     "rank_windows",
     "render_overlay",
@@ -377,6 +378,19 @@ def require_window_scores(predictions: Predictions) -> None:
             raise InputError(f"{path}: {len(box_array)} windows but {len(score_array)} window scores")
 
 
+def check_heatmap_names(paths: Sequence[str | os.PathLike[str]]) -> None:
+    """Raise InputError if two images share a name stem: their heatmap files would collide."""
+    stems: dict[str, Path] = {}
+    for path in paths:
+        stem = Path(path).stem
+        if stem in stems:
+            raise InputError(
+                f"{path}: has the same name stem as {stems[stem]}; their heatmap files ({stem}_heatmap.png) "
+                f"would overwrite each other, rename one"
+            )
+        stems[stem] = Path(path)
+
+
 def write_heatmaps(
     out_dir: str | os.PathLike[str],
     predictions: Predictions,
@@ -391,15 +405,7 @@ def write_heatmaps(
     Images are read again with ``read_options`` (the model's), so boxes and pixels agree.
     """
     require_window_scores(predictions)
-    stems: dict[str, Path] = {}
-    for path in predictions.paths:
-        stem = Path(path).stem
-        if stem in stems:
-            raise InputError(
-                f"{path}: has the same name stem as {stems[stem]}; their heatmap files ({stem}_heatmap.png) "
-                f"would overwrite each other, rename one"
-            )
-        stems[stem] = Path(path)
+    check_heatmap_names(predictions.paths)
     folder = Path(out_dir)
     try:
         folder.mkdir(parents=True, exist_ok=True)

@@ -358,7 +358,10 @@ class ServedModel(ModelDescription):
 
     def predict_paths(self, paths: Sequence[str | Path], cache: FeatureCache | None = None,
                       progress: Callable[[str, int, int], None] | None = None, batch_size: int = 32,
-                      device: str | None = None, with_window_scores: bool = False, engine: str = "auto") -> Any:
+                      device: str | None = None, with_window_scores: bool = False, engine: str = "auto",
+                      skip_bad: bool = False) -> Any:
+        """Predict image files; with ``skip_bad`` an image that cannot be read is left out and listed
+        in the result's ``skipped`` instead of raising InputError."""
         from .predictions import Predictions
 
         if device not in (None, "cpu"):
@@ -385,8 +388,13 @@ class ServedModel(ModelDescription):
                 return read_image(path, read_options)
 
             on_progress = (lambda done, total: progress("features", done, total)) if progress else None
+            skipped: dict[Path, str] | None = {} if skip_bad else None
             feats: list[ImageFeatures] = extract_dataset(paths, self.extractor(batch_size), options, cache,
-                                                         progress=on_progress, read=read)
+                                                         progress=on_progress, read=read, skipped=skipped)
+        skipped = skipped or {}
+        paths = [path for path in paths if path not in skipped]
+        if not paths:
+            return Predictions(paths=[], proba=np.zeros(0), members={}, notes=[], skipped=skipped)
         fixed = self.fixed_size
         if fixed is not None:
             for path, f in zip(paths, feats):
@@ -400,4 +408,5 @@ class ServedModel(ModelDescription):
         if with_window_scores and hasattr(self.head, "window_scores"):
             scores = [np.asarray(s, dtype=np.float64) for s in self.head.window_scores(bags)]
         return Predictions(paths=paths, proba=proba, members=members, notes=[""] * len(paths), window_scores=scores,
-                           boxes=[f.boxes for f in feats], image_sizes=[tuple(f.image_size) for f in feats])
+                           boxes=[f.boxes for f in feats], image_sizes=[tuple(f.image_size) for f in feats],
+                           skipped=skipped)

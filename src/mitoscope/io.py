@@ -28,6 +28,11 @@ Every problem (missing, empty, truncated, not an image, too large, unsupported l
 pixel type) raises :class:`~mitoscope.errors.InputError` with a one-line message that names
 the file.
 
+:func:`read_header` tells, from the header alone, the channels and bit depth this rule
+starts from; :class:`SourceProfile` records those of a model's training images and checks
+new images against them (refused: a channel count never seen; warned: the other side of the
+8-bit line).
+
 Labels come from a CSV (the competition's ``Image,Label`` or a generic ``path,label``) or
 from one sub-folder per class; see :func:`load_labelled_images`.
 """
@@ -55,11 +60,14 @@ __all__ = [
     "DEFAULT_MAX_PIXELS",
     "DEFAULT_PERCENTILES",
     "IMAGE_SUFFIXES",
+    "ImageHeader",
     "LabelledImages",
     "ReadOptions",
+    "SourceProfile",
     "find_images",
     "load_labelled_images",
     "parse_channels",
+    "read_header",
     "read_image",
 ]
 
@@ -181,6 +189,119 @@ def read_image(path: str | os.PathLike[str], options: ReadOptions | None = None)
     """
     options = ReadOptions() if options is None else options
     path = Path(path)
+    if _magic(path) in _TIFF_MAGIC:
+        pixels, is_8bit = _read_tiff(path, options)
+    else:
+        pixels, is_8bit = _read_with_pillow(path, options)
+    image = _to_rgb8(pixels, is_8bit, options, path)
+    logger.debug("read %s: %dx%d", path, image.shape[1], image.shape[0])
+    return image
+
+
+@dataclass(frozen=True)
+class ImageHeader:
+    """What an image file's header tells: its size, its source channels and their bit depth.
+
+    ``channels`` counts the channels :func:`read_image` picks R, G, B from (a palette image
+    has 3, RGBA 4, grey + alpha 1); ``bit_depth`` is the bits per sample (1 for bilevel, 8,
+    16, 32 or 64). Data of more than 8 bits is percentile-scaled when read (``scaled``).
+    """
+
+    path: Path
+    height: int
+    width: int
+    channels: int
+    bit_depth: int
+
+    @property
+    def scaled(self) -> bool:
+        return self.bit_depth > 8
+
+
+def read_header(path: str | os.PathLike[str], options: ReadOptions | None = None) -> ImageHeader:
+    """The size, channel count and bit depth of an image file, from its header alone.
+
+    Runs every check of :func:`read_image` that needs no pixels (the file exists and is an
+    image of a supported layout and pixel type, within ``options.max_pixels``, with the
+    channels ``options.channels`` asks for), with the same messages. A truncated file is only
+    found when it is decoded.
+    """
+    options = ReadOptions() if options is None else options
+    path = Path(path)
+    if _magic(path) in _TIFF_MAGIC:
+        return _tiff_header(path, options)
+    return _pillow_header(path, options)
+
+
+@dataclass(frozen=True)
+class SourceProfile:
+    """The kinds of image file a model was trained on: their bit depths and channel counts.
+
+    ``train`` and ``finetune`` record it in ``model.json`` (``source_images``) from the
+    training images' headers; ``predict`` and ``evaluate`` check every image against it
+    with :meth:`check`.
+    """
+
+    bit_depths: tuple[int, ...]
+    channel_counts: tuple[int, ...]
+    n_images: int
+
+    @classmethod
+    def of(cls, headers: Iterable[ImageHeader]) -> SourceProfile:
+        headers = list(headers)
+        return cls(tuple(sorted({h.bit_depth for h in headers})), tuple(sorted({h.channels for h in headers})),
+                   len(headers))
+
+    @classmethod
+    def from_paths(cls, paths: Iterable[str | os.PathLike[str]], options: ReadOptions | None = None) -> SourceProfile:
+        """The profile of image files, from their headers (see :func:`read_header`)."""
+        return cls.of(read_header(path, options) for path in paths)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"bit_depths": list(self.bit_depths), "channel_counts": list(self.channel_counts),
+                "n_images": self.n_images}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any] | None) -> SourceProfile | None:
+        """The profile :meth:`to_dict` wrote; None for a model saved before profiles were recorded."""
+        if data is None:
+            return None
+        try:
+            return cls(tuple(int(v) for v in data["bit_depths"]), tuple(int(v) for v in data["channel_counts"]),
+                       int(data.get("n_images", 0)))
+        except (KeyError, TypeError, ValueError) as err:
+            raise InputError(f"source image profile: expected bit_depths and channel_counts lists, got {data!r}") from err
+
+    def check(self, header: ImageHeader, channels_chosen: bool = False) -> str:
+        """Refuse, or warn about, an image unlike every training image; return the warning ("" if none).
+
+        - A channel count never seen at training is refused (InputError): its R, G and B
+          would come from other data than the model learnt from. ``channels_chosen`` (the
+          prediction was given its own ``--channels``) accepts it: that choice says which of
+          its channels are R, G, B.
+        - An image on the other side of the 8-bit line gets a warning: 8-bit data is used as
+          it is, deeper data is scaled per channel from its percentiles, so the same scene
+          reaches the model with other intensities than at training.
+        """
+        if not channels_chosen and header.channels not in self.channel_counts:
+            seen = " or ".join(str(n) for n in self.channel_counts)
+            raise InputError(
+                f"{header.path}: image has {header.channels} channel(s), the model was trained on images of {seen} "
+                f"channel(s); convert it, or choose its R, G, B channels with --channels r,g,b "
+                f"(indices 0..{header.channels - 1})"
+            )
+        trained_scaled = {depth > 8 for depth in self.bit_depths}
+        if header.scaled in trained_scaled:
+            return ""
+        depths = " and ".join(f"{depth}-bit" for depth in self.bit_depths)
+        how = ("percentile scaling gives it other intensities than the training images"
+               if header.scaled else "its values are used as they are, the training images were percentile-scaled")
+        return (f"{header.bit_depth}-bit image, the model was trained on {depths} images: {how}; "
+                f"convert it to the training format for a reliable answer")
+
+
+def _magic(path: Path) -> bytes:
+    """The first bytes of an image file, after checking that there is one."""
     if not path.exists():
         raise InputError(f"{path}: file does not exist")
     if path.is_dir():
@@ -192,14 +313,7 @@ def read_image(path: str | os.PathLike[str], options: ReadOptions | None = None)
         raise InputError(f"{path}: cannot open ({_one_line(err)})") from err
     if not magic:
         raise InputError(f"{path}: file is empty (0 bytes), expected an image")
-
-    if magic in _TIFF_MAGIC:
-        pixels, is_8bit = _read_tiff(path, options)
-    else:
-        pixels, is_8bit = _read_with_pillow(path, options)
-    image = _to_rgb8(pixels, is_8bit, options, path)
-    logger.debug("read %s: %dx%d", path, image.shape[1], image.shape[0])
-    return image
+    return magic
 
 
 def _one_line(err: BaseException) -> str:
@@ -215,51 +329,75 @@ def _check_pixels(path: Path, height: int, width: int, max_pixels: int) -> None:
         )
 
 
-def _read_tiff(path: Path, options: ReadOptions) -> tuple[np.ndarray, bool]:
-    """Decode a TIFF into (H, W, C) pixels; return them and whether they are 8-bit."""
+@contextmanager
+def _tiff_errors(path: Path) -> Iterator[list[str]]:
+    """tifffile's and its codecs' failures (raised or logged) as InputError naming ``path``."""
     try:
-        with _tifffile_errors() as tiff_errors, tifffile.TiffFile(path) as tif:
-            all_series = tif.series
-            if not all_series:
-                raise InputError(f"{path}: TIFF holds no image data")
-            if len(all_series) > 1:
-                shapes = ", ".join(f"{s.axes} {tuple(s.shape)}" for s in all_series[:4])
-                raise InputError(
-                    f"{path}: TIFF holds {len(all_series)} separate images ({shapes}); "
-                    f"expected one image"
-                )
-            series = all_series[0]
-            axes, shape = series.axes, tuple(series.shape)
-            keyframe = series.keyframe
-            photometric = keyframe.photometric
-            axis_of = _tiff_layout(path, axes, shape)
-            height, width = shape[axis_of["Y"]], shape[axis_of["X"]]
-            _check_pixels(path, height, width, options.max_pixels)
-            n_channels = shape[axis_of["C"]] if "C" in axis_of else 1
-            if photometric == tifffile.PHOTOMETRIC.PALETTE:
-                n_channels = 3
-            elif photometric not in (
-                tifffile.PHOTOMETRIC.MINISBLACK,
-                tifffile.PHOTOMETRIC.MINISWHITE,
-                tifffile.PHOTOMETRIC.RGB,
-                tifffile.PHOTOMETRIC.YCBCR,  # tifffile decodes (JPEG-compressed) YCbCr to RGB
-            ):
-                raise InputError(
-                    f"{path}: unsupported TIFF colour model {photometric.name}; expected grey, "
-                    f"RGB(A), palette or a channel stack"
-                )
-            _check_channels(path, n_channels, options.channels)
-            _check_dtype(path, np.dtype(series.dtype))
-            _raise_logged_errors(path, tiff_errors)
-            data = series.asarray()
-            colormap = keyframe.colormap
-            _raise_logged_errors(path, tiff_errors)
+        with _tifffile_errors() as tiff_errors:
+            yield tiff_errors
     except InputError:
         raise
     except Exception as err:  # tifffile and codecs raise many types for corrupt files
         raise InputError(
             f"{path}: cannot read TIFF, the file is truncated or corrupt ({_one_line(err)})"
         ) from err
+
+
+def _tiff_series(path: Path, tif: tifffile.TiffFile, options: ReadOptions) -> tuple[Any, dict[str, int], int]:
+    """The one image series of an open TIFF, the positions of its axes and its channel count, checked."""
+    all_series = tif.series
+    if not all_series:
+        raise InputError(f"{path}: TIFF holds no image data")
+    if len(all_series) > 1:
+        shapes = ", ".join(f"{s.axes} {tuple(s.shape)}" for s in all_series[:4])
+        raise InputError(
+            f"{path}: TIFF holds {len(all_series)} separate images ({shapes}); "
+            f"expected one image"
+        )
+    series = all_series[0]
+    axes, shape = series.axes, tuple(series.shape)
+    photometric = series.keyframe.photometric
+    axis_of = _tiff_layout(path, axes, shape)
+    _check_pixels(path, shape[axis_of["Y"]], shape[axis_of["X"]], options.max_pixels)
+    n_channels = shape[axis_of["C"]] if "C" in axis_of else 1
+    if photometric == tifffile.PHOTOMETRIC.PALETTE:
+        n_channels = 3
+    elif photometric not in (
+        tifffile.PHOTOMETRIC.MINISBLACK,
+        tifffile.PHOTOMETRIC.MINISWHITE,
+        tifffile.PHOTOMETRIC.RGB,
+        tifffile.PHOTOMETRIC.YCBCR,  # tifffile decodes (JPEG-compressed) YCbCr to RGB
+    ):
+        raise InputError(
+            f"{path}: unsupported TIFF colour model {photometric.name}; expected grey, "
+            f"RGB(A), palette or a channel stack"
+        )
+    _check_channels(path, n_channels, options.channels)
+    _check_dtype(path, np.dtype(series.dtype))
+    return series, axis_of, n_channels
+
+
+def _tiff_header(path: Path, options: ReadOptions) -> ImageHeader:
+    with _tiff_errors(path) as tiff_errors, tifffile.TiffFile(path) as tif:
+        series, axis_of, n_channels = _tiff_series(path, tif, options)
+        _raise_logged_errors(path, tiff_errors)
+        shape, dtype = tuple(series.shape), np.dtype(series.dtype)
+        if series.keyframe.photometric == tifffile.PHOTOMETRIC.PALETTE:
+            bit_depth = 8  # the colour map's values, as read_image returns them
+        else:
+            bit_depth = 1 if dtype == np.bool_ else 8 * dtype.itemsize
+    return ImageHeader(path, int(shape[axis_of["Y"]]), int(shape[axis_of["X"]]), int(n_channels), bit_depth)
+
+
+def _read_tiff(path: Path, options: ReadOptions) -> tuple[np.ndarray, bool]:
+    """Decode a TIFF into (H, W, C) pixels; return them and whether they are 8-bit."""
+    with _tiff_errors(path) as tiff_errors, tifffile.TiffFile(path) as tif:
+        series, axis_of, _ = _tiff_series(path, tif, options)
+        photometric = series.keyframe.photometric
+        _raise_logged_errors(path, tiff_errors)
+        data = series.asarray()
+        colormap = series.keyframe.colormap
+        _raise_logged_errors(path, tiff_errors)
 
     order = [axis_of["Y"], axis_of["X"]] + ([axis_of["C"]] if "C" in axis_of else [])
     data = np.transpose(data, order)
@@ -355,22 +493,11 @@ def _invert(data: np.ndarray) -> np.ndarray:
     return -data
 
 
-def _read_with_pillow(path: Path, options: ReadOptions) -> tuple[np.ndarray, bool]:
-    """Decode a non-TIFF file into (H, W, C) pixels; return them and whether they are 8-bit."""
+@contextmanager
+def _pillow_errors(path: Path, options: ReadOptions) -> Iterator[None]:
+    """Pillow's failures as InputError naming ``path``."""
     try:
-        with _pillow_pixel_limit(options.max_pixels):
-            img = Image.open(path)  # reads the header only; Pillow checks its size here
-        with img:
-            width, height = img.size
-            _check_pixels(path, height, width, options.max_pixels)
-            with _pillow_pixel_limit(options.max_pixels):
-                n_frames = getattr(img, "n_frames", 1)  # walking GIF frames checks sizes too
-            if n_frames > 1:
-                raise InputError(
-                    f"{path}: {img.format} file holds {n_frames} frames; expected a single image"
-                )
-            img.load()  # decode everything now, so a truncated file fails here
-            pixels = _pillow_pixels(img)
+        yield
     except InputError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
@@ -387,6 +514,44 @@ def _read_with_pillow(path: Path, options: ReadOptions) -> tuple[np.ndarray, boo
         raise InputError(
             f"{path}: cannot decode image, the file is truncated or corrupt ({_one_line(err)})"
         ) from err
+
+
+@contextmanager
+def _pillow_open(path: Path, options: ReadOptions) -> Iterator[Image.Image]:
+    """The image open with its header checked (size, a single frame); its pixels not yet decoded."""
+    with _pillow_errors(path, options):
+        with _pillow_pixel_limit(options.max_pixels):
+            img = Image.open(path)  # reads the header only; Pillow checks its size here
+        with img:
+            width, height = img.size
+            _check_pixels(path, height, width, options.max_pixels)
+            with _pillow_pixel_limit(options.max_pixels):
+                n_frames = getattr(img, "n_frames", 1)  # walking GIF frames checks sizes too
+            if n_frames > 1:
+                raise InputError(
+                    f"{path}: {img.format} file holds {n_frames} frames; expected a single image"
+                )
+            yield img
+
+
+# Pillow modes -> (channels, bits per sample) as _pillow_pixels hands them on; others become RGB.
+_PILLOW_LAYOUTS = {"1": (1, 1), "L": (1, 8), "LA": (1, 8), "La": (1, 8), "RGB": (3, 8), "RGBA": (4, 8),
+                   "I": (1, 32), "F": (1, 32)}
+
+
+def _pillow_header(path: Path, options: ReadOptions) -> ImageHeader:
+    with _pillow_open(path, options) as img:
+        mode, (width, height) = img.mode, img.size
+    channels, bit_depth = (1, 16) if mode.startswith("I;16") else _PILLOW_LAYOUTS.get(mode, (3, 8))
+    _check_channels(path, channels, options.channels)
+    return ImageHeader(path, int(height), int(width), channels, bit_depth)
+
+
+def _read_with_pillow(path: Path, options: ReadOptions) -> tuple[np.ndarray, bool]:
+    """Decode a non-TIFF file into (H, W, C) pixels; return them and whether they are 8-bit."""
+    with _pillow_open(path, options) as img:
+        img.load()  # decode everything now, so a truncated file fails here
+        pixels = _pillow_pixels(img)
     if pixels.ndim == 2:
         pixels = pixels[:, :, None]
     _check_channels(path, pixels.shape[2], options.channels)

@@ -28,8 +28,9 @@ from .cache import open_cache
 from .features import (EXTRACTION_MODES, FeatureCache, FeatureExtractor, ImageFeatures, extract_dataset,
                        pick_device)
 from .heads import HEADS, load_head, make_head, save_head
-from .predictions import Predictions, Progress, predict, prediction_rows, rows_to_csv, score_label
-from .io import DEFAULT_MAX_PIXELS, LabelledImages, ReadOptions, load_labelled_images
+from .predictions import (Predictions, Progress, Warn, predict, prediction_rows, rows_to_csv, score_label,
+                          screen_images)
+from .io import DEFAULT_MAX_PIXELS, LabelledImages, ReadOptions, SourceProfile, load_labelled_images
 from .tiling import validate_tiling
 
 logger = logging.getLogger(__name__)
@@ -167,6 +168,9 @@ class TrainResult:
     model: "MitoscopeModel"
     cv_metrics: dict[str, Any] | None
     model_dir: Path
+    # What to know before trusting the model (chance-level CV, a degenerate threshold...): see
+    # mitoscope.evaluation.fit_warnings. Also in metrics.json and model.json.
+    warnings: list[str] = field(default_factory=list)
 
 
 class MitoscopeModel(ModelDescription):
@@ -240,11 +244,16 @@ class MitoscopeModel(ModelDescription):
         batch_size: int = 32,
         device: str | None = None,
         engine: str = "auto",
+        skipped: dict[Path, str] | None = None,
     ) -> tuple[list[ImageFeatures], list[bool]]:
+        """Features of ``paths`` (resized to the training size for a fixed-grid head) and whether each
+        was resized. With ``skipped`` an unreadable image is recorded there and left out."""
         extractor = self.extractor(batch_size, device, engine)
-        feats = extract_dataset(paths, extractor, self.read_options, cache, progress=stage_progress(progress, "features"))
+        feats = extract_dataset(paths, extractor, self.read_options, cache, progress=stage_progress(progress, "features"),
+                                skipped=skipped)
         if self.fixed_size is None:
             return feats, [False] * len(feats)
+        paths = [path for path in paths if path not in (skipped or {})]
         return features_at_size(paths, feats, self.fixed_size, extractor, self.read_options, cache, progress)
 
     def probabilities(self, bags: Sequence[np.ndarray]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
@@ -261,9 +270,17 @@ class MitoscopeModel(ModelDescription):
         device: str | None = None,
         with_window_scores: bool = False,
         engine: str = "auto",
+        skip_bad: bool = False,
     ) -> Predictions:
+        """Predict image files; with ``skip_bad`` an image that cannot be read is left out and listed
+        in the result's ``skipped`` instead of raising InputError."""
         paths = [Path(p) for p in paths]
-        feats, resized = self.features(paths, cache, progress, batch_size, device, engine)
+        skipped: dict[Path, str] = {}
+        feats, resized = self.features(paths, cache, progress, batch_size, device, engine,
+                                       skipped if skip_bad else None)
+        paths = [path for path in paths if path not in skipped]
+        if not paths:
+            return Predictions(paths=[], proba=np.zeros(0), members={}, notes=[], skipped=skipped)
         bags = [f.features for f in feats]
         proba, members = self.probabilities(bags)
         fixed = self.fixed_size
@@ -276,7 +293,7 @@ class MitoscopeModel(ModelDescription):
             scores = [np.asarray(s, dtype=np.float64) for s in self.head.window_scores(bags)]
         return Predictions(
             paths=paths, proba=proba, members=members, notes=notes, window_scores=scores,
-            boxes=[f.boxes for f in feats], image_sizes=[tuple(f.image_size) for f in feats],
+            boxes=[f.boxes for f in feats], image_sizes=[tuple(f.image_size) for f in feats], skipped=skipped,
         )
 
     def predict(self, paths: Sequence[str | Path], **kwargs: Any) -> list[dict[str, Any]]:
@@ -342,6 +359,7 @@ def train(
             f"{labels_csv or data_dir}: {config.cv}-fold cross-validation needs at least {config.cv} images of each "
             f"class, got {np.bincount(data.y, minlength=2).tolist()} ({', '.join(data.classes)}); lower --cv"
         )
+    sources = SourceProfile.from_paths(data.paths, config.read_options)  # headers only: an unreadable one fails now
     # Random-init weights come from the seed, not from whatever the process drew before:
     # the same arguments give the same model (and the feature cache can be reused).
     with torch.random.fork_rng(devices=[]):
@@ -372,11 +390,19 @@ def train(
     if progress:
         progress("final fit", 1, 1)
     threshold = float(cv_result.threshold) if cv_result is not None else 0.5
+    from .evaluation import fit_warnings
+
+    held_out = (data.y, cv_result.oof_proba, threshold) if cv_result is not None else (None, None, None)
+    warnings = fit_warnings(*held_out, data.classes, f"{config.cv}-fold cross-validation (out-of-fold)",
+                            epochs=head_epochs(head))
+    for warning in warnings:
+        logger.info("warning: %s", warning)
     model_config = {
         "kind": "window-features",
         "backbone": backbone.describe(),
         "tiling": {"window": config.window, "overlap": config.overlap, "extraction": config.extraction},
         "read": read_options.to_dict(),
+        "source_images": sources.to_dict(),
         "classes": list(data.classes),
         "positive": data.classes[1],
         "threshold": threshold,
@@ -390,6 +416,7 @@ def train(
             "cv_folds": config.cv,
             "seed": config.seed,
             "labels": str(labels_csv) if labels_csv else None,
+            "warnings": warnings,
         },
     }
     model = MitoscopeModel(model_config, head, backbone)
@@ -403,12 +430,23 @@ def train(
         if cv_result is not None:
             write_report(tmp, cv_result.metrics, data.y, cv_result.oof_proba, data.classes,
                          extra={"evaluation": f"{config.cv}-fold cross-validation, out-of-fold predictions",
-                                "per_fold": cv_result.per_fold})
+                                "per_fold": cv_result.per_fold, "warnings": warnings})
             names += ["metrics.json", "roc.png", "confusion_matrix.png"]
         return names
 
     model_dir = model.save(out_dir, extra, overwrite=overwrite)
-    return TrainResult(model=model, cv_metrics=cv_result.metrics if cv_result else None, model_dir=Path(model_dir))
+    return TrainResult(model=model, cv_metrics=cv_result.metrics if cv_result else None, model_dir=Path(model_dir),
+                       warnings=warnings)
+
+
+def head_epochs(head: Any) -> list[tuple[str, int | None, int]]:
+    """``(what, best_epoch, epochs_run)`` of a fitted head's early-stopped network (an ensemble's
+    dense member); empty for heads without one, or trained without a validation split."""
+    owner = getattr(head, "dense_", None) or head
+    history = getattr(owner, "history_", None) or {}
+    if history.get("best_epoch") is None:
+        return []
+    return [(f"{type(owner).__name__} (final fit)", int(history["best_epoch"]), int(history["epochs_run"]))]
 
 
 def load_model(model_dir: str | Path, max_pixels: int | None = None) -> Any:
@@ -471,12 +509,20 @@ def evaluate(
     progress: Progress | None = None,
     max_pixels: int | None = None,
     engine: str = "auto",
+    channels: tuple[int, int, int] | None = None,
+    warn: Warn | None = None,
 ) -> dict[str, Any]:
+    """Evaluate a saved model on labelled images into ``out_dir`` (metrics.json, plots,
+    predictions.csv). Every image is checked against the kinds of image the model was trained
+    on first, as by ``predict`` (warnings go to ``warn``, by default the log, and into the
+    report); ``channels`` replaces the source channels read as R, G, B."""
     if Path(out_dir).exists() and not Path(out_dir).is_dir():
         raise InputError(f"{out_dir}: report output exists and is a file, expected a folder")
     model = load_model(model_dir, max_pixels)
+    model.choose_channels(channels)
     data = load_labelled_images(data_dir, labels_csv, model.positive)
     y = labels_as_model_classes(data, model, str(labels_csv or data_dir))
+    _, warnings, _ = screen_images(model, data.paths)
     pred = model.predict_paths(data.paths, cache=cache, progress=progress, engine=engine)
     proba, members = pred.proba, pred.members
     from .evaluation import compute_metrics, write_report
@@ -486,12 +532,15 @@ def evaluate(
         "evaluation": f"saved model {Path(model_dir)} on {labels_csv or data_dir}",
         "n_resized": int(sum(bool(n) for n in pred.notes)),
         "members": {name: compute_metrics(y, p, 0.5, model.classes) for name, p in members.items()},
+        "warnings": [f"{path}: {warning}" for path, warning in warnings.items()],
     }
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     write_report(out_dir, metrics, y, proba, model.classes, extra=extra)
-    rows = prediction_rows(pred, model.classes, model.threshold, model.config["head"]["name"])
+    rows = prediction_rows(pred, model.classes, model.threshold, model.config["head"]["name"], warnings)
     for row, truth in zip(rows, data.labels):
         row["True"] = truth
     atomic_write_text(out_dir / "predictions.csv", rows_to_csv(rows))
+    for path, warning in warnings.items():
+        (warn or logger.warning)(f"{path}: {warning}")
     return metrics

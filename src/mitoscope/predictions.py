@@ -11,20 +11,26 @@ from __future__ import annotations
 import csv
 import io as stdio
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
 from .atomic import atomic_write_text
 from .cache import FeatureCache
-from .io import find_images
+from .errors import InputError
+from .io import find_images, read_header
 
 logger = logging.getLogger(__name__)
 
 # (stage description, done, total)
 Progress = Callable[[str, int, int], None]
+# One line for the user: an image that differs from the training images, or was skipped.
+Warn = Callable[[str], None]
+
+# Significant digits of the probabilities written (more where needed to keep their side of the threshold).
+DIGITS = 6
 
 
 @dataclass
@@ -38,22 +44,47 @@ class Predictions:
     window_scores: list[np.ndarray] | None = None  # one score per window, higher = more mitotic
     boxes: list[np.ndarray] | None = None  # (N, 4) window boxes in image coordinates
     image_sizes: list[tuple[int, int]] | None = None
+    # Images that could not be read (path -> the error), left out of everything above (skip_bad).
+    skipped: dict[Path, str] = field(default_factory=dict)
 
 
-def prediction_rows(pred: Predictions, classes: Sequence[str], threshold: float, head_name: str) -> list[dict[str, Any]]:
+def written_probability(proba: float, threshold: float, digits: int = DIGITS) -> float:
+    """``proba`` rounded to ``digits`` significant digits, or to more where fewer would move it to
+    the other side of ``threshold``: a CSV row's Label always agrees with its Probability >= Threshold."""
+    above = proba >= threshold
+    for more in range(digits, 18):
+        written = float(f"{proba:.{more}g}")
+        if (written >= threshold) == above:
+            return written
+    return float(proba)
+
+
+def prediction_rows(pred: Predictions, classes: Sequence[str], threshold: float, head_name: str,
+                    warnings: Mapping[Path, str] | None = None) -> list[dict[str, Any]]:
+    """One row per predicted image: Image (its path as given), Label, Probability, Threshold,
+    one column per head, Note (the model's notes, then ``warning: warnings[path]``)."""
     negative, positive = classes
+    threshold = float(threshold)
     rows = []
     for i, path in enumerate(pred.paths):
+        proba = float(pred.proba[i])
         row: dict[str, Any] = {
-            "Image": path.name,
-            "Label": positive if pred.proba[i] >= threshold else negative,
-            "Probability": round(float(pred.proba[i]), 6),
+            "Image": str(path),
+            "Label": positive if proba >= threshold else negative,
+            "Probability": written_probability(proba, threshold),
+            "Threshold": threshold,
         }
         for name, values in (pred.members or {head_name: pred.proba}).items():
-            row[name] = round(float(values[i]), 6)
-        row["Note"] = pred.notes[i]
+            row[name] = float(f"{float(values[i]):.{DIGITS}g}")
+        warning = (warnings or {}).get(path)
+        row["Note"] = "; ".join(note for note in (pred.notes[i], warning and f"warning: {warning}") if note)
         rows.append(row)
     return rows
+
+
+def skipped_row(path: Path, error: str, columns: Sequence[str]) -> dict[str, Any]:
+    """The row of an image that could not be predicted: empty but for Image and the error in Note."""
+    return {**{column: "" for column in columns}, "Image": str(path), "Note": f"not predicted: {error}"}
 
 
 def rows_to_csv(rows: list[dict[str, Any]]) -> str:
@@ -72,10 +103,41 @@ def score_label(model: Any) -> str:
     return {"pooled": "window score (logistic-regression logit)"}.get(head, "attention weight (higher = more mitotic)")
 
 
-def _full_model(model_dir: str | Path, max_pixels: int | None) -> Any:
+def _full_model(model_dir: str | Path, max_pixels: int | None, channels: tuple[int, int, int] | None) -> Any:
     from .pipeline import load_model
 
-    return load_model(model_dir, max_pixels)
+    model = load_model(model_dir, max_pixels)
+    model.choose_channels(channels)
+    return model
+
+
+def screen_images(model: Any, paths: Sequence[Path], skip_bad: bool = False,
+                  ) -> tuple[list[Path], dict[Path, str], dict[Path, str]]:
+    """Check every image's header against the model before any work: ``(paths to predict,
+    warnings by path, skipped images by path -> error)``.
+
+    An image that cannot be read, or that :meth:`mitoscope.io.SourceProfile.check` refuses
+    (channels unlike the training images'), raises InputError, or with ``skip_bad`` is
+    skipped; an image that differs in bit depth gets a warning. A model saved without the
+    profile of its training images is not checked.
+    """
+    profile, options = model.source_profile, model.read_options
+    good: list[Path] = []
+    warnings: dict[Path, str] = {}
+    skipped: dict[Path, str] = {}
+    for path in paths:
+        try:
+            header = read_header(path, options)
+            warning = profile.check(header, model.channels_chosen) if profile is not None else ""
+        except InputError as error:
+            if not skip_bad:
+                raise
+            skipped[path] = str(error)
+            continue
+        good.append(path)
+        if warning:
+            warnings[path] = warning
+    return good, warnings, skipped
 
 
 def predict(
@@ -89,43 +151,74 @@ def predict(
     max_pixels: int | None = None,
     serve: bool = True,
     engine: str = "auto",
+    channels: tuple[int, int, int] | None = None,
+    skip_bad: bool = False,
+    warn: Warn | None = None,
 ) -> list[dict[str, Any]]:
     """Predict images into a CSV; with ``heatmaps_dir`` also write each image's heatmap,
-    window-score CSV and top-k window crops. ``max_pixels`` replaces the model's pixel limit.
-    ``engine`` runs the backbone (see :mod:`mitoscope.engines`); ``serve=False`` (or engine
-    torch) always uses the full PyTorch/scikit-learn pipeline."""
+    window-score CSV and top-k window crops. ``max_pixels`` replaces the model's pixel limit,
+    ``channels`` the source channels it reads as R, G, B. ``engine`` runs the backbone (see
+    :mod:`mitoscope.engines`); ``serve=False`` (or engine torch) always uses the full
+    PyTorch/scikit-learn pipeline.
+
+    Every image is first checked against the kinds of image the model was trained on
+    (:func:`screen_images`): a refusal or an unreadable image stops the run before anything is
+    written, or with ``skip_bad`` becomes a row with an empty Label and the error in its Note.
+    Warnings (a bit depth unlike the training images', a skipped image) go to ``warn`` (by
+    default the log) and, for predicted images, into their Note."""
     from .engines import ENGINES
-    from .errors import InputError
     from .inference import NotServable, ServedModel
 
     if engine not in ENGINES:
         raise InputError(f"unknown engine {engine!r}: expected one of {', '.join(ENGINES)}")
+    warn = warn or logger.warning
     model: Any = None
     if serve:
         try:
             model = ServedModel.load(model_dir, max_pixels, engine)
         except NotServable as reason:
             logger.info("predicting with the full pipeline: %s", reason)
+        else:
+            model.choose_channels(channels)
     if model is None:
-        model = _full_model(model_dir, max_pixels)
-    paths = find_images(inputs)
+        model = _full_model(model_dir, max_pixels, channels)
     with_scores = heatmaps_dir is not None
-    try:
-        pred = model.predict_paths(paths, cache=cache, progress=progress, with_window_scores=with_scores,
-                                   engine=engine)
-    except NotServable as reason:  # found only once the images were read; cached features are reused
-        logger.info("predicting with the full pipeline: %s", reason)
-        model = _full_model(model_dir, max_pixels)
-        pred = model.predict_paths(paths, cache=cache, progress=progress, with_window_scores=with_scores,
-                                   engine=engine)
-    if heatmaps_dir is not None:
-        from .heatmaps import require_window_scores, write_heatmaps
+    if with_scores:
+        from .heatmaps import WINDOW_SCORE_HEADS, check_heatmap_names, require_window_scores, write_heatmaps
 
+        if not model.gives_window_scores:  # said now, not after the features were extracted
+            raise InputError(f"{model_dir}: the model ({model.config['head']['name']} head) gives no window scores, "
+                             f"so no heatmaps; --heatmaps needs a head that scores windows: {WINDOW_SCORE_HEADS}")
+    paths = find_images(inputs)
+    if with_scores:
+        check_heatmap_names(paths)
+    good, warnings, skipped = screen_images(model, paths, skip_bad)
+    pred = Predictions(paths=[], proba=np.zeros(0), members={}, notes=[])
+    if good:
+        kwargs = dict(cache=cache, progress=progress, with_window_scores=with_scores, engine=engine, skip_bad=skip_bad)
+        try:
+            pred = model.predict_paths(good, **kwargs)
+        except NotServable as reason:  # found only once the images were read; cached features are reused
+            logger.info("predicting with the full pipeline: %s", reason)
+            model = _full_model(model_dir, max_pixels, channels)
+            pred = model.predict_paths(good, **kwargs)
+    skipped.update(pred.skipped)
+    if not pred.paths:
+        raise InputError(f"none of the {len(paths)} images could be predicted; the first: "
+                         f"{next(iter(skipped.values()))}")
+    if with_scores:
         require_window_scores(pred)
-    rows = prediction_rows(pred, model.classes, model.threshold, model.config["head"]["name"])
+    rows = prediction_rows(pred, model.classes, model.threshold, model.config["head"]["name"], warnings)
+    rows += [skipped_row(path, error, list(rows[0])) for path, error in skipped.items()]
+    order = {str(path): index for index, path in enumerate(paths)}
+    rows.sort(key=lambda row: order[row["Image"]])
     out_csv = Path(out_csv)
     out_csv.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out_csv, rows_to_csv(rows))
-    if heatmaps_dir is not None:
+    if with_scores:
         write_heatmaps(heatmaps_dir, pred, model.read_options, top_k=top_k, score_label=score_label(model))
+    for path, warning in warnings.items():
+        warn(f"{path}: {warning}")
+    for error in skipped.values():
+        warn(f"skipped {error}")
     return rows
