@@ -392,3 +392,12 @@ def test_a_best_epoch_of_one_in_a_longer_training_warns():
         "DenseHead (final fit): the best validation epoch was the first of 16; training never improved on it "
         "(learning rate too high, too few images, or nothing learnable)"
     ]
+
+
+def test_a_model_that_gives_every_image_the_same_probability_warns_of_a_collapse():
+    y = np.array([0, 1] * 12)
+    proba = np.full(24, 0.5)  # what a network whose final feature map went dead answers
+    warnings = fit_warnings(y, proba, 0.5, CLASSES, "validation split")
+    assert "the model gives every one of the 24 validation split images the same probability (0.5 to 0.5): " \
+           "it collapsed to a constant output" in warnings
+    assert not any("collapsed" in w for w in fit_warnings(y, np.linspace(0.0002, 0.0004, 24), None, CLASSES))

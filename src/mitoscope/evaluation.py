@@ -370,6 +370,9 @@ def auc_interval(auc: float, n_positive: int, n_negative: int, z: float = CHANCE
     return max(0.0, auc - half), min(1.0, auc + half)
 
 
+CONSTANT_LOGIT_SPAN = 1e-3  # held-out logits closer together than this: a constant output
+
+
 def fit_warnings(
     y: Any = None,
     proba: Any = None,
@@ -390,6 +393,9 @@ def fit_warnings(
     - **degenerate threshold**: every held-out image lies on one side of the threshold, so
       the model calls all of them one class (max-F1 does so, calling all positive, when the
       probabilities do not separate the classes);
+    - **constant output**: the held-out logits span less than ``CONSTANT_LOGIT_SPAN``: the
+      model collapsed to one answer for every image (logits, because tiny probabilities can
+      still rank images well);
     - **first epoch**: the best validation epoch of a training that ran longer was its first:
       training never improved on its starting point.
     """
@@ -400,6 +406,12 @@ def fit_warnings(
         scores = _as_scores(proba, labels.size)
         n_positive = int(labels.sum())
         n_negative = labels.size - n_positive
+        clipped = np.clip(scores.astype(np.float64), 1e-12, 1 - 1e-12)
+        if labels.size > 1 and float(np.ptp(np.log(clipped) - np.log1p(-clipped))) < CONSTANT_LOGIT_SPAN:
+            warnings.append(
+                f"the model gives every one of the {labels.size} {source} images the same probability "
+                f"({float(scores.min()):.3g} to {float(scores.max()):.3g}): it collapsed to a constant output"
+            )
         if n_positive and n_negative:
             auc = float(roc_auc_score(labels, scores))
             low, high = auc_interval(auc, n_positive, n_negative)
