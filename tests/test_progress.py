@@ -104,10 +104,14 @@ def test_lightning_progress_reports_epochs_and_prediction_steps_on_the_main_proc
     callback = lightning_progress(lambda *args: calls.append(args))
     module = SimpleNamespace(tag={"stage": "fold 1", "phase": "head"})
     trainer = SimpleNamespace(is_global_zero=True, current_epoch=2, max_epochs=5, num_predict_batches=[7])
+    callback.on_train_start(trainer, module)
     callback.on_train_epoch_end(trainer, module)
-    callback.on_predict_batch_end(trainer, SimpleNamespace(), None, None, 3)
+    for step in range(2):
+        callback.on_predict_batch_start(trainer, SimpleNamespace(), None, step)
+        callback.on_predict_batch_end(trainer, SimpleNamespace(), None, None, step)
     callback.on_train_epoch_end(SimpleNamespace(**{**vars(trainer), "is_global_zero": False}), module)
-    assert calls == [("fold 1 head epochs", 3, 5), ("extracting", 4, 7)]
+    assert calls == [("fold 1 head epochs", 0, 5), ("fold 1 head epochs", 3, 5), ("extracting", 0, 7),
+                     ("extracting", 1, 7), ("extracting", 2, 7)]
 
 
 @pytest.mark.slow

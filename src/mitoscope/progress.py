@@ -158,16 +158,30 @@ def lightning_progress(progress: Progress) -> Any:
     "extracting") to ``progress``: what plain-text logs get instead of Lightning's tqdm bar."""
     from lightning.pytorch.callbacks import Callback
 
+    def epochs(trainer: Any, module: Any, done: int) -> None:
+        if trainer.is_global_zero:
+            tag = getattr(module, "tag", None) or {}
+            label = " ".join(str(tag[key]) for key in ("stage", "phase") if tag.get(key))
+            progress(f"{label} epochs".strip(), done, int(trainer.max_epochs))
+
+    def steps(trainer: Any, done: int, dataloader_idx: int) -> None:
+        if trainer.is_global_zero:
+            progress("extracting", done, int(trainer.num_predict_batches[dataloader_idx]))
+
     class StageProgress(Callback):
+        def on_train_start(self, trainer: Any, module: Any) -> None:
+            epochs(trainer, module, 0)  # the clock of the estimate starts here
+
         def on_train_epoch_end(self, trainer: Any, module: Any) -> None:
-            if trainer.is_global_zero:
-                tag = getattr(module, "tag", None) or {}
-                label = " ".join(str(tag[key]) for key in ("stage", "phase") if tag.get(key))
-                progress(f"{label} epochs".strip(), trainer.current_epoch + 1, int(trainer.max_epochs))
+            epochs(trainer, module, trainer.current_epoch + 1)
+
+        def on_predict_batch_start(self, trainer: Any, module: Any, batch: Any, batch_idx: int,
+                                   dataloader_idx: int = 0) -> None:
+            if batch_idx == 0:
+                steps(trainer, 0, dataloader_idx)
 
         def on_predict_batch_end(self, trainer: Any, module: Any, outputs: Any, batch: Any, batch_idx: int,
                                  dataloader_idx: int = 0) -> None:
-            if trainer.is_global_zero:
-                progress("extracting", batch_idx + 1, int(trainer.num_predict_batches[dataloader_idx]))
+            steps(trainer, batch_idx + 1, dataloader_idx)
 
     return StageProgress()
