@@ -166,7 +166,7 @@ def test_cache_hit_returns_identical_arrays_without_running_the_model(tmp_path, 
     cache = FeatureCache(tmp_path / "cache")
     first = extract_dataset(four_images, counted, ReadOptions(), cache)
     calls_first = counted.runner.calls
-    assert calls_first >= len(four_images)
+    assert calls_first >= 1
     assert len(cache_entries(cache.root)) == len(four_images)
     again = extract_dataset(four_images, counted, ReadOptions(), cache)
     assert counted.runner.calls == calls_first
@@ -223,31 +223,33 @@ def test_cache_key_follows_everything_that_changes_the_features(tmp_path, small_
     assert n_after(base) == 7
 
 
-def test_interrupted_run_resumes_from_the_entries_already_written(tmp_path, four_images, counted, reference):
+def test_interrupted_run_resumes_from_the_entries_already_written(tmp_path, four_images, small_backbone, reference):
     cache = FeatureCache(tmp_path / "cache")
-    real_extract = counted.extract
+    # Batches of 4 windows: the 2-window images are extracted two at a time.
+    extractor = FeatureExtractor(small_backbone, window=WINDOW, overlap=0.5, batch_size=4, device="cpu")
+    real_extract = extractor.extract_many
     calls = {"n": 0}
 
-    def failing_extract(image, resize_to=None):
+    def failing_extract(images, resize_to=None):
         calls["n"] += 1
-        if calls["n"] == 3:
-            raise RuntimeError("interrupted on the third image")
-        return real_extract(image, resize_to=resize_to)
+        if calls["n"] == 2:
+            raise RuntimeError("interrupted on the second pair")
+        return real_extract(images, resize_to=resize_to)
 
-    counted.extract = failing_extract
-    with pytest.raises(RuntimeError, match="third image"):
-        extract_dataset(four_images, counted, ReadOptions(), cache)
+    extractor.extract_many = failing_extract
+    with pytest.raises(RuntimeError, match="second pair"):
+        extract_dataset(four_images, extractor, ReadOptions(), cache)
     assert len(cache_entries(cache.root)) == 2
     assert litter(cache.root) == []
 
     extracted = []
 
-    def recording_extract(image, resize_to=None):
-        extracted.append(image.copy())
-        return real_extract(image, resize_to=resize_to)
+    def recording_extract(images, resize_to=None):
+        extracted.extend(image.copy() for image in images)
+        return real_extract(images, resize_to=resize_to)
 
-    counted.extract = recording_extract
-    resumed = extract_dataset(four_images, counted, ReadOptions(), cache)
+    extractor.extract_many = recording_extract
+    resumed = extract_dataset(four_images, extractor, ReadOptions(), cache)
     assert len(extracted) == 2
     assert len(cache_entries(cache.root)) == 4
     for a, b in zip(resumed, reference):
@@ -358,6 +360,89 @@ def test_a_cached_image_over_the_pixel_limit_is_refused_too(tmp_path, four_image
     with pytest.raises(mitoscope.errors.InputError, match=rf"{four_images[0].name}.*6,143"):
         extract_dataset(four_images[:1], counted, ReadOptions(max_pixels=64 * 96 - 1), cache)
     assert counted.runner.calls == calls
+
+
+# --------------------------------------------------------------------------- many small images
+
+
+@pytest.fixture(scope="module")
+def crops(tmp_path_factory) -> list[Path]:
+    """Eleven 36x40 PNG crops: one window each, for windows of 40 px and of 64 px (padded)."""
+    folder = tmp_path_factory.mktemp("crops")
+    return [write_png(folder / f"crop{i:02d}.png", noise_image(200 + i, 36, 40)) for i in range(11)]
+
+
+def entry_names(root: Path) -> list[Path]:
+    return [p.relative_to(root) for p in cache_entries(root)]
+
+
+@pytest.mark.parametrize("mode", ["windows", "fullconv"])
+@pytest.mark.parametrize("window", [WINDOW, 40])  # 40: each window resized to the backbone's 64 px
+def test_single_window_images_share_backbone_batches_and_get_the_same_entries(tmp_path, crops, small_backbone,
+                                                                             mode, window):
+    one_by_one = FeatureExtractor(small_backbone, window=window, overlap=0.5, batch_size=1, device="cpu", mode=mode)
+    batched = FeatureExtractor(small_backbone, window=window, overlap=0.5, batch_size=4, device="cpu", mode=mode)
+    batched._runner = CountingRunner(batched.runner)
+    alone, shared = FeatureCache(tmp_path / "alone"), FeatureCache(tmp_path / "shared")
+    expected = extract_dataset(crops, one_by_one, ReadOptions(), alone)
+    seen: list[tuple[int, int]] = []
+    got = extract_dataset(crops, batched, ReadOptions(), shared, progress=lambda d, t: seen.append((d, t)))
+    assert batched.runner.calls == 3  # 11 crops in batches of 4, not 11 forward passes
+    assert seen == [(0, 11), (4, 11), (8, 11), (11, 11)]
+    for a, b in zip(got, expected):
+        assert a.features.shape == b.features.shape == (1, small_backbone.num_features)
+        np.testing.assert_allclose(a.features, b.features, rtol=1e-4, atol=1e-5)
+        np.testing.assert_array_equal(a.boxes, b.boxes)
+        assert (a.grid_shape, a.image_size) == (b.grid_shape, b.image_size) == ((1, 1), (36, 40))
+    # The same entries: the same keys, the same provenance.
+    assert entry_names(shared.root) == entry_names(alone.root) and len(entry_names(alone.root)) == len(crops)
+    for name in entry_names(alone.root):
+        assert safetensors_metadata(shared.root / name) == safetensors_metadata(alone.root / name)
+    # ...read back as they were computed.
+    for a, b in zip(extract_dataset(crops, batched, ReadOptions(), shared), got):
+        np.testing.assert_array_equal(a.features, b.features)
+    assert batched.runner.calls == 3
+
+
+def test_groups_hold_a_batch_of_windows_and_keep_the_order(tmp_path, crops, four_images, small_backbone):
+    big = write_png(tmp_path / "big.png", noise_image(5, 128, 128))  # 9 windows: a group of its own
+    paths = [*crops[:3], big, *four_images[:3], crops[3]]
+    extractor = FeatureExtractor(small_backbone, window=WINDOW, overlap=0.5, batch_size=4, device="cpu")
+    groups = []
+    real_extract = extractor.extract_many
+
+    def recording_extract(images, resize_to=None):
+        groups.append([image.shape[:2] for image in images])
+        return real_extract(images, resize_to=resize_to)
+
+    extractor.extract_many = recording_extract
+    got = extract_dataset(paths, extractor, ReadOptions(), None)
+    assert groups == [[(36, 40)] * 3, [(128, 128)], [(64, 96)] * 2, [(64, 96), (36, 40)]]
+    for path, features in zip(paths, got):
+        alone = real_extract([np.asarray(Image.open(path).convert("RGB"))])[0]
+        np.testing.assert_allclose(features.features, alone.features, rtol=1e-4, atol=1e-5)
+        np.testing.assert_array_equal(features.boxes, alone.boxes)
+
+
+def test_resized_images_are_batched_with_their_boxes_in_the_image_as_read(tmp_path, crops, small_backbone):
+    extractor = FeatureExtractor(small_backbone, window=40, overlap=0.5, batch_size=8, device="cpu")
+    images = [np.asarray(Image.open(path).convert("RGB")) for path in crops[:3]]
+    together = extractor.extract_many(images, resize_to=(20, 20))
+    for image, features in zip(images, together):
+        alone = extractor.extract(image, resize_to=(20, 20))
+        np.testing.assert_allclose(features.features, alone.features, rtol=1e-4, atol=1e-5)
+        np.testing.assert_array_equal(features.boxes, [[0, 0, 80, 72]])  # the 40 px window, 2x (x) and 1.8x (y)
+        assert features.image_size == (36, 40)
+
+
+def test_an_unreadable_crop_stops_the_run_after_the_crops_before_it_are_cached(tmp_path, crops, counted):
+    bad = tmp_path / "bad.png"
+    bad.write_text("not an image")
+    cache = FeatureCache(tmp_path / "cache")
+    with pytest.raises(mitoscope.errors.InputError, match="bad.png"):
+        extract_dataset([*crops[:5], bad, *crops[5:]], counted, ReadOptions(), cache)
+    assert len(cache_entries(cache.root)) == 5
+    assert litter(cache.root) == []
 
 
 def test_box_average_equals_torchvision_roi_align():

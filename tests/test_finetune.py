@@ -451,6 +451,10 @@ def test_cli_finetune_then_predict_and_evaluate_like_round_one(dataset, tmp_path
             "--cv", "2", "--accelerator", "cpu", "--tta"]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
+    lines = result.stderr.splitlines()  # not a terminal: plain progress lines, Lightning's epochs too
+    for done in ("cross-validation folds: 2/2 (100%)", "fold 2 full epochs: 1/1 (100%)", "main head epochs: 1/1 (100%)"):
+        assert any(line.startswith(done) for line in lines), result.stderr
+    assert "\r" not in result.stderr
     assert list(cwd.iterdir()) == []  # nothing written into the working directory
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # work folder removed
     report = json.loads((out / "metrics.json").read_text())

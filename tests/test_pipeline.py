@@ -334,7 +334,7 @@ def test_head_parameters_reach_an_ensembles_members():
 @pytest.mark.parametrize(
     "changes, message",
     [
-        ({"head": "nope"}, "unknown head"),
+        ({"head": "nope"}, "unknown --head 'nope'"),
         ({"cv": 1}, "--cv"),
         ({"window": 4}, "window"),
         ({"overlap": 1.0}, "overlap"),

@@ -9,13 +9,13 @@ The arithmetic is PyTorch's: the same float32 normalisation, and a box average t
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
 from .cache import ImageFeatures, extractor_fingerprint
 from .errors import InputError
-from .tiling import crop_windows, make_grid, pad_to, validate_tiling
+from .tiling import WindowGrid, crop_windows, make_grid, pad_to, validate_tiling
 
 # windows: each window cropped and embedded on its own (the write-up's way, exact);
 # fullconv: one pass over the whole image, window vectors pooled from the feature map (fast).
@@ -71,6 +71,45 @@ def box_average(fmap: np.ndarray, boxes: np.ndarray, spatial_scale: float, sampl
         rows = wy @ block.reshape(len(wy), -1)  # (nx * C,): the rows weighted, then the columns
         out[index] = wx @ rows.reshape(len(wx), channels)
     return out
+
+
+def embed_images(
+    images: Sequence[np.ndarray],
+    grids: Sequence[WindowGrid],
+    mode: str,
+    batch_size: int,
+    embed_windows: Callable[[np.ndarray], np.ndarray],
+    embed_fullconv: Callable[[np.ndarray, Sequence[np.ndarray]], list[np.ndarray]],
+) -> list[np.ndarray]:
+    """Each image's (N_i, D) window features, several images sharing backbone batches.
+
+    The batching both extractors use (numpy here, PyTorch in :mod:`mitoscope.features`): in
+    ``windows`` mode the windows of all ``images`` go to ``embed_windows`` ((N, w, w, 3) uint8
+    -> (N, D), which runs them ``batch_size`` at a time); in ``fullconv`` mode images of the
+    same padded size are stacked, up to ``batch_size`` windows' worth at a time (at least one
+    image), into ``embed_fullconv`` ((B, H, W, 3) uint8 and the B images' window boxes -> B
+    feature arrays). Many small images, e.g. single-cell crops of one window each, thus run as
+    a few large batches instead of one forward each; every image gets the features it gets on
+    its own, to float32 rounding.
+    """
+    if mode == "windows":
+        counts = [grid.n_windows for grid in grids]
+        windows = [crop_windows(image, grid) for image, grid in zip(images, grids)]
+        crops = windows[0] if len(windows) == 1 else np.concatenate(windows)  # one large image: no copy
+        return [np.ascontiguousarray(part) for part in np.split(embed_windows(crops), np.cumsum(counts)[:-1])]
+    padded = [pad_to(image, *grid.padded_size) for image, grid in zip(images, grids)]
+    by_size: dict[tuple[int, ...], list[int]] = {}
+    for index, image in enumerate(padded):
+        by_size.setdefault(image.shape, []).append(index)
+    out: dict[int, np.ndarray] = {}
+    for indices in by_size.values():
+        step = max(1, batch_size // grids[indices[0]].n_windows)
+        for start in range(0, len(indices), step):
+            chunk = indices[start : start + step]
+            stack = np.stack([padded[i] for i in chunk])
+            for index, features in zip(chunk, embed_fullconv(stack, [grids[i].boxes() for i in chunk])):
+                out[index] = features
+    return [out[index] for index in range(len(images))]
 
 
 class ArrayExtractor:
@@ -130,26 +169,34 @@ class ArrayExtractor:
                for start in range(0, len(windows), self.batch_size)]
         return np.concatenate(out).astype(np.float32, copy=False)
 
-    def embed_fullconv(self, image: np.ndarray, boxes: np.ndarray) -> np.ndarray:
-        """One pass over the whole image; each window's vector is the average of the final
-        feature map under it, instead of re-computing overlapping windows."""
-        padded = pad_to(image, max(image.shape[0], self.window), max(image.shape[1], self.window))
-        fmap = np.asarray(self.runner.feature_map(normalise(padded, self.mean, self.std)[None]))
+    def embed_fullconv(self, padded: np.ndarray, boxes: Sequence[np.ndarray]) -> list[np.ndarray]:
+        """One pass over a stack of (B, H, W, 3) images padded to one size; each window's vector
+        is the average of the final feature map under its box, instead of re-computing
+        overlapping windows."""
+        fmap = np.asarray(self.runner.feature_map(normalise(padded, self.mean, self.std)))
         if fmap.ndim != 4:
             raise InputError(f"backbone {self.backbone_name} has no spatial feature map: use --extraction windows")
-        stride = padded.shape[1] / fmap.shape[-1]
-        return box_average(fmap[0], boxes, 1.0 / stride).astype(np.float32, copy=False)
+        stride = padded.shape[2] / fmap.shape[-1]
+        return [box_average(fmap[i], image_boxes, 1.0 / stride).astype(np.float32, copy=False)
+                for i, image_boxes in enumerate(boxes)]
 
-    def embed(self, image: np.ndarray, grid: Any) -> np.ndarray:
-        if self.mode == "fullconv":
-            return self.embed_fullconv(image, grid.boxes())
-        return self.embed_windows(crop_windows(image, grid))
+    def embed_many(self, images: Sequence[np.ndarray], grids: Sequence[WindowGrid]) -> list[np.ndarray]:
+        """Window features of several images on their grids, sharing batches (:func:`embed_images`)."""
+        return embed_images(images, grids, self.mode, self.batch_size, self.embed_windows, self.embed_fullconv)
 
     def extract(self, image: np.ndarray, resize_to: tuple[int, int] | None = None) -> ImageFeatures:
         """Features of an image at its own size (resizing, ``resize_to``, is the PyTorch path's)."""
-        if resize_to is not None and tuple(resize_to) != tuple(image.shape[:2]):
-            raise InputError(f"resizing {image.shape[1]}x{image.shape[0]} images to {resize_to[1]}x{resize_to[0]} "
-                             "runs in PyTorch (mitoscope.features.FeatureExtractor)")
-        grid = make_grid(image.shape[0], image.shape[1], self.window, self.overlap)
-        return ImageFeatures(features=self.embed(image, grid), boxes=grid.boxes().astype(np.int64),
-                             grid_shape=grid.shape, image_size=(image.shape[0], image.shape[1]))
+        return self.extract_many([image], resize_to)[0]
+
+    def extract_many(self, images: Sequence[np.ndarray],
+                     resize_to: tuple[int, int] | None = None) -> list[ImageFeatures]:
+        """Features of several images, their windows sharing backbone batches; each image's are
+        :meth:`extract`'s (to float32 rounding)."""
+        for image in images:
+            if resize_to is not None and tuple(resize_to) != tuple(image.shape[:2]):
+                raise InputError(f"resizing {image.shape[1]}x{image.shape[0]} images to {resize_to[1]}x{resize_to[0]} "
+                                 "runs in PyTorch (mitoscope.features.FeatureExtractor)")
+        grids = [make_grid(image.shape[0], image.shape[1], self.window, self.overlap) for image in images]
+        return [ImageFeatures(features=features, boxes=grid.boxes().astype(np.int64), grid_shape=grid.shape,
+                              image_size=(image.shape[0], image.shape[1]))
+                for image, grid, features in zip(images, grids, self.embed_many(images, grids))]

@@ -12,7 +12,8 @@ import hashlib
 import json
 import logging
 import os
-from concurrent.futures import ThreadPoolExecutor
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Protocol, Sequence
@@ -24,8 +25,9 @@ from safetensors.numpy import load_file, save_file
 from . import __version__
 from .atomic import atomic_path, sha256_file as file_sha256
 from .defaults import cache_home
-from .errors import InputError
+from .errors import InputError, MitoscopeError
 from .io import ReadOptions, read_image
+from .tiling import make_grid
 
 logger = logging.getLogger(__name__)
 
@@ -50,10 +52,14 @@ class WindowExtractor(Protocol):
     """What :func:`extract_dataset` needs of an extractor."""
 
     engine: str
+    window: int
+    overlap: float
+    batch_size: int  # windows per backbone batch
 
     def fingerprint(self) -> dict[str, Any]: ...
 
-    def extract(self, image: np.ndarray, resize_to: tuple[int, int] | None = None) -> ImageFeatures: ...
+    def extract_many(self, images: Sequence[np.ndarray],
+                     resize_to: tuple[int, int] | None = None) -> list[ImageFeatures]: ...
 
 
 def extractor_fingerprint(name: str, weights_id: str, input_size: int, window: int, overlap: float, mode: str,
@@ -163,6 +169,35 @@ def cache_settings(fingerprint: dict[str, Any], read_options: ReadOptions,
     }
 
 
+class _ReadAhead:
+    """Decodes ``paths`` in order on ``pool``'s thread, keeping up to ``ahead`` images in flight
+    beyond the one asked for, so that decoding overlaps the backbone's work."""
+
+    def __init__(self, pool: ThreadPoolExecutor, paths: Sequence[Path], read: Callable[[Path, ReadOptions], np.ndarray],
+                 options: ReadOptions) -> None:
+        self.pool, self.paths, self.read, self.options = pool, list(paths), read, options
+        self.pending: deque[Future[np.ndarray]] = deque()
+        self.submitted = 0
+        self.ahead = 1
+
+    def top_up(self) -> None:
+        """Start reads until ``ahead`` are in flight (or every path is read)."""
+        while self.submitted < len(self.paths) and len(self.pending) < max(1, self.ahead):
+            self.pending.append(self.pool.submit(self.read, self.paths[self.submitted], self.options))
+            self.submitted += 1
+
+    def next(self) -> np.ndarray:
+        """The next image in order (raises what its read raised)."""
+        self.top_up()
+        image = self.pending.popleft().result()
+        self.top_up()
+        return image
+
+    def cancel(self) -> None:
+        for future in self.pending:
+            future.cancel()
+
+
 def extract_dataset(
     paths: Sequence[Path],
     extractor: WindowExtractor,
@@ -173,10 +208,17 @@ def extract_dataset(
     read: Callable[[Path, ReadOptions], np.ndarray] = read_image,
     skipped: dict[Path, str] | None = None,
 ) -> list[ImageFeatures]:
-    """Features of every image, from the cache when present; reading (``read``) runs one image ahead.
+    """Features of every image, from the cache when present.
 
-    An image that cannot be read raises InputError; with ``skipped`` (a dict) it is recorded
-    there instead (path -> the error's message) and left out of the list returned.
+    The others go to the backbone in groups: consecutive images whose windows fit one batch
+    together (``extractor.batch_size`` windows, e.g. 32 single-window crops) are extracted by one
+    ``extractor.extract_many`` call, so small images share backbone batches instead of running
+    one forward each; an image with more windows is a group of its own. Reading (``read``)
+    runs ahead on a thread, as many images as the last group held. Each entry is written as
+    soon as its group is done (the images read before one that cannot be read too), so an
+    interrupted run resumes from there. An image that cannot be read raises InputError; with
+    ``skipped`` (a dict) it is recorded there instead (path -> the error's message) and left out
+    of the list returned.
     """
     read_options = read_options or ReadOptions()
     settings = cache_settings(extractor.fingerprint(), read_options, resize_to)
@@ -210,29 +252,54 @@ def extract_dataset(
     done = len(paths) - len(todo)
     if progress:
         progress(done, len(paths))
-    # Decode the next image on a thread while the backbone works on this one.
+
+    def extract(group: list[tuple[int, str | None, np.ndarray]]) -> None:
+        nonlocal done
+        if not group:
+            return
+        for (index, key, _), feats in zip(group, extractor.extract_many([image for *_, image in group], resize_to)):
+            if cache and key:
+                provenance = {"image": str(paths[index]), "mitoscope": __version__, "engine": extractor.engine,
+                              **settings}
+                try:
+                    cache.save(key, feats, provenance)
+                except OSError as exc:  # a full or read-only cache costs time, never the result
+                    logger.warning("cannot write feature cache entry under %s (%s)", cache.root, exc)
+            results[index] = feats
+        done += len(group)
+        if progress:
+            progress(done, len(paths))
+
+    capacity = max(1, int(extractor.batch_size))
+    group: list[tuple[int, str | None, np.ndarray]] = []
+    group_windows = 0
     with ThreadPoolExecutor(max_workers=1) as pool:
-        pending = pool.submit(read, paths[todo[0][0]], read_options) if todo else None
-        for position, (index, key) in enumerate(todo):
-            try:
-                image = pending.result()
-            except InputError as error:
-                skip(paths[index], error)
-                image = None
-            if position + 1 < len(todo):
-                pending = pool.submit(read, paths[todo[position + 1][0]], read_options)
-            if image is not None:
-                results[index] = features = extractor.extract(image, resize_to=resize_to)
-                if cache and key:
-                    provenance = {"image": str(paths[index]), "mitoscope": __version__, "engine": extractor.engine,
-                                  **settings}
-                    try:
-                        cache.save(key, features, provenance)
-                    except OSError as exc:  # a full or read-only cache costs time, never the result
-                        logger.warning("cannot write feature cache entry under %s (%s)", cache.root, exc)
-            done += 1
-            if progress:
-                progress(done, len(paths))
+        reads = _ReadAhead(pool, [paths[index] for index, _ in todo], read, read_options)
+        try:
+            for index, key in todo:
+                try:
+                    image = reads.next()
+                except MitoscopeError as error:
+                    if skipped is None or not isinstance(error, InputError):
+                        extract(group)  # the images read before this one keep their entries
+                        raise
+                    skipped[paths[index]] = str(error)
+                    done += 1
+                    if progress:
+                        progress(done, len(paths))
+                    continue
+                height, width = resize_to or image.shape[:2]
+                windows = make_grid(height, width, extractor.window, extractor.overlap).n_windows
+                if group and group_windows + windows > capacity:
+                    reads.ahead = len(group)  # decode about the next group while the backbone runs this one
+                    reads.top_up()
+                    extract(group)
+                    group, group_windows = [], 0
+                group.append((index, key, image))
+                group_windows += windows
+            extract(group)
+        finally:
+            reads.cancel()
     return [r for r in results if r is not None]
 
 

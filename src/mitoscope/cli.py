@@ -5,18 +5,26 @@ from __future__ import annotations
 import json
 import logging
 import time
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Optional
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
+# Only light modules here: options are checked before PyTorch, OpenVINO or scikit-learn load
+# (seconds on a small CPU), so that a typo fails at once. Each command imports its heavy
+# modules after its checks.
+from .array_features import EXTRACTION_MODES
+from .artifacts import check_out_dir, read_model_config
 from .defaults import DEFAULT_BACKBONE, DEFAULT_FINETUNE_BACKBONE, OFFLINE_ALTERNATIVE
+from .engines import ENGINES
 from .errors import MitoscopeError
-from .io import DEFAULT_MAX_PIXELS
+from .io import DEFAULT_MAX_PIXELS, find_images, locate_labels, parse_channels
+from .options import (ACCELERATORS, BALANCES, BATCHNORMS, HEAD_NAMES, MONITORS, POOLS, PRECISIONS, SCHEDULES, TrainConfig,
+                      check_choice, check_file)
+from .progress import Progress, lightning_display, lightning_progress, progress_display
 
 app = typer.Typer(
     help="Tell whether large microscopy images contain mitotic cells, and show where.",
@@ -36,27 +44,9 @@ CACHE_HELP = "Feature cache folder (default: ~/.cache/mitoscope/features)."
 MAX_PIXELS_HELP = "Refuse images of more than this many pixels (height x width), a guard against decompression bombs."
 
 
-@contextmanager
-def progress_bars() -> Iterator[Any]:
-    """A rich progress display; yields the (stage, done, total) callback the library expects."""
-    with Progress(
-        TextColumn("[bold]{task.description:<22}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        TextColumn("eta"),
-        TimeRemainingColumn(),
-        console=console,
-        transient=False,
-    ) as bars:
-        tasks: dict[str, Any] = {}
-
-        def update(stage: str, done: int, total: int) -> None:
-            if stage not in tasks:
-                tasks[stage] = bars.add_task(stage, total=total)
-            bars.update(tasks[stage], completed=done, total=total)
-
-        yield update
+def progress_bars() -> AbstractContextManager[Progress]:
+    """The (stage, done, total) callback the library expects: bars on a terminal, plain lines otherwise."""
+    return progress_display(console)
 
 
 def fail(exc: MitoscopeError) -> None:
@@ -128,16 +118,17 @@ def train(
 
     Example: mitoscope train scenes/ --labels scenes/labels.csv --out model/ --head ensemble
     """
-    from .io import parse_channels
-    from .pipeline import TrainConfig, train as run_train
-
     try:
         config = TrainConfig(
             head=head, backbone=backbone, weights=str(weights) if weights else None, pretrained=pretrained,
             window=window, overlap=overlap, extraction=extraction, engine=engine,
             channels=parse_channels(channels) if channels else None, cv=cv, seed=seed, positive=positive,
             batch_size=batch_size, device=device, head_params=parse_head_params(head_param), max_pixels=max_pixels,
-        )
+        ).validate()
+        locate_labels(data_dir, labels)
+        check_out_dir(out, overwrite)
+        from .pipeline import train as run_train
+
         started = time.perf_counter()
         with progress_bars() as progress:
             result = run_train(data_dir, labels, out, config, cache_from(cache_dir, no_cache), progress, overwrite)
@@ -168,10 +159,12 @@ def predict(
 
     Example: mitoscope predict model/ new_images/ --out predictions.csv --heatmaps heatmaps/
     """
-    from .io import parse_channels
-    from .predictions import predict as run_predict
-
     try:
+        check_choice("--engine", engine, ENGINES)
+        read_model_config(model_dir, verify_files=False)
+        find_images(images)
+        from .predictions import predict as run_predict
+
         with progress_bars() as progress:
             rows = run_predict(model_dir, images, out, cache_from(cache_dir, no_cache), progress,
                                heatmaps_dir=heatmaps, top_k=top_k, max_pixels=max_pixels, engine=engine,
@@ -200,9 +193,13 @@ def localize(
 
     Example: mitoscope localize model/ test_scenes/ --boxes test_scenes/boxes.csv --out loc/
     """
-    from .pipeline import localize as run_localize
-
     try:
+        check_choice("--engine", engine, ENGINES)
+        read_model_config(model_dir, verify_files=False)
+        locate_labels(data_dir, labels)
+        check_file(boxes, "boxes file")
+        from .pipeline import localize as run_localize
+
         with progress_bars() as progress:
             report = run_localize(model_dir, data_dir, boxes, out, labels, cache_from(cache_dir, no_cache), progress,
                                   engine=engine)
@@ -230,10 +227,12 @@ def evaluate(
 
     Example: mitoscope evaluate model/ test_scenes/ --labels test_scenes/labels.csv --out report/
     """
-    from .io import parse_channels
-    from .pipeline import evaluate as run_evaluate
-
     try:
+        check_choice("--engine", engine, ENGINES)
+        read_model_config(model_dir, verify_files=False)
+        locate_labels(data_dir, labels)
+        from .pipeline import evaluate as run_evaluate
+
         with progress_bars() as progress:
             metrics = run_evaluate(model_dir, data_dir, labels, out, cache_from(cache_dir, no_cache), progress,
                                    max_pixels=max_pixels, engine=engine,
@@ -261,14 +260,18 @@ def demo(
 
     Example: mitoscope demo --out demo/   |   mitoscope demo --data scenes/ --labels scenes/labels.csv
     """
-    from .demo import run_demo
-    from .pipeline import TrainConfig
-
+    try:
+        config = TrainConfig(head=head, cv=cv, seed=seed, positive=positive).validate()
+        if data is not None:
+            locate_labels(data, labels)
+    except MitoscopeError as exc:
+        fail(exc)
     if data is None:
         console.print("[yellow]Using a SYNTHETIC dataset (procedurally drawn cells, not real microscopy).[/yellow]")
     started = time.perf_counter()
     try:
-        config = TrainConfig(head=head, cv=cv, seed=seed, positive=positive)
+        from .demo import run_demo
+
         with progress_bars() as progress:
             result = run_demo(out, data, labels, config, progress=progress)
     except MitoscopeError as exc:
@@ -286,29 +289,6 @@ def demo(
 
 # finetune and extract: their heavy modules (torch, Lightning) are imported when they run,
 # so that `mitoscope --help` and the other commands start fast.
-
-
-class StageBars:
-    """The library's (stage, done, total) progress as tqdm bars (Lightning draws tqdm bars too)."""
-
-    def __init__(self) -> None:
-        self.bars: dict[str, Any] = {}
-
-    def __call__(self, stage: str, done: int, total: int) -> None:
-        from tqdm.auto import tqdm
-
-        if stage not in self.bars:
-            self.bars[stage] = tqdm(total=total, desc=stage, unit="image" if "fold" not in stage else "fold",
-                                    leave=True, dynamic_ncols=True)
-        bar = self.bars[stage]
-        bar.n = done
-        bar.refresh()
-        if done >= total:
-            bar.close()
-
-    def close(self) -> None:
-        for bar in self.bars.values():
-            bar.close()
 
 
 @app.command("finetune")
@@ -372,12 +352,21 @@ def finetune_command(
 
     Example: mitoscope finetune scenes/ --labels scenes/labels.csv --out model/ --size 512 --cv 5
     """
-    from .augment import AugmentConfig
-    from .finetune import FineTuneConfig, finetune
-    from .io import parse_channels
-
-    bars = StageBars()
+    terminal = console.is_terminal  # else Lightning's tqdm bar gives way to plain lines
     try:
+        for option, value, choices in (("--pool", pool, POOLS), ("--schedule", schedule, SCHEDULES),
+                                       ("--precision", precision, PRECISIONS), ("--monitor", monitor, MONITORS),
+                                       ("--balance", balance, BALANCES), ("--accelerator", accelerator, ACCELERATORS),
+                                       ("--batchnorm", batchnorm, BATCHNORMS)):
+            check_choice(option, value, choices)
+        locate_labels(data_dir, labels)
+        if pretrain_data is not None:
+            locate_labels(pretrain_data, pretrain_labels)
+        check_file(weights, "weights file")
+        check_out_dir(out, overwrite)
+        from .augment import AugmentConfig
+        from .finetune import FineTuneConfig, finetune
+
         config = FineTuneConfig(
             backbone=backbone, weights=str(weights) if weights else None, pretrained=pretrained, size=size,
             pool=pool, dropout=dropout, attention_hidden=attention_hidden, schedule=schedule,
@@ -390,14 +379,14 @@ def finetune_command(
             pretrain_data=str(pretrain_data) if pretrain_data else None,
             pretrain_labels=str(pretrain_labels) if pretrain_labels else None,
             tile=tile, tile_overlap=tile_overlap, negatives_only_tiles=negatives_only_tiles,
-            trunk_cache=trunk_cache, trunk_views=trunk_views, trunk_cache_gb=trunk_cache_gb, progress_bar=True,
+            trunk_cache=trunk_cache, trunk_views=trunk_views, trunk_cache_gb=trunk_cache_gb, progress_bar=terminal,
         )
         started = time.perf_counter()
-        result = finetune(data_dir, labels, out, config, cache_dir, bars, overwrite)
+        with lightning_display(console) as progress:
+            result = finetune(data_dir, labels, out, config, cache_dir, progress, overwrite,
+                              callbacks=[] if terminal else [lightning_progress(progress)])
     except MitoscopeError as exc:
-        bars.close()
         fail(exc)
-    bars.close()
     if result.model_dir is None:  # a DDP rank other than 0
         return
     if result.cv_metrics:
@@ -446,10 +435,17 @@ def extract_command(
     --nodes=2 --ntasks-per-node=4 --gpus-per-node=4 (the cache on a shared filesystem):
     srun mitoscope extract scenes/ --labels scenes/labels.csv --devices 4 --num-nodes 2 --accelerator gpu --cache-dir /shared/cache
     """
-    from .distributed import ExtractConfig, extract_to_cache, global_rank
-    from .io import parse_channels
-
     started = time.perf_counter()
+    try:
+        for option, value, choices in (("--head", head, HEAD_NAMES), ("--extraction", extraction, EXTRACTION_MODES),
+                                       ("--engine", engine, ENGINES), ("--accelerator", accelerator, ACCELERATORS)):
+            check_choice(option, value, choices)
+        locate_labels(data_dir, labels)
+        check_file(weights, "weights file")
+    except MitoscopeError as exc:
+        fail(exc)  # before Lightning starts other ranks
+    from .distributed import ExtractConfig, extract_to_cache, global_rank
+
     try:
         config = ExtractConfig(
             backbone=backbone, weights=str(weights) if weights else None, pretrained=pretrained, window=window,
@@ -457,7 +453,10 @@ def extract_command(
             channels=parse_channels(channels) if channels else None, seed=seed, positive=positive, head=head, batch_size=batch_size, accelerator=accelerator,
             devices=devices, num_nodes=num_nodes, workers=workers, max_pixels=max_pixels,
         )
-        result = extract_to_cache(data_dir, labels, config, cache_dir, progress_bar=True)
+        terminal = console.is_terminal  # else Lightning's tqdm bar gives way to plain lines
+        with lightning_display(console) as progress:
+            result = extract_to_cache(data_dir, labels, config, cache_dir, progress_bar=terminal,
+                                      callbacks=[] if terminal else [lightning_progress(progress)])
     except MitoscopeError as exc:
         if global_rank() == 0:
             fail(exc)

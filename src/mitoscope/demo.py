@@ -20,7 +20,8 @@ from sklearn.model_selection import train_test_split
 from .atomic import atomic_write_text
 from .errors import InputError
 from .io import load_labelled_images
-from .pipeline import Progress, TrainConfig, evaluate, open_cache, predict, train
+from .options import TrainConfig
+from .pipeline import Progress, evaluate, open_cache, predict, train
 from .synthetic import make_synthetic_dataset
 
 
@@ -66,9 +67,9 @@ def run_demo(
     cache_dir: str | Path | None = None,
     progress: Progress | None = None,
 ) -> DemoResult:
+    config = (config or TrainConfig(head="attention", cv=3)).validate()  # before any data is drawn
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    config = config or TrainConfig(head="attention", cv=3)
     cache = open_cache(cache_dir or out_dir / "feature-cache")
     if data_dir is None:
         train_labels = make_synthetic_dataset(out_dir / "synthetic-train", n_images=n_train, seed=config.seed + 1)

@@ -61,8 +61,8 @@ from .backbones import DEFAULT_BACKBONE, Backbone, create_backbone
 from .errors import InputError, MitoscopeError
 from .engines import ENGINES, EXPORTED_ENGINES
 from .features import EXTRACTION_MODES, FeatureCache, FeatureExtractor, cache_settings, default_cache_dir, file_sha256
-from .heads import HEADS
 from .io import DEFAULT_MAX_PIXELS, ReadOptions, load_labelled_images, read_image
+from .options import ACCELERATORS, HEAD_NAMES, check_choice, check_file
 # Heads whose input is every window concatenated in grid order: train resizes odd-sized images
 # to the most common size, so their resized features are cached too.
 from .pipeline import FIXED_GRID_HEADS
@@ -70,7 +70,6 @@ from .tiling import validate_tiling
 
 logger = logging.getLogger(__name__)
 
-ACCELERATORS = ("auto", "cpu", "gpu", "cuda")
 MAX_LISTED_ERRORS = 5
 
 
@@ -100,26 +99,21 @@ class ExtractConfig:
         from .finetune import parse_devices
 
         validate_tiling(self.window, self.overlap)
-        if self.extraction not in EXTRACTION_MODES:
-            raise InputError(f"unknown --extraction {self.extraction!r}: expected one of {', '.join(EXTRACTION_MODES)}")
-        if self.engine not in ENGINES:
-            raise InputError(f"unknown --engine {self.engine!r}: expected one of {', '.join(ENGINES)}")
+        check_choice("--extraction", self.extraction, EXTRACTION_MODES)
+        check_choice("--engine", self.engine, ENGINES)
         if self.engine in EXPORTED_ENGINES and self.accelerator == "gpu":
             raise InputError(f"--engine {self.engine} runs on the CPU only; use --engine torch (or auto) with --accelerator gpu")
-        if self.head not in HEADS:
-            raise InputError(f"unknown --head {self.head!r}: expected one of {', '.join(sorted(HEADS))}")
+        check_choice("--head", self.head, HEAD_NAMES)
         if self.batch_size < 1:
             raise InputError(f"--batch-size must be at least 1, got {self.batch_size}")
         if self.num_nodes < 1:
             raise InputError(f"--num-nodes must be at least 1, got {self.num_nodes}")
         if self.workers is not None and self.workers < 0:
             raise InputError(f"--workers must be 0 or more, got {self.workers}")
-        if self.accelerator not in ACCELERATORS:
-            raise InputError(f"--accelerator must be one of {', '.join(ACCELERATORS)}, got {self.accelerator!r}")
+        check_choice("--accelerator", self.accelerator, ACCELERATORS)
         if self.accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
             raise InputError(f"--accelerator {self.accelerator}: no CUDA GPU is visible here; use --accelerator cpu")
-        if self.weights is not None and not Path(self.weights).is_file():
-            raise InputError(f"{self.weights}: weights file not found")
+        check_file(self.weights, "weights file")
         _ = self.read_options  # validates channels and max_pixels
         return replace(self, devices=parse_devices(self.devices))
 
@@ -383,7 +377,7 @@ def make_lightning_classes() -> tuple[type, type]:
     return ExtractionJobs, CacheWriter
 
 
-def make_trainer(config: ExtractConfig, root: Path, progress_bar: bool) -> Any:
+def make_trainer(config: ExtractConfig, root: Path, progress_bar: bool, callbacks: Sequence[Any] = ()) -> Any:
     L = _lightning()
     from lightning.fabric.utilities.exceptions import MisconfigurationException
 
@@ -398,6 +392,7 @@ def make_trainer(config: ExtractConfig, root: Path, progress_bar: bool) -> Any:
             enable_checkpointing=False,
             enable_model_summary=False,
             enable_progress_bar=progress_bar,
+            callbacks=list(callbacks),
             default_root_dir=root,
         )
     except MisconfigurationException as exc:  # e.g. more --devices than this machine has
@@ -413,12 +408,15 @@ def extract_to_cache(
     config: ExtractConfig = ExtractConfig(),
     cache_dir: str | Path | None = None,
     progress_bar: bool = False,
+    callbacks: Sequence[Any] = (),
 ) -> ExtractResult:
     """Write the feature-cache entry of every image of ``data_dir`` that lacks one.
 
     ``config.devices``/``num_nodes``/``accelerator`` are Lightning's; more than one device or
-    node runs DDP (see the module docstring). Returns the same :class:`ExtractResult` on every
-    rank. Raises :class:`InputError` naming the files that could not be read or extracted.
+    node runs DDP (see the module docstring). ``progress_bar`` shows Lightning's bar;
+    ``callbacks`` are more Lightning callbacks (e.g. progress lines for a log). Returns the same
+    :class:`ExtractResult` on every rank. Raises :class:`InputError` naming the files that could
+    not be read or extracted.
     """
     config = config.validate()
     data = load_labelled_images(data_dir, labels_csv, config.positive)
@@ -438,7 +436,7 @@ def extract_to_cache(
     written = collections.Counter()
     n_extracted = n_resized = 0
     with quiet_lightning_for_extract(True):
-        trainer = make_trainer(config, cache.root, progress_bar)
+        trainer = make_trainer(config, cache.root, progress_bar, callbacks)
         passes = [False, True] if config.head in FIXED_GRID_HEADS else [False]
         for resized in passes:
             # Reset here: a rank with nothing to do in a pass never reaches the module's predict hooks.

@@ -9,20 +9,20 @@ The feature cache lives in :mod:`mitoscope.cache` (re-exported here).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .array_features import EXTRACTION_MODES, ArrayExtractor
+from .array_features import EXTRACTION_MODES, ArrayExtractor, embed_images
 from .atomic import sha256_file as file_sha256
 from .backbones import Backbone
 from .cache import (CACHE_FORMAT, FeatureCache, ImageFeatures, ProgressCallback, cache_settings, default_cache_dir,
                     extract_dataset, extractor_fingerprint, open_cache, read_metadata)
 from .engines import BackboneRunner, engine_precision, make_runner, resolve_engine
 from .errors import InputError
-from .tiling import crop_windows, make_grid, pad_to, validate_tiling
+from .tiling import WindowGrid, make_grid, validate_tiling
 
 __all__ = ["CACHE_FORMAT", "EXTRACTION_MODES", "FeatureCache", "FeatureExtractor", "ImageFeatures", "ProgressCallback",
            "box_average", "cache_settings", "default_cache_dir", "extract_dataset", "file_sha256", "open_cache",
@@ -126,12 +126,12 @@ class FeatureExtractor:
         return torch.cat(out).numpy().astype(np.float32, copy=False)
 
     @torch.inference_mode()
-    def embed_fullconv(self, image: np.ndarray, boxes: np.ndarray) -> np.ndarray:
-        """One fully-convolutional pass over the whole image; each window's vector is the average
-        of the final feature map under it (RoIAlign), instead of re-computing overlapping windows."""
+    def embed_fullconv(self, padded: np.ndarray, boxes: Sequence[np.ndarray]) -> list[np.ndarray]:
+        """One fully-convolutional pass over a stack of (B, H, W, 3) images padded to one size;
+        each window's vector is the average of the final feature map under its box (RoIAlign),
+        instead of re-computing overlapping windows."""
         scale = self.input_size / self.window
-        padded = pad_to(image, max(image.shape[0], self.window), max(image.shape[1], self.window))
-        batch = torch.from_numpy(np.ascontiguousarray(padded)).to(self.device).permute(2, 0, 1)[None].float()
+        batch = torch.from_numpy(np.ascontiguousarray(padded)).to(self.device).permute(0, 3, 1, 2).float()
         if scale != 1.0:
             size = (int(round(batch.shape[-2] * scale)), int(round(batch.shape[-1] * scale)))
             batch = F.interpolate(batch, size=size, mode="bilinear", antialias=True)
@@ -141,29 +141,38 @@ class FeatureExtractor:
         if fmap.ndim != 4:
             raise InputError(f"backbone {self.backbone.name} has no spatial feature map: use --extraction windows")
         stride = batch.shape[-1] / fmap.shape[-1]
-        boxes_t = torch.as_tensor(boxes, dtype=torch.float32, device=fmap.device) * scale
-        return box_average(fmap, boxes_t, 1.0 / stride).cpu().numpy().astype(np.float32, copy=False)
+        out = []
+        for index, image_boxes in enumerate(boxes):
+            boxes_t = torch.as_tensor(image_boxes, dtype=torch.float32, device=fmap.device) * scale
+            out.append(box_average(fmap[index : index + 1], boxes_t, 1.0 / stride).cpu().numpy().astype(np.float32))
+        return out
 
-    def extract(self, image: np.ndarray, resize_to: tuple[int, int] | None = None) -> ImageFeatures:
-        height, width = image.shape[:2]
-        work = resize_image(image, resize_to) if resize_to else image
-        grid = make_grid(work.shape[0], work.shape[1], self.window, self.overlap)
+    def embed_many(self, images: Sequence[np.ndarray], grids: Sequence[WindowGrid]) -> list[np.ndarray]:
+        """Window features of several images on their grids, sharing batches
+        (:func:`mitoscope.array_features.embed_images`)."""
         arrays = self._array_extractor()
         if arrays is not None:
-            features = arrays.embed(work, grid)
-        elif self.mode == "fullconv":
-            features = self.embed_fullconv(work, grid.boxes())
-        else:
-            features = self.embed_windows(crop_windows(work, grid))
-        boxes = grid.boxes().astype(np.float64)
-        if resize_to:  # report windows where they lie in the image as read
-            boxes *= np.array([width / work.shape[1], height / work.shape[0]] * 2)
-        return ImageFeatures(
-            features=features,
-            boxes=np.round(boxes).astype(np.int64),
-            grid_shape=grid.shape,
-            image_size=(height, width),
-        )
+            return arrays.embed_many(images, grids)
+        return embed_images(images, grids, self.mode, self.batch_size, self.embed_windows, self.embed_fullconv)
+
+    def extract(self, image: np.ndarray, resize_to: tuple[int, int] | None = None) -> ImageFeatures:
+        return self.extract_many([image], resize_to)[0]
+
+    def extract_many(self, images: Sequence[np.ndarray],
+                     resize_to: tuple[int, int] | None = None) -> list[ImageFeatures]:
+        """Features of several images (each resized to ``resize_to`` first when given), their
+        windows sharing backbone batches; each image's are :meth:`extract`'s (to float32 rounding)."""
+        works = [resize_image(image, resize_to) if resize_to else image for image in images]
+        grids = [make_grid(work.shape[0], work.shape[1], self.window, self.overlap) for work in works]
+        out = []
+        for image, work, grid, features in zip(images, works, grids, self.embed_many(works, grids)):
+            height, width = image.shape[:2]
+            boxes = grid.boxes().astype(np.float64)
+            if resize_to:  # report windows where they lie in the image as read
+                boxes *= np.array([width / work.shape[1], height / work.shape[0]] * 2)
+            out.append(ImageFeatures(features=features, boxes=np.round(boxes).astype(np.int64), grid_shape=grid.shape,
+                                     image_size=(height, width)))
+        return out
 
 
 def box_average(fmap: torch.Tensor, boxes: torch.Tensor, spatial_scale: float, samples: int = 4) -> torch.Tensor:

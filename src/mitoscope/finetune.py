@@ -121,6 +121,8 @@ from .evaluation import best_f1_threshold, compute_metrics, cross_validate, fit_
 from .features import FeatureCache, file_sha256, pick_device, resize_image
 from .heads import _GatedAttentionNetwork
 from .io import LabelledImages, ReadOptions, SourceProfile, load_labelled_images, read_image
+from .options import (ACCELERATORS, BALANCES, BATCHNORMS, MONITORS, POOLS, PRECISIONS, SCHEDULES, check_choice,
+                      check_file)
 from .tiling import crop_windows, make_grid, validate_tiling
 
 logger = logging.getLogger(__name__)
@@ -149,16 +151,9 @@ __all__ = [
 
 NETWORK_FILE = "network.safetensors"
 HEAD_NAME = "finetuned"
-POOLS = ("avg", "attention")
-MONITORS = {"loss": "min", "auc": "max"}
-BALANCES = ("pos_weight", "sampler", "none")
-# onecycle: each phase warms up over its first WARMUP_FRACTION of steps, then anneals (cosine)
-# to ~0; fresh Adam updates at full rate on pretrained layers can wreck them in a few steps.
-SCHEDULES = ("onecycle", "constant")
-BATCHNORMS = ("frozen", "train")
+# The choices of pool, monitor, balance, schedule, precision and accelerator: mitoscope.options.
+# --schedule onecycle: each phase warms up over its first WARMUP_FRACTION of steps, then anneals.
 WARMUP_FRACTION = 0.15
-PRECISIONS = ("auto", "32", "32-true", "16-mixed", "bf16-mixed")
-ACCELERATORS = ("auto", "cpu", "gpu", "cuda")
 # The 8 symmetries of the square used by test-time augmentation: (quarter turns, flip).
 TTA_TRANSFORMS = tuple((k, flip) for flip in (False, True) for k in range(4))
 
@@ -258,30 +253,23 @@ class FineTuneConfig:
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
                 raise InputError(f"--{name.replace('_', '-')} must be an integer >= {minimum}, got {value!r}")
 
-        if self.pool not in POOLS:
-            raise InputError(f"--pool must be one of {', '.join(POOLS)}, got {self.pool!r}")
-        if self.monitor not in MONITORS:
-            raise InputError(f"--monitor must be one of {', '.join(MONITORS)}, got {self.monitor!r}")
-        if self.balance not in BALANCES:
-            raise InputError(f"--balance must be one of {', '.join(BALANCES)}, got {self.balance!r}")
-        if self.accelerator not in ACCELERATORS:
-            raise InputError(f"--accelerator must be one of {', '.join(ACCELERATORS)}, got {self.accelerator!r}")
+        check_choice("--pool", self.pool, POOLS)
+        check_choice("--monitor", self.monitor, MONITORS)
+        check_choice("--balance", self.balance, BALANCES)
+        check_choice("--accelerator", self.accelerator, ACCELERATORS)
         if self.accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
             raise InputError(f"--accelerator {self.accelerator}: no CUDA GPU is visible here; use --accelerator cpu")
-        if str(self.precision) not in PRECISIONS:
-            raise InputError(f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        check_choice("--precision", str(self.precision), PRECISIONS)
         if isinstance(self.size, bool) or not isinstance(self.size, (int, np.integer)):
             raise InputError(f"--size must be an integer number of pixels, got {self.size!r}")
         for name in ("epochs_head", "epochs_full", "accumulate", "batch_size", "num_nodes", "patience",
                      "attention_hidden", "attention_dim"):
             positive_int(name, 0 if name.startswith("epochs") or name == "attention_hidden" else 1)
-        if self.batchnorm not in BATCHNORMS:
-            raise InputError(f"--batchnorm must be one of {', '.join(BATCHNORMS)}, got {self.batchnorm!r}")
+        check_choice("--batchnorm", self.batchnorm, BATCHNORMS)
         if isinstance(self.gradient_clip, bool) or not isinstance(self.gradient_clip, (int, float)) \
                 or not self.gradient_clip >= 0:
             raise InputError(f"--gradient-clip must be a gradient norm >= 0 (0: off), got {self.gradient_clip!r}")
-        if self.schedule not in SCHEDULES:
-            raise InputError(f"--schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
+        check_choice("--schedule", self.schedule, SCHEDULES)
         if self.epochs_head + self.epochs_full < 1:
             raise InputError("--epochs-head and --epochs-full are both 0: nothing to train")
         for name in ("lr_head", "lr_full"):
@@ -308,8 +296,7 @@ class FineTuneConfig:
         if isinstance(self.trunk_cache_gb, bool) or not isinstance(self.trunk_cache_gb, (int, float)) \
                 or not self.trunk_cache_gb > 0:
             raise InputError(f"--trunk-cache-gb must be a positive number of gigabytes, got {self.trunk_cache_gb!r}")
-        if self.weights is not None and not Path(self.weights).is_file():
-            raise InputError(f"{self.weights}: weights file not found")
+        check_file(self.weights, "weights file")
         if self.pretrain_labels is not None and self.pretrain_data is None:
             raise InputError("--pretrain-labels was given without --pretrain-data")
         if self.pretrain_data is not None:
@@ -507,8 +494,7 @@ class FineTuneNetwork(nn.Module):
     def __init__(self, backbone: nn.Module, pool: str = "avg", dropout: float = 0.3,
                  attention_hidden: int = 0, attention_dim: int = 128) -> None:
         super().__init__()
-        if pool not in POOLS:
-            raise InputError(f"pool must be one of {', '.join(POOLS)}, got {pool!r}")
+        check_choice("pool", pool, POOLS)
         self.backbone = backbone
         self.pool = pool
         n_features = int(backbone.num_features)

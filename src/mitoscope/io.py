@@ -66,6 +66,7 @@ __all__ = [
     "SourceProfile",
     "find_images",
     "load_labelled_images",
+    "locate_labels",
     "parse_channels",
     "read_header",
     "read_image",
@@ -741,6 +742,26 @@ class LabelledImages:
         return len(self.paths)
 
 
+def locate_labels(data_dir: str | os.PathLike[str], labels_csv: str | os.PathLike[str] | None = None) -> Path | None:
+    """The labels CSV that :func:`load_labelled_images` reads (a relative ``labels_csv`` that
+    does not exist is also looked for inside ``data_dir``), or None for class sub-folders.
+
+    Raises InputError when ``data_dir`` is not a folder or the CSV does not exist; cheap (no
+    file is read), so the command line calls it before loading anything heavy.
+    """
+    data_dir = Path(data_dir)
+    if not data_dir.is_dir():
+        raise InputError(f"{data_dir}: data folder does not exist")
+    if labels_csv is None:
+        return None
+    csv_path = Path(labels_csv)
+    if not csv_path.exists() and not csv_path.is_absolute() and (data_dir / csv_path).exists():
+        csv_path = data_dir / csv_path
+    if not csv_path.is_file():
+        raise InputError(f"{csv_path}: labels file does not exist")
+    return csv_path
+
+
 def load_labelled_images(
     data_dir: str | os.PathLike[str],
     labels_csv: str | os.PathLike[str] | None = None,
@@ -777,14 +798,10 @@ def load_labelled_images(
         and the line.
     """
     data_dir = Path(data_dir)
-    if not data_dir.is_dir():
-        raise InputError(f"{data_dir}: data folder does not exist")
-    if labels_csv is None:
+    csv_path = locate_labels(data_dir, labels_csv)
+    if csv_path is None:
         paths, labels, groups, source = _from_class_folders(data_dir)
     else:
-        csv_path = Path(labels_csv)
-        if not csv_path.exists() and not csv_path.is_absolute() and (data_dir / csv_path).exists():
-            csv_path = data_dir / csv_path
         paths, labels, groups, source = _from_csv(data_dir, csv_path)
 
     classes = _choose_classes(labels, positive, source)
@@ -822,8 +839,6 @@ def _from_class_folders(data_dir: Path) -> tuple[list[Path], list[str], None, st
 
 
 def _from_csv(data_dir: Path, csv_path: Path) -> tuple[list[Path], list[str], list[str] | None, str]:
-    if not csv_path.is_file():
-        raise InputError(f"{csv_path}: labels file does not exist")
     try:
         with open(csv_path, newline="", encoding="utf-8-sig") as handle:
             reader = csv.reader(handle)

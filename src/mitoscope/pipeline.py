@@ -21,17 +21,16 @@ from .artifacts import ModelDescription, check_out_dir, read_model_config, write
 from safetensors.torch import save_file
 
 from .atomic import atomic_path, atomic_write_text
-from .backbones import DEFAULT_BACKBONE, Backbone, create_backbone, described_backbone
-from .engines import ENGINES, EXPORTED_ENGINES, NeedsPyTorch, onnx_path, resolve_engine, served_engine
+from .backbones import Backbone, create_backbone, described_backbone
+from .engines import EXPORTED_ENGINES, NeedsPyTorch, onnx_path, resolve_engine, served_engine
 from .errors import InputError, ModelError
 from .cache import open_cache
-from .features import (EXTRACTION_MODES, FeatureCache, FeatureExtractor, ImageFeatures, extract_dataset,
-                       pick_device)
+from .features import FeatureCache, FeatureExtractor, ImageFeatures, extract_dataset, pick_device
 from .heads import HEADS, load_head, make_head, save_head
 from .predictions import (Predictions, Progress, Warn, predict, prediction_rows, rows_to_csv, score_label,
                           screen_images)
-from .io import DEFAULT_MAX_PIXELS, LabelledImages, ReadOptions, SourceProfile, load_labelled_images
-from .tiling import validate_tiling
+from .io import LabelledImages, ReadOptions, SourceProfile, load_labelled_images
+from .options import TrainConfig
 
 logger = logging.getLogger(__name__)
 
@@ -43,53 +42,6 @@ FIXED_GRID_HEADS = {"dense", "forest", "ensemble"}
 
 BACKBONE_FILE = "backbone.safetensors"
 
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """Everything `mitoscope train` can be told; validated before any work starts."""
-
-    head: str = "ensemble"
-    backbone: str = DEFAULT_BACKBONE
-    weights: str | None = None
-    pretrained: bool = True
-    window: int = 224
-    overlap: float = 0.5
-    extraction: str = "windows"
-    engine: str = "auto"
-    channels: tuple[int, int, int] | None = None
-    cv: int = 5
-    seed: int = 0
-    positive: str | None = None
-    batch_size: int = 32
-    device: str | None = None
-    head_params: dict[str, Any] = field(default_factory=dict)
-    max_pixels: int = DEFAULT_MAX_PIXELS
-
-    def validate(self) -> "TrainConfig":
-        if self.head not in HEADS:
-            raise InputError(f"unknown head {self.head!r}: expected one of {', '.join(sorted(HEADS))}")
-        validate_tiling(self.window, self.overlap)
-        if self.extraction not in EXTRACTION_MODES:
-            raise InputError(f"unknown --extraction {self.extraction!r}: expected one of {', '.join(EXTRACTION_MODES)}")
-        if self.engine not in ENGINES:
-            raise InputError(f"unknown --engine {self.engine!r}: expected one of {', '.join(ENGINES)}")
-        if self.engine in EXPORTED_ENGINES and self.device and not self.device.startswith("cpu"):
-            raise InputError(f"--engine {self.engine} runs on the CPU only, but --device is {self.device}; "
-                             "use --engine torch (or auto)")
-        if self.cv != 0 and self.cv < 2:
-            raise InputError(f"--cv must be 0 (no cross-validation) or at least 2, got {self.cv}")
-        if self.batch_size < 1:
-            raise InputError(f"--batch-size must be at least 1, got {self.batch_size}")
-        if self.weights is not None and not Path(self.weights).is_file():
-            raise InputError(f"{self.weights}: weights file not found")
-        build_head(self.head, self.head_params)  # bad head parameters fail before any feature is extracted
-        _ = self.read_options  # validates channels and max_pixels
-        return self
-
-    @property
-    def read_options(self) -> ReadOptions:
-        return ReadOptions(channels=self.channels, max_pixels=self.max_pixels)
 
 
 def build_head(name: str, params: dict[str, Any]) -> Any:
@@ -352,6 +304,7 @@ def train(
 ) -> TrainResult:
     """Extract features, cross-validate, fit the head on all images and save the model."""
     config = config.validate()
+    build_head(config.head, config.head_params)  # bad head parameters fail before any feature is extracted
     check_out_dir(out_dir, overwrite)  # refuse now, not after the features and the fitting
     data = load_labelled_images(data_dir, labels_csv, config.positive)
     if config.cv and min(np.bincount(data.y, minlength=2)) < config.cv:
