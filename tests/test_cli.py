@@ -373,7 +373,8 @@ def test_train_warns_of_a_model_at_chance(tmp_path, cache_dir):
                     "--cv", 2, "--cache-dir", cache_dir)
     assert result.exit_code == 0, result.output
     lines = warning_lines(result)
-    assert len(lines) == 2 and "does not rule out chance" in lines[0] and "is degenerate" in lines[1]
+    assert len(lines) == 3 and "collapsed to a constant output" in lines[0]  # identical images, identical answers
+    assert "does not rule out chance" in lines[1] and "is degenerate" in lines[2]
     assert [f"warning: {w}" for w in json.loads((model / "metrics.json").read_text())["warnings"]] == lines
 
 
