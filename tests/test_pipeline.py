@@ -283,7 +283,8 @@ def test_a_model_at_chance_says_so_in_its_result_its_metrics_and_its_description
         f"img{i:02d}.png,{'Mitosis' if i % 2 == 0 else 'Normal'}\n" for i in range(8)))
     result = train(folder, folder / "labels.csv", tmp_path / "model", config_for("pooled", cv=2), cache)
     assert result.cv_metrics["auc"] == 0.5
-    chance, degenerate = result.warnings
+    constant, chance, degenerate = result.warnings
+    assert constant.endswith("it collapsed to a constant output")  # the same pixels, the same answer
     assert chance.startswith("2-fold cross-validation (out-of-fold) AUC 0.5 (95% CI") and "chance" in chance
     assert degenerate.startswith(f"threshold {result.model.threshold:.3g} is degenerate: all 8")
     assert degenerate.endswith("calls every one of those images Mitosis")

@@ -224,13 +224,11 @@ def test_heatmap_files_that_would_collide_are_refused_before_any_extraction(pool
 
 
 def test_the_served_model_skips_a_bad_image_too(tmp_path, monkeypatch):
-    """Served (no PyTorch at prediction) on the tiny backbone's own input size. The export check
-    is relaxed here: this test is about which images are predicted, not about the engine's numbers."""
+    """Served (no PyTorch at prediction) on the tiny backbone's own input size."""
     pytest.importorskip("openvino")
     from mitoscope.inference import ServedModel
 
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))  # this relaxed export stays here
-    monkeypatch.setattr("mitoscope.engines.PROBE_TOLERANCE", float("inf"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     data = tmp_path / "data"
     write_blobs(data, 2, size=160, blob=24)
     config = TrainConfig(head="pooled", backbone="test_efficientnet", pretrained=False, window=160, cv=0, device="cpu")
