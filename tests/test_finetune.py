@@ -400,7 +400,7 @@ def test_unavailable_weights_name_the_offline_alternative(monkeypatch):
     def offline(*args, **kwargs):
         raise WeightsUnavailableError("cannot get pretrained weights for 'efficientnet_b4' (LocalEntryNotFoundError)")
 
-    monkeypatch.setattr(ft, "create_backbone", offline)
+    monkeypatch.setattr(ft.network, "create_backbone", offline)
     with pytest.raises(WeightsUnavailableError, match="tf_efficientnet_lite0"):
         build_network(FineTuneConfig().validate())
 
@@ -663,7 +663,7 @@ def test_cli_trunk_flags_and_no_lightning_chatter(dataset, tmp_path, monkeypatch
 
     import mitoscope.finetune as ft
 
-    real_import, imported = ft._lightning, []
+    real_import, imported = ft.training._lightning, []
 
     def first_import(*args):
         if not imported:  # what the first `import lightning` of a CLI run does: its loggers to INFO
@@ -671,7 +671,7 @@ def test_cli_trunk_flags_and_no_lightning_chatter(dataset, tmp_path, monkeypatch
             logging.getLogger("lightning.pytorch").setLevel(logging.INFO)
         return real_import()
 
-    monkeypatch.setattr(ft, "_lightning", first_import)
+    monkeypatch.setattr(ft.training, "_lightning", first_import)
     folder, labels = dataset
     from mitoscope.cli import app
     common = ["finetune", str(folder), "--labels", str(labels), "--backbone", "test_efficientnet", "--no-pretrained",
