@@ -21,6 +21,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from ..artifacts import check_out_dir
 from ..atomic import atomic_write_json, atomic_write_text
 from ..errors import InputError
 from ..evaluation import best_f1_threshold, compute_metrics, cross_validate, fit_warnings, write_report
@@ -53,13 +54,6 @@ def _work_dir(out_dir: Path) -> Path:
     return out_dir.parent / f".{out_dir.name}.finetune-work"
 
 
-def _check_out_dir(out_dir: Path, overwrite: bool) -> None:
-    if out_dir.exists() and not out_dir.is_dir():
-        raise InputError(f"{out_dir}: exists and is not a folder")
-    if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
-        raise InputError(f"{out_dir}: output folder exists and is not empty (choose another --out or pass --overwrite)")
-
-
 def finetune(
     data_dir: str | Path,
     labels_csv: str | Path | None,
@@ -77,7 +71,7 @@ def finetune(
     """
     config = config.validate()
     out_dir = Path(out_dir)
-    _check_out_dir(out_dir, overwrite)
+    check_out_dir(out_dir, overwrite)  # the model folder's one guard: refused now, not after training
     data = load_labelled_images(data_dir, labels_csv, config.positive)
     source = str(labels_csv or data_dir)
     groups = None if data.groups is None else np.asarray(data.groups)
