@@ -388,6 +388,34 @@ def test_a_labels_file_with_one_class_is_an_input_error(dataset, tmp_path):
     assert not (tmp_path / "model").exists()
 
 
+def test_overwrite_into_a_folder_without_a_model_is_refused_before_any_work(dataset, attention_model, tmp_path,
+                                                                             monkeypatch):
+    """``--overwrite`` replaces a model folder only (``artifacts.check_out_dir``): a folder of other
+    files is refused before the images are read, not at save time after training."""
+    import shutil
+
+    import mitoscope.finetune.workflow as workflow
+
+    folder, labels = dataset
+    precious = tmp_path / "thesis"
+    precious.mkdir()
+    (precious / "chapter1.tex").write_text("results")
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("finetune read the images before refusing the output folder")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(workflow, "load_labelled_images", no_work)
+        with pytest.raises(InputError, match=r"thesis: .*holds no model.json; --overwrite only replaces a model folder"):
+            finetune(folder, labels, precious, tiny_config(), overwrite=True)
+    assert [p.name for p in precious.iterdir()] == ["chapter1.tex"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["thesis"]  # no work folder either
+    model = tmp_path / "model"
+    shutil.copytree(attention_model[1], model)
+    result = finetune(folder, labels, model, tiny_config(epochs_full=0), overwrite=True)  # a model folder: replaced
+    assert result.model_dir == model and json.loads((model / "model.json").read_text())["network"]["pool"] == "avg"
+
+
 def test_mixed_precision_on_cpu_is_refused():
     assert resolve_precision(tiny_config(precision="auto")) == "32-true"
     with pytest.raises(InputError, match="needs a GPU"):
@@ -400,7 +428,7 @@ def test_unavailable_weights_name_the_offline_alternative(monkeypatch):
     def offline(*args, **kwargs):
         raise WeightsUnavailableError("cannot get pretrained weights for 'efficientnet_b4' (LocalEntryNotFoundError)")
 
-    monkeypatch.setattr(ft, "create_backbone", offline)
+    monkeypatch.setattr(ft.network, "create_backbone", offline)
     with pytest.raises(WeightsUnavailableError, match="tf_efficientnet_lite0"):
         build_network(FineTuneConfig().validate())
 
@@ -663,7 +691,7 @@ def test_cli_trunk_flags_and_no_lightning_chatter(dataset, tmp_path, monkeypatch
 
     import mitoscope.finetune as ft
 
-    real_import, imported = ft._lightning, []
+    real_import, imported = ft.training._lightning, []
 
     def first_import(*args):
         if not imported:  # what the first `import lightning` of a CLI run does: its loggers to INFO
@@ -671,7 +699,7 @@ def test_cli_trunk_flags_and_no_lightning_chatter(dataset, tmp_path, monkeypatch
             logging.getLogger("lightning.pytorch").setLevel(logging.INFO)
         return real_import()
 
-    monkeypatch.setattr(ft, "_lightning", first_import)
+    monkeypatch.setattr(ft.training, "_lightning", first_import)
     folder, labels = dataset
     from mitoscope.cli import app
     common = ["finetune", str(folder), "--labels", str(labels), "--backbone", "test_efficientnet", "--no-pretrained",
