@@ -2,7 +2,8 @@
 
 Models are trained on 240x240 blob images with the tiny ``test_efficientnet`` at its own input
 size (160 px windows, a 2x2 grid), so its export can run them; each head's served output is
-held against the PyTorch/scikit-learn head it stands for.
+held against the PyTorch/scikit-learn head it stands for (each head's numpy form alone, on
+constructed data: ``test_heads_serving.py``).
 """
 
 from __future__ import annotations
@@ -17,16 +18,14 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from safetensors.numpy import save_file
 
 pytest.importorskip("openvino")
 
 from blobs import write_blobs  # noqa: E402
 from mitoscope.array_features import box_average as box_average_numpy  # noqa: E402
 from mitoscope.features import box_average as box_average_torch  # noqa: E402
-from mitoscope.heads import ForestHead, PooledHead, forest_arrays, pooled_arrays  # noqa: E402
 from mitoscope.errors import InputError, ModelError  # noqa: E402
-from mitoscope.inference import ForestArrays, NotServable, PooledArrays, ServedModel  # noqa: E402
+from mitoscope.inference import NotServable, ServedModel  # noqa: E402
 from mitoscope.pipeline import MitoscopeModel, TrainConfig, train  # noqa: E402
 from mitoscope.predictions import predict  # noqa: E402
 
@@ -146,40 +145,6 @@ def test_what_cannot_be_served_falls_back_to_the_full_pipeline(trained, data, ne
         ServedModel.load(old)
     rows = predict(old, new_images, tmp_path / "c.csv", cache=None)
     assert len(rows) == len(new_images)
-
-
-def test_forest_arrays_give_scikit_learns_probabilities_exactly(tmp_path):
-    """Features taking values that are adjacent float32 numbers: the forest splits between them
-    at a float64 midpoint that no float32 holds, so thresholds rounded to float32 would send
-    one of the two down the wrong branch."""
-    rng = np.random.default_rng(0)
-    base = rng.standard_normal(3).astype(np.float32)
-    levels = np.concatenate([base, np.nextafter(base, np.float32(np.inf))])
-    train_bags = [levels[rng.integers(0, 6, (3, 5))] for _ in range(40)]
-    y = rng.integers(0, 2, 40)
-    head = ForestHead(n_estimators=25, bootstrap=True, random_state=0).fit(train_bags, y)
-    thresholds = forest_arrays(head.forest_)["threshold"]
-    assert (thresholds.astype(np.float32) != thresholds)[forest_arrays(head.forest_)["left"] >= 0].any()
-    test_bags = [np.nextafter(bag, rng.choice([-np.inf, np.inf], bag.shape).astype(np.float32)) for bag in train_bags]
-    test_bags += train_bags
-    save_file(forest_arrays(head.forest_), str(tmp_path / "trees.safetensors"))
-    served = ForestArrays(tmp_path / "trees.safetensors", {"n_windows_": 3, "n_features_in_": 5})
-    expected = head.predict_proba(test_bags)[:, 1]
-    np.testing.assert_allclose(served.predict_proba(test_bags), expected, rtol=0, atol=1e-12)
-    assert len(np.unique(expected)) > 5
-
-
-def test_pooled_arrays_give_the_logistic_regressions_probabilities_and_window_logits(tmp_path):
-    rng = np.random.default_rng(1)
-    bags = [rng.standard_normal((int(rng.integers(2, 6)), 8)).astype(np.float32) for _ in range(30)]
-    y = np.arange(30) % 2
-    head = PooledHead().fit(bags, y)
-    save_file(pooled_arrays(head.pipeline_), str(tmp_path / "pooled.safetensors"))
-    served = PooledArrays(tmp_path / "pooled.safetensors", {"n_features_in_": 8})
-    # scikit-learn fits float32 input in float32 (coef_ too): agreement to float32 rounding.
-    np.testing.assert_allclose(served.predict_proba(bags), head.predict_proba(bags)[:, 1], rtol=0, atol=1e-6)
-    for got, expected in zip(served.window_scores(bags), head.window_scores(bags)):
-        np.testing.assert_allclose(got, expected, rtol=0, atol=1e-5)
 
 
 def test_numpy_box_average_equals_the_pytorch_one_inside_on_and_past_the_edges():

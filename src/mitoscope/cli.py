@@ -21,6 +21,7 @@ from .artifacts import check_out_dir, read_model_config
 from .defaults import DEFAULT_BACKBONE, DEFAULT_FINETUNE_BACKBONE, OFFLINE_ALTERNATIVE
 from .engines import ENGINES
 from .errors import MitoscopeError
+from .heads.registry import FIXED_GRID_HEADS, WINDOW_SCORING_HEADS
 from .io import DEFAULT_MAX_PIXELS, find_images, locate_labels, parse_channels
 from .options import (ACCELERATORS, BALANCES, BATCHNORMS, HEAD_NAMES, MONITORS, POOLS, PRECISIONS, SCHEDULES, TrainConfig,
                       check_choice, check_file)
@@ -42,6 +43,10 @@ CHANNELS_OPTION = typer.Option(None, "--channels", help="Source channels for R,G
 ENGINE_OPTION = typer.Option("auto", "--engine", help="What runs the backbone: auto (on a CPU OpenVINO, else ONNX Runtime, else PyTorch, each engine used once it matched PyTorch on a probe; on a GPU PyTorch), openvino, onnxruntime, openvino-bf16 (OpenVINO in bfloat16: faster on CPUs with bf16, less exact) or torch.")
 CACHE_HELP = "Feature cache folder (default: ~/.cache/mitoscope/features)."
 MAX_PIXELS_HELP = "Refuse images of more than this many pixels (height x width), a guard against decompression bombs."
+# The heads as the registry lists them: the --head choices, the fixed-grid ones, the models that score windows.
+HEAD_HELP = " | ".join(HEAD_NAMES)
+FIXED_GRID_NAMES = [name for name in HEAD_NAMES if name in FIXED_GRID_HEADS]
+SCORING_MODELS = f"{', '.join(WINDOW_SCORING_HEADS)}; finetune --pool attention"
 
 
 def progress_bars() -> AbstractContextManager[Progress]:
@@ -94,7 +99,7 @@ def train(
     data_dir: Path = typer.Argument(..., help="Folder of images (paths in the CSV are relative to it)."),
     labels: Optional[Path] = typer.Option(None, "--labels", help="CSV: `Image,Label` (competition) or `path,label`. Omit for one sub-folder per class."),
     out: Path = typer.Option(..., "--out", help="Model folder to write."),
-    head: str = typer.Option("ensemble", "--head", help="ensemble | dense | forest | pooled | attention"),
+    head: str = typer.Option("ensemble", "--head", help=HEAD_HELP),
     backbone: str = typer.Option(DEFAULT_BACKBONE, "--backbone", help="Any timm model name."),
     weights: Optional[Path] = WEIGHTS_OPTION,
     pretrained: bool = typer.Option(True, "--pretrained/--random-init", help="--random-init: random backbone weights (tests only; never for real use)."),
@@ -146,7 +151,7 @@ def predict(
     model_dir: Path = typer.Argument(..., help="A model folder written by `mitoscope train`."),
     images: list[Path] = typer.Argument(..., help="Image files or folders."),
     out: Path = typer.Option(Path("predictions.csv"), "--out", help="CSV to write."),
-    heatmaps: Optional[Path] = typer.Option(None, "--heatmaps", help="Folder for per-image heatmap PNGs, window-score CSVs and top-k crops (heads: attention, pooled; finetune --pool attention)."),
+    heatmaps: Optional[Path] = typer.Option(None, "--heatmaps", help=f"Folder for per-image heatmap PNGs, window-score CSVs and top-k crops (heads: {SCORING_MODELS})."),
     top_k: int = typer.Option(3, "--top-k", help="Top-scoring windows saved as crops with --heatmaps."),
     cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help=CACHE_HELP),
     no_cache: bool = typer.Option(False, "--no-cache"),
@@ -180,7 +185,7 @@ def predict(
 
 @app.command()
 def localize(
-    model_dir: Path = typer.Argument(..., help="A model whose head gives window scores (attention, pooled; finetune --pool attention)."),
+    model_dir: Path = typer.Argument(..., help=f"A model whose head gives window scores ({SCORING_MODELS})."),
     data_dir: Path = typer.Argument(..., help="Folder of labelled images."),
     boxes: Path = typer.Option(..., "--boxes", help="boxes.csv with Image,x,y,w,h of the true mitoses (as written by compose_scenes.py)."),
     out: Path = typer.Option(..., "--out", help="Folder for localization.json."),
@@ -248,7 +253,8 @@ def demo(
     out: Path = typer.Option(Path("mitoscope-demo"), "--out", help="Folder for the data, model, report and predictions."),
     data: Optional[Path] = typer.Option(None, "--data", help="Run on your own images instead of the synthetic set."),
     labels: Optional[Path] = typer.Option(None, "--labels", help="Labels CSV for --data."),
-    head: str = typer.Option("attention", "--head", help="attention (default here: it beat the write-up's ensemble on every held-out set we measured) | ensemble | dense | forest | pooled"),
+    head: str = typer.Option("attention", "--head", help="attention (default here: it beat the write-up's ensemble on every held-out set we measured) | "
+                             + " | ".join(name for name in HEAD_NAMES if name != "attention")),
     positive: Optional[str] = typer.Option(None, "--positive", help="Positive class of --data (default: 'mitosis')."),
     cv: int = typer.Option(3, "--cv", help="Cross-validation folds on the training part."),
     seed: int = typer.Option(0, "--seed"),
@@ -412,7 +418,7 @@ def extract_command(
     channels: Optional[str] = CHANNELS_OPTION,
     seed: int = typer.Option(0, "--seed", help="Seed of --random-init weights (as for train)."),
     positive: Optional[str] = typer.Option(None, "--positive", help="Label of the positive class (as for train)."),
-    head: str = typer.Option("ensemble", "--head", help="The head you will train: ensemble, dense and forest need one grid, so images of another size are also cached resized to the most common size, as train does."),
+    head: str = typer.Option("ensemble", "--head", help=f"The head you will train: {', '.join(FIXED_GRID_NAMES[:-1])} and {FIXED_GRID_NAMES[-1]} need one grid, so images of another size are also cached resized to the most common size, as train does."),
     batch_size: int = typer.Option(32, "--batch-size", help="Windows per forward pass."),
     accelerator: str = typer.Option("auto", "--accelerator", help="auto | cpu | gpu."),
     devices: str = typer.Option("1", "--devices", help="Devices per node: a count, 'auto', or indices like 0,1; more than one uses DDP."),

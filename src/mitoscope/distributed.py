@@ -65,7 +65,7 @@ from .io import DEFAULT_MAX_PIXELS, ReadOptions, load_labelled_images, read_imag
 from .options import ACCELERATORS, HEAD_NAMES, check_choice, check_file
 # Heads whose input is every window concatenated in grid order: train resizes odd-sized images
 # to the most common size, so their resized features are cached too.
-from .pipeline import FIXED_GRID_HEADS
+from .heads.registry import FIXED_GRID_HEADS
 from .tiling import validate_tiling
 
 logger = logging.getLogger(__name__)

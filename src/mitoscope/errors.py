@@ -15,3 +15,9 @@ class ModelError(MitoscopeError):
 
 class WeightsUnavailableError(MitoscopeError):
     """Pretrained weights were asked for but cannot be had (offline, unknown name, bad file)."""
+
+
+class NotServable(Exception):
+    """This model (or this input) needs the full PyTorch/scikit-learn pipeline; says why.
+
+    Not a user error: :func:`mitoscope.predictions.predict` catches it and uses the full pipeline."""

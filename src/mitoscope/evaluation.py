@@ -46,7 +46,7 @@ CHANCE_Z = 1.959964
 
 
 class BagClassifier(Protocol):
-    """What ``cross_validate`` needs from a head (see ``heads.py``)."""
+    """What ``cross_validate`` needs from a head (see ``mitoscope.heads``)."""
 
     def fit(self, bags: Sequence[np.ndarray], y: np.ndarray) -> Any: ...
 

@@ -27,6 +27,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from .atomic import atomic_path, atomic_write_text
 from .errors import InputError
+from .heads.registry import WINDOW_SCORING_HEADS
 from .io import ReadOptions, read_image
 
 if TYPE_CHECKING:
@@ -48,7 +49,8 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-WINDOW_SCORE_HEADS = "attention, pooled, or a fine-tuned model trained with --pool attention"
+# The models that score windows: the heads the registry says do, or a fine-tuned attention model.
+WINDOW_SCORE_HEADS = f"{', '.join(WINDOW_SCORING_HEADS)}, or a fine-tuned model trained with --pool attention"
 DEFAULT_SCORE_LABEL = "window score (higher = more mitotic)"
 # Narrow images still get a legend that can be read.
 _MIN_CANVAS_WIDTH = 360

@@ -19,14 +19,14 @@ from .array_features import EXTRACTION_MODES
 from .defaults import DEFAULT_BACKBONE
 from .engines import ENGINES, EXPORTED_ENGINES
 from .errors import InputError
+# The --head choices, the default first: the heads registry's names (it imports no PyTorch or scikit-learn).
+from .heads.registry import HEAD_NAMES
 from .io import DEFAULT_MAX_PIXELS, ReadOptions
 from .tiling import validate_tiling
 
 __all__ = ["ACCELERATORS", "BALANCES", "BATCHNORMS", "HEAD_NAMES", "MONITORS", "POOLS", "PRECISIONS", "SCHEDULES", "TrainConfig",
            "check_choice", "check_file"]
 
-# The names of mitoscope.heads.HEADS (that module imports PyTorch and scikit-learn).
-HEAD_NAMES = ("ensemble", "dense", "forest", "pooled", "attention")
 
 # Fine-tuning (mitoscope.finetune) and Lightning runs (finetune, extract).
 POOLS = ("avg", "attention")

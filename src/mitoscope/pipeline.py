@@ -27,6 +27,7 @@ from .errors import InputError, ModelError
 from .cache import open_cache
 from .features import FeatureCache, FeatureExtractor, ImageFeatures, extract_dataset, pick_device
 from .heads import HEADS, load_head, make_head, save_head
+from .heads.registry import FIXED_GRID_HEADS
 from .predictions import (Predictions, Progress, Warn, predict, prediction_rows, rows_to_csv, score_label,
                           screen_images)
 from .io import LabelledImages, ReadOptions, SourceProfile, load_labelled_images
@@ -37,8 +38,6 @@ logger = logging.getLogger(__name__)
 __all__ = ["FIXED_GRID_HEADS", "MitoscopeModel", "Predictions", "Progress", "TrainConfig", "TrainResult", "evaluate",
            "load_model", "localize", "open_cache", "predict", "prediction_rows", "rows_to_csv", "score_label", "train"]
 
-# Heads whose input is the concatenation of all windows: the grid (and so the image size) is fixed.
-FIXED_GRID_HEADS = {"dense", "forest", "ensemble"}
 
 BACKBONE_FILE = "backbone.safetensors"
 

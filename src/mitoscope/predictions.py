@@ -20,6 +20,7 @@ import numpy as np
 from .atomic import atomic_write_text
 from .cache import FeatureCache
 from .errors import InputError
+from .heads.registry import window_score_label
 from .io import find_images, read_header
 
 logger = logging.getLogger(__name__)
@@ -99,8 +100,8 @@ def rows_to_csv(rows: list[dict[str, Any]]) -> str:
 
 
 def score_label(model: Any) -> str:
-    head = model.config["head"]["name"]
-    return {"pooled": "window score (logistic-regression logit)"}.get(head, "attention weight (higher = more mitotic)")
+    """What the model's window scores mean (its head's, from the registry), for heatmap legends."""
+    return window_score_label(model.config["head"]["name"])
 
 
 def _full_model(model_dir: str | Path, max_pixels: int | None, channels: tuple[int, int, int] | None) -> Any:
