@@ -149,3 +149,53 @@ def test_a_fine_tuned_model_writes_the_pinned_rows(finetuned_model, tmp_path):
     model_dir, paths = finetuned_model
     predict(model_dir, paths[:4], tmp_path / "p.csv")
     check_pinned("finetuned", csv_rows(tmp_path / "p.csv"))
+
+
+# --------------------------------------------------------------------------- model.json read once, files hashed once
+
+
+@pytest.fixture
+def counted(monkeypatch):
+    """Counts of model.json parses (``json.loads`` in mitoscope.artifacts) and of hashes by file name."""
+    import types
+    from collections import Counter
+
+    import mitoscope.artifacts as artifacts
+
+    counts: dict[str, Counter] = {"parsed": Counter(), "hashed": Counter()}
+    real_hash, real_json = artifacts.sha256_file, artifacts.json
+
+    def hashing(path, *args, **kwargs):
+        counts["hashed"][Path(path).name] += 1
+        return real_hash(path, *args, **kwargs)
+
+    def loads(text, *args, **kwargs):
+        counts["parsed"]["model.json"] += 1
+        return real_json.loads(text, *args, **kwargs)
+
+    monkeypatch.setattr(artifacts, "sha256_file", hashing)
+    monkeypatch.setattr(artifacts, "json", types.SimpleNamespace(**{**vars(real_json), "loads": loads}))
+    return counts
+
+
+@pytest.mark.parametrize("case", ["served", "off-grid fallback", "unserved", "fine-tuned fallback"])
+def test_one_predict_reads_model_json_once_and_hashes_each_file_once(case, request, images, counted, tmp_path,
+                                                                     caplog):
+    _, paths = images
+    if case != "fine-tuned fallback":
+        pytest.importorskip("openvino")
+    model_dir, inputs, serve = {
+        "served": lambda: (request.getfixturevalue("pooled_model"), paths[:2], True),
+        "off-grid fallback": lambda: (request.getfixturevalue("forest_model"), paths[:1] + paths[-1:], True),
+        "unserved": lambda: (request.getfixturevalue("pooled_model"), paths[:2], False),
+        "fine-tuned fallback": lambda: (request.getfixturevalue("finetuned_model")[0],
+                                        request.getfixturevalue("finetuned_model")[1][:2], True),
+    }[case]()
+    files = json.loads((model_dir / "model.json").read_text())["files"]
+    counted["parsed"].clear()
+    counted["hashed"].clear()
+    with caplog.at_level("INFO", logger="mitoscope.predictions"):
+        predict(model_dir, inputs, tmp_path / "p.csv", serve=serve)
+    assert counted["parsed"]["model.json"] == 1
+    assert dict(counted["hashed"]) == {name: 1 for name in files}
+    assert ("full pipeline" in caplog.text) == (case.endswith("fallback"))

@@ -150,6 +150,24 @@ class ModelDescription:
     was trained on."""
 
     config: dict[str, Any]
+    card: Any = None  # the mitoscope.models.ModelCard it was loaded from; None for a model not yet saved
+
+    def describe(self) -> Any:
+        """The :class:`mitoscope.models.ModelCard` of this model (what its ``model.json`` says)."""
+        from .models import ModelCard
+
+        if self.card is None:
+            return ModelCard.of(self.config, self.config.get("_model_dir", "."))
+        return self.card
+
+    def for_images(self, image_sizes: Any, on_fallback: Callable[[str], None] | None = None) -> Any:
+        """The model that runs images of these sizes (path -> (H, W), from their headers): this one,
+        unless it cannot run them (see :meth:`mitoscope.inference.ServedModel.for_images`)."""
+        return self
+
+    @property
+    def head_name(self) -> str:
+        return self.config["head"]["name"]
 
     @property
     def read_options(self) -> ReadOptions:

@@ -31,12 +31,13 @@ from typing import Any, Callable
 import numpy as np
 
 from .array_features import ArrayExtractor
-from .artifacts import ModelDescription, read_model_config, verify_model_files
+from .artifacts import ModelDescription
 from .cache import FeatureCache, ImageFeatures, extract_dataset
 from .engines import EXPORTED_ENGINES, NeedsPyTorch, onnx_path, open_exported, resolve_engine, served_engine
 from .errors import NotServable
 from .heads.registry import load_served
 from .io import ReadOptions, read_image
+from .models import ModelCard, full_model, off_grid, read_model_card
 
 __all__ = ["NotServable", "ServedModel", "load_array_head"]
 
@@ -51,25 +52,31 @@ class ServedModel(ModelDescription):
     same feature cache entries.
     """
 
-    def __init__(self, config: dict[str, Any], head: Any, export: Path, engine: str) -> None:
+    def __init__(self, config: dict[str, Any], head: Any, export: Path, engine: str,
+                 card: ModelCard | None = None) -> None:
         self.config = config
         self.head = head
         self.export = export
         self.engine = engine
+        self.card = card if card is not None else ModelCard.of(config, config["_model_dir"])
         self._extractor: ArrayExtractor | None = None
-        self._files_verified = False
 
     @classmethod
     def load(cls, model_dir: str | Path, max_pixels: int | None = None, engine: str = "auto") -> "ServedModel":
         """``engine``: auto (OpenVINO, else ONNX Runtime, whichever passed its check), or an exported
         engine (raises InputError if it was rejected); torch is NotServable."""
+        return cls.from_card(read_model_card(model_dir), max_pixels, engine)
+
+    @classmethod
+    def from_card(cls, card: ModelCard, max_pixels: int | None = None, engine: str = "auto") -> "ServedModel":
+        """:meth:`load` from a model's card (its ``model.json`` already read)."""
         # The files' hashes are checked by predict_paths, while OpenVINO starts (see there).
-        config = read_model_config(model_dir, verify_files=False)
-        if config.get("kind") != "window-features":
-            raise NotServable(f"model kind {config.get('kind')!r} runs in PyTorch")
-        backbone, tiling = config["backbone"], config["tiling"]
-        if int(tiling["window"]) != int(backbone["input_size"]):
-            raise NotServable(f"windows of {tiling['window']} px are resized to {backbone['input_size']} px in PyTorch")
+        if card.kind != "window-features":
+            raise NotServable(f"model kind {card.kind!r} runs in PyTorch")
+        backbone = card.backbone
+        if card.window != card.input_size:
+            raise NotServable(f"windows of {card.tiling['window']} px are resized to {backbone['input_size']} px "
+                              "in PyTorch")
         chosen = resolve_engine(engine, "cpu")
         if chosen not in EXPORTED_ENGINES:
             raise NotServable("engine torch asked for" if engine == "torch"
@@ -81,17 +88,33 @@ class ServedModel(ModelDescription):
             chosen = served_engine(export, engine)
         except NeedsPyTorch as reason:  # a check to make, or PyTorch to run: the full pipeline does both
             raise NotServable(str(reason)) from None
-        head = load_served(Path(model_dir), config["head"]["spec"])
-        config["_model_dir"] = str(Path(model_dir).resolve())
-        model = cls(config, head, export, chosen)
+        head = load_served(card.path, card.head_spec)
+        model = cls(card.settings(), head, export, chosen, card)
         model.limit_pixels(max_pixels)
         return model
 
+    def for_images(self, image_sizes: Any, on_fallback: Callable[[str], None] | None = None) -> Any:
+        """This model, or the full pipeline's (from the same card: ``model.json`` is not read again nor
+        its files hashed twice) when an image is off a fixed-grid head's training size: resized in
+        PyTorch, as at training. ``image_sizes`` (path -> (H, W)) come from the images' headers, so
+        this is decided before any image is decoded; ``on_fallback(reason)`` is told why."""
+        reason = off_grid(self.card, image_sizes)
+        if reason is None:
+            return self
+        if on_fallback is not None:
+            on_fallback(reason)
+        full = full_model(self.card)
+        full.config["read"] = dict(self.config["read"])  # this model's max_pixels and channels
+        if self.channels_chosen:
+            full.config["_channels_chosen"] = True
+        return full
+
     def extractor(self, batch_size: int = 32) -> ArrayExtractor:
         if self._extractor is None:
-            backbone, tiling = self.config["backbone"], self.config["tiling"]
+            card = self.card
+            backbone, tiling = card.backbone, card.tiling
             self._extractor = ArrayExtractor(
-                open_exported(self.export, self.engine), tiling["window"], tiling["overlap"], backbone["input_size"],
+                open_exported(self.export, self.engine), card.window, tiling["overlap"], card.input_size,
                 backbone["mean"], backbone["std"], batch_size, tiling.get("extraction", "windows"),
                 backbone_name=backbone["name"], weights_id=backbone["weights_sha256"])
         return self._extractor
@@ -115,12 +138,9 @@ class ServedModel(ModelDescription):
             # files (0.4 s for a dense head's 430 MB; both free the GIL). A damaged model file
             # stops here, before any features are computed.
             first = pool.submit(read_image, paths[0], options) if paths else None
-            verified = (None if self._files_verified
-                        else pool.submit(verify_model_files, self.config["_model_dir"], self.config))
+            verified = pool.submit(self.card.verify_files, self.config["_model_dir"])  # once per card
             self.extractor(batch_size).warm_up(self.fixed_size)
-            if verified is not None:
-                verified.result()
-                self._files_verified = True
+            verified.result()
 
             def read(path: Path, read_options: ReadOptions) -> np.ndarray:
                 if first is not None and path == paths[0] and read_options is options:
@@ -135,12 +155,11 @@ class ServedModel(ModelDescription):
         paths = [path for path in paths if path not in skipped]
         if not paths:
             return Predictions(paths=[], proba=np.zeros(0), members={}, notes=[], skipped=skipped)
-        fixed = self.fixed_size
-        if fixed is not None:
-            for path, f in zip(paths, feats):
-                if tuple(f.image_size) != fixed:  # resized in PyTorch, as at training
-                    raise NotServable(f"{path} is {f.image_size[1]}x{f.image_size[0]}, the model's grid "
-                                      f"{fixed[1]}x{fixed[0]}: resized in PyTorch")
+        # predict() has chosen the full pipeline from the headers already (for_images); a direct
+        # caller learns it here.
+        reason = off_grid(self.card, {path: tuple(f.image_size) for path, f in zip(paths, feats)})
+        if reason is not None:
+            raise NotServable(reason)
         bags = [f.features for f in feats]
         proba = np.asarray(self.head.predict_proba(bags), dtype=np.float64)
         members = self.head.members(bags) if hasattr(self.head, "members") else {}

@@ -17,7 +17,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
-from .artifacts import ModelDescription, check_out_dir, read_model_config, write_model_dir
+from .artifacts import ModelDescription, check_out_dir, write_model_dir
 from safetensors.torch import save_file
 
 from .atomic import atomic_path, atomic_write_text
@@ -249,7 +249,7 @@ class MitoscopeModel(ModelDescription):
 
     def predict(self, paths: Sequence[str | Path], **kwargs: Any) -> list[dict[str, Any]]:
         """One row per image: Image, Label (the training CSV's words), Probability, per-head columns, Note."""
-        return prediction_rows(self.predict_paths(paths, **kwargs), self.classes, self.threshold, self.config["head"]["name"])
+        return prediction_rows(self.predict_paths(paths, **kwargs), self.classes, self.threshold, self.head_name)
 
     # --- persistence ----------------------------------------------------------------------
     def save(self, out_dir: str | Path, extra_files: Callable[[Path], list[str]] | None = None,
@@ -275,21 +275,32 @@ class MitoscopeModel(ModelDescription):
 
         model_dir = write_model_dir(out_dir, config, write, overwrite=overwrite)
         self.config = {**config, "_model_dir": str(Path(model_dir).resolve())}
+        self.card = None  # describe() now tells the saved model.json
         return model_dir
 
     @classmethod
     def load(cls, model_dir: str | Path) -> "MitoscopeModel":
-        config = read_model_config(model_dir)
-        if config.get("kind") != "window-features":
-            raise ModelError(f"{model_dir}: model kind {config.get('kind')!r} is not a window-feature model")
+        from .models import read_model_card
+
+        return cls.from_card(read_model_card(model_dir))
+
+    @classmethod
+    def from_card(cls, card: Any) -> "MitoscopeModel":
+        """:meth:`load` from a model's :class:`mitoscope.models.ModelCard` (``model.json`` already read;
+        its files are hashed here, once per card)."""
+        model_dir = card.path
+        card.verify_files()
+        if card.kind != "window-features":
+            raise ModelError(f"{model_dir}: model kind {card.kind!r} is not a window-feature model")
         try:
-            head = load_head(Path(model_dir), config["head"]["spec"])
+            head = load_head(Path(model_dir), card.head_spec)
         except ModelError:
             raise
         except Exception as exc:  # anything else from a damaged head file is still the model's fault
             raise ModelError(f"{model_dir}: cannot load the head ({type(exc).__name__}: {exc})") from None
-        config["_model_dir"] = str(Path(model_dir).resolve())
-        return cls(config, head)
+        model = cls(card.settings(), head)
+        model.card = card
+        return model
 
 
 def train(
@@ -402,19 +413,14 @@ def head_epochs(head: Any) -> list[tuple[str, int | None, int]]:
 
 
 def load_model(model_dir: str | Path, max_pixels: int | None = None) -> Any:
-    """Load any saved mitoscope model (window-feature heads or a fine-tuned network).
+    """Load any saved mitoscope model (window-feature heads or a fine-tuned network) for PyTorch:
+    :func:`mitoscope.models.load_model` without serving.
 
     ``max_pixels`` replaces the pixel limit the model was trained with, for these reads only.
     """
-    config = read_model_config(model_dir)
-    if config.get("kind") == "finetuned":
-        from .finetune import FineTunedModel
+    from .models import load_model as load
 
-        model = FineTunedModel.load(model_dir)
-    else:
-        model = MitoscopeModel.load(model_dir)
-    model.limit_pixels(max_pixels)
-    return model
+    return load(model_dir, engine="torch", max_pixels=max_pixels, serve=False)
 
 
 def localize(
@@ -489,7 +495,7 @@ def evaluate(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     write_report(out_dir, metrics, y, proba, model.classes, extra=extra)
-    rows = prediction_rows(pred, model.classes, model.threshold, model.config["head"]["name"], warnings)
+    rows = prediction_rows(pred, model.classes, model.threshold, model.head_name, warnings)
     for row, truth in zip(rows, data.labels):
         row["True"] = truth
     atomic_write_text(out_dir / "predictions.csv", rows_to_csv(rows))

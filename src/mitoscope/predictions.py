@@ -19,7 +19,7 @@ import numpy as np
 
 from .atomic import atomic_write_text
 from .cache import FeatureCache
-from .errors import InputError
+from .errors import InputError, NotServable
 from .heads.registry import window_score_label
 from .io import find_images, read_header
 
@@ -101,15 +101,7 @@ def rows_to_csv(rows: list[dict[str, Any]]) -> str:
 
 def score_label(model: Any) -> str:
     """What the model's window scores mean (its head's, from the registry), for heatmap legends."""
-    return window_score_label(model.config["head"]["name"])
-
-
-def _full_model(model_dir: str | Path, max_pixels: int | None, channels: tuple[int, int, int] | None) -> Any:
-    from .pipeline import load_model
-
-    model = load_model(model_dir, max_pixels)
-    model.choose_channels(channels)
-    return model
+    return window_score_label(model.head_name)
 
 
 def screen_images(model: Any, paths: Sequence[Path], skip_bad: bool = False,
@@ -122,7 +114,15 @@ def screen_images(model: Any, paths: Sequence[Path], skip_bad: bool = False,
     skipped; an image that differs in bit depth gets a warning. A model saved without the
     profile of its training images is not checked.
     """
+    good, warnings, skipped, _ = _screen(model, paths, skip_bad)
+    return good, warnings, skipped
+
+
+def _screen(model: Any, paths: Sequence[Path], skip_bad: bool = False,
+            ) -> tuple[list[Path], dict[Path, str], dict[Path, str], dict[Path, tuple[int, int]]]:
+    """:func:`screen_images`, and the (H, W) of each image to predict, from its header."""
     profile, options = model.source_profile, model.read_options
+    sizes: dict[Path, tuple[int, int]] = {}
     good: list[Path] = []
     warnings: dict[Path, str] = {}
     skipped: dict[Path, str] = {}
@@ -136,9 +136,10 @@ def screen_images(model: Any, paths: Sequence[Path], skip_bad: bool = False,
             skipped[path] = str(error)
             continue
         good.append(path)
+        sizes[path] = (header.height, header.width)
         if warning:
             warnings[path] = warning
-    return good, warnings, skipped
+    return good, warnings, skipped, sizes
 
 
 def predict(
@@ -168,40 +169,43 @@ def predict(
     Warnings (a bit depth unlike the training images', a skipped image) go to ``warn`` (by
     default the log) and, for predicted images, into their Note."""
     from .engines import ENGINES
-    from .inference import NotServable, ServedModel
+    from .models import full_model, load_model, read_model_card
 
     if engine not in ENGINES:
         raise InputError(f"unknown engine {engine!r}: expected one of {', '.join(ENGINES)}")
     warn = warn or logger.warning
-    model: Any = None
-    if serve:
-        try:
-            model = ServedModel.load(model_dir, max_pixels, engine)
-        except NotServable as reason:
-            logger.info("predicting with the full pipeline: %s", reason)
-        else:
-            model.choose_channels(channels)
-    if model is None:
-        model = _full_model(model_dir, max_pixels, channels)
+
+    def fall_back(reason: str) -> None:
+        logger.info("predicting with the full pipeline: %s", reason)
+
+    card = read_model_card(model_dir)  # model.json, read once for whichever model runs
+    model = load_model(card, engine, max_pixels, channels, serve, on_fallback=fall_back)
     with_scores = heatmaps_dir is not None
     if with_scores:
         from .heatmaps import WINDOW_SCORE_HEADS, check_heatmap_names, require_window_scores, write_heatmaps
 
         if not model.gives_window_scores:  # said now, not after the features were extracted
-            raise InputError(f"{model_dir}: the model ({model.config['head']['name']} head) gives no window scores, "
+            raise InputError(f"{model_dir}: the model ({model.head_name} head) gives no window scores, "
                              f"so no heatmaps; --heatmaps needs a head that scores windows: {WINDOW_SCORE_HEADS}")
     paths = find_images(inputs)
     if with_scores:
         check_heatmap_names(paths)
-    good, warnings, skipped = screen_images(model, paths, skip_bad)
+    good, warnings, skipped, sizes = _screen(model, paths, skip_bad)
+    # From the headers, before any image is decoded: can this model run these images (a served
+    # fixed-grid head and an image of another size: the full pipeline resizes it, as at training)?
+    model = model.for_images(sizes, on_fallback=fall_back)
     pred = Predictions(paths=[], proba=np.zeros(0), members={}, notes=[])
     if good:
         kwargs = dict(cache=cache, progress=progress, with_window_scores=with_scores, engine=engine, skip_bad=skip_bad)
         try:
             pred = model.predict_paths(good, **kwargs)
-        except NotServable as reason:  # found only once the images were read; cached features are reused
-            logger.info("predicting with the full pipeline: %s", reason)
-            model = _full_model(model_dir, max_pixels, channels)
+        except NotServable as reason:
+            # A guard only: for_images decided from the headers, and an image decodes to the size its
+            # header tells. The full model comes from the same card (no second read nor hashing).
+            fall_back(str(reason))
+            model = full_model(card)
+            model.limit_pixels(max_pixels)
+            model.choose_channels(channels)
             pred = model.predict_paths(good, **kwargs)
     skipped.update(pred.skipped)
     if not pred.paths:
@@ -209,7 +213,7 @@ def predict(
                          f"{next(iter(skipped.values()))}")
     if with_scores:
         require_window_scores(pred)
-    rows = prediction_rows(pred, model.classes, model.threshold, model.config["head"]["name"], warnings)
+    rows = prediction_rows(pred, model.classes, model.threshold, model.head_name, warnings)
     rows += [skipped_row(path, error, list(rows[0])) for path, error in skipped.items()]
     order = {str(path): index for index, path in enumerate(paths)}
     rows.sort(key=lambda row: order[row["Image"]])

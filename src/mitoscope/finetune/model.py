@@ -8,7 +8,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from ..artifacts import ModelDescription, read_model_config, write_model_dir
+from ..artifacts import ModelDescription, write_model_dir
 from ..atomic import atomic_path
 from ..backbones import create_backbone
 from ..errors import InputError, ModelError
@@ -150,7 +150,7 @@ class FineTunedModel(ModelDescription):
         """One row per image: Image, Label, Probability, finetuned, Note (as the window-feature models)."""
         from ..predictions import prediction_rows
 
-        return prediction_rows(self.predict_paths(paths, **kwargs), self.classes, self.threshold, self.config["head"]["name"])
+        return prediction_rows(self.predict_paths(paths, **kwargs), self.classes, self.threshold, self.head_name)
 
     def save(self, out_dir: str | Path, extra_files: Callable[[Path], list[str]] | None = None,
              overwrite: bool = False) -> Path:
@@ -168,18 +168,28 @@ class FineTunedModel(ModelDescription):
 
         model_dir = write_model_dir(out_dir, config, write, overwrite=overwrite)
         self.config = {**config, "_model_dir": str(Path(model_dir).resolve())}
+        self.card = None  # describe() now tells the saved model.json
         return Path(model_dir)
 
     @classmethod
     def load(cls, model_dir: str | Path) -> "FineTunedModel":
+        from ..models import read_model_card
+
+        return cls.from_card(read_model_card(model_dir))
+
+    @classmethod
+    def from_card(cls, card: Any) -> "FineTunedModel":
+        """:meth:`load` from a model's :class:`mitoscope.models.ModelCard` (``model.json`` already read;
+        its files are hashed here, once per card)."""
         from safetensors import SafetensorError
         from safetensors.torch import load_file
 
-        model_dir = Path(model_dir)
-        config = read_model_config(model_dir)
+        model_dir = card.path
+        card.verify_files()
+        config = card.settings()
         path = model_dir / "model.json"
-        if config.get("kind") != "finetuned":
-            raise ModelError(f"{path}: model kind {config.get('kind')!r} is not a fine-tuned network")
+        if card.kind != "finetuned":
+            raise ModelError(f"{path}: model kind {card.kind!r} is not a fine-tuned network")
         for key in ("backbone", "network", "image_size", "read"):
             if key not in config:
                 raise ModelError(f"{path}: incomplete fine-tuned model description: key {key!r} is missing")
@@ -202,5 +212,6 @@ class FineTunedModel(ModelDescription):
             raise ModelError(
                 f"{file}: weights do not fit {name} with {net['pool']} pooling (a different architecture?): {first}"
             ) from None
-        config["_model_dir"] = str(model_dir.resolve())
-        return cls(config, network.eval())
+        model = cls(config, network.eval())
+        model.card = card
+        return model
