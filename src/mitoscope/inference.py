@@ -88,7 +88,7 @@ class ServedModel(ModelDescription):
             chosen = served_engine(export, engine)
         except NeedsPyTorch as reason:  # a check to make, or PyTorch to run: the full pipeline does both
             raise NotServable(str(reason)) from None
-        head = load_served(card.path, card.head_spec)
+        head = load_served(card.path, card.head_files_spec())
         model = cls(card.settings(), head, export, chosen, card)
         model.limit_pixels(max_pixels)
         return model

@@ -47,7 +47,7 @@ class ModelCard:
     positive: str
     threshold: float
     head_name: str
-    head_spec: Mapping[str, Any]
+    head_spec: Mapping[str, Any] | None  # None when model.json lacks it (the head cannot be loaded)
     backbone: Mapping[str, Any]
     tiling: Mapping[str, Any]  # empty for a fine-tuned network
     read: Mapping[str, Any]
@@ -63,7 +63,7 @@ class ModelCard:
         head = config["head"]
         return cls(
             path=Path(path), kind=config["kind"], classes=tuple(config["classes"]), positive=config["positive"],
-            threshold=float(config["threshold"]), head_name=head.get("name", ""), head_spec=head.get("spec", {}),
+            threshold=float(config["threshold"]), head_name=head.get("name", ""), head_spec=head.get("spec"),
             backbone=config.get("backbone") or {}, tiling=config.get("tiling") or {}, read=config.get("read") or {},
             train_image_size=(int(size[0]), int(size[1])) if size else None, files=dict(config["files"]),
             config={k: v for k, v in config.items() if not k.startswith("_")})
@@ -82,6 +82,12 @@ class ModelCard:
         """The backbone's own input side in pixels (windows of another size are resized in PyTorch)."""
         size = self.backbone.get("input_size")
         return int(size) if size is not None else None
+
+    def head_files_spec(self) -> Mapping[str, Any]:
+        """The head's spec; KeyError('spec'), as model.json's own lookup raised, when it has none."""
+        if self.head_spec is None:
+            raise KeyError("spec")
+        return self.head_spec
 
     def settings(self) -> dict[str, Any]:
         """A fresh, mutable copy of ``model.json`` for one model object, with ``_model_dir`` added."""

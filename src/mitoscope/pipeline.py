@@ -293,7 +293,7 @@ class MitoscopeModel(ModelDescription):
         if card.kind != "window-features":
             raise ModelError(f"{model_dir}: model kind {card.kind!r} is not a window-feature model")
         try:
-            head = load_head(Path(model_dir), card.head_spec)
+            head = load_head(Path(model_dir), card.head_files_spec())
         except ModelError:
             raise
         except Exception as exc:  # anything else from a damaged head file is still the model's fault
