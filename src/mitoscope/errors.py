@@ -15,3 +15,17 @@ class ModelError(MitoscopeError):
 
 class WeightsUnavailableError(MitoscopeError):
     """Pretrained weights were asked for but cannot be had (offline, unknown name, bad file)."""
+
+
+def one_line(error: BaseException | str, limit: int | None = 300, typed: bool = False) -> str:
+    """``error``'s message on one line (runs of whitespace, newlines included, made one space),
+    cut to ``limit`` characters (None: whole), for quoting inside a one-line error message.
+
+    ``typed`` puts the exception's class name first (``ValueError: ...``). An exception with an
+    empty message gives its class name.
+    """
+    text = " ".join(str(error).split())
+    if isinstance(error, BaseException):
+        name = type(error).__name__
+        text = (f"{name}: {text}" if text else name) if typed else (text or name)
+    return text if limit is None else text[:limit]
