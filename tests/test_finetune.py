@@ -689,9 +689,9 @@ def test_cli_trunk_flags_and_no_lightning_chatter(dataset, tmp_path, monkeypatch
 
     from typer.testing import CliRunner
 
-    import mitoscope.finetune as ft
+    import mitoscope.lightning_setup as setup
 
-    real_import, imported = ft.training._lightning, []
+    real_import, imported = setup.import_lightning, []
 
     def first_import(*args):
         if not imported:  # what the first `import lightning` of a CLI run does: its loggers to INFO
@@ -699,7 +699,7 @@ def test_cli_trunk_flags_and_no_lightning_chatter(dataset, tmp_path, monkeypatch
             logging.getLogger("lightning.pytorch").setLevel(logging.INFO)
         return real_import()
 
-    monkeypatch.setattr(ft.training, "_lightning", first_import)
+    monkeypatch.setattr(setup, "import_lightning", first_import)
     folder, labels = dataset
     from mitoscope.cli import app
     common = ["finetune", str(folder), "--labels", str(labels), "--backbone", "test_efficientnet", "--no-pretrained",

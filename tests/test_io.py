@@ -476,7 +476,7 @@ def _header_cases(tmp_path: Path) -> list[tuple[Path, int, int, ReadOptions]]:
 
 def test_the_header_tells_the_channels_and_bit_depth_the_reading_rule_sees(tmp_path, monkeypatch):
     seen: dict[Path, tuple[int, bool]] = {}
-    from mitoscope import io as io_module
+    from mitoscope.io import images as io_module  # where read_image and read_header decide
 
     decode = io_module._to_rgb8
 

@@ -11,7 +11,6 @@ import pytest
 from PIL import Image
 from skimage.measure import label, regionprops
 
-import mitoscope.synthetic as synthetic
 from mitoscope.errors import InputError
 from mitoscope.synthetic import SYNTHETIC_MARKER, make_synthetic_dataset, render_scene
 
@@ -134,12 +133,18 @@ def test_overwrites_a_previous_synthetic_dataset(tmp_path: Path) -> None:
     assert sorted(p.name for p in (tmp_path / "images").iterdir()) == [f"scene_000_{i:04d}.png" for i in range(3)]
 
 
-def test_readme_and_docstring_say_the_data_are_synthetic(tmp_path: Path) -> None:
+def test_the_readme_marks_the_data_as_synthetic_and_only_that_mark_allows_overwriting(tmp_path: Path) -> None:
     make_synthetic_dataset(tmp_path, **SMALL)
     readme = (tmp_path / "README.txt").read_text()
     assert readme.splitlines()[0] == SYNTHETIC_MARKER
-    assert "SYNTHETIC" in readme and "not real microscopy" in readme
-    assert "SYNTHETIC" in synthetic.__doc__
+    assert "not real microscopy" in readme
+    # A folder whose README lost the mark is someone's data: refused, left as it was.
+    (tmp_path / "README.txt").write_text("my notes\n" + readme)
+    before = sorted(p.name for p in (tmp_path / "images").iterdir())
+    with pytest.raises(InputError):
+        make_synthetic_dataset(tmp_path, **{**SMALL, "n_images": 3})
+    assert sorted(p.name for p in (tmp_path / "images").iterdir()) == before
+    assert (tmp_path / "README.txt").read_text().startswith("my notes")
 
 
 def test_a_failed_write_leaves_no_partial_or_temp_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -12,8 +12,7 @@ import hashlib
 import json
 import logging
 import os
-from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Protocol, Sequence
@@ -27,6 +26,7 @@ from .atomic import atomic_path, sha256_file as file_sha256
 from .defaults import cache_home
 from .errors import InputError, MitoscopeError
 from .io import ReadOptions, read_image
+from .readahead import ReadAhead
 from .tiling import make_grid
 
 logger = logging.getLogger(__name__)
@@ -169,35 +169,6 @@ def cache_settings(fingerprint: dict[str, Any], read_options: ReadOptions,
     }
 
 
-class _ReadAhead:
-    """Decodes ``paths`` in order on ``pool``'s thread, keeping up to ``ahead`` images in flight
-    beyond the one asked for, so that decoding overlaps the backbone's work."""
-
-    def __init__(self, pool: ThreadPoolExecutor, paths: Sequence[Path], read: Callable[[Path, ReadOptions], np.ndarray],
-                 options: ReadOptions) -> None:
-        self.pool, self.paths, self.read, self.options = pool, list(paths), read, options
-        self.pending: deque[Future[np.ndarray]] = deque()
-        self.submitted = 0
-        self.ahead = 1
-
-    def top_up(self) -> None:
-        """Start reads until ``ahead`` are in flight (or every path is read)."""
-        while self.submitted < len(self.paths) and len(self.pending) < max(1, self.ahead):
-            self.pending.append(self.pool.submit(self.read, self.paths[self.submitted], self.options))
-            self.submitted += 1
-
-    def next(self) -> np.ndarray:
-        """The next image in order (raises what its read raised)."""
-        self.top_up()
-        image = self.pending.popleft().result()
-        self.top_up()
-        return image
-
-    def cancel(self) -> None:
-        for future in self.pending:
-            future.cancel()
-
-
 def extract_dataset(
     paths: Sequence[Path],
     extractor: WindowExtractor,
@@ -274,7 +245,7 @@ def extract_dataset(
     group: list[tuple[int, str | None, np.ndarray]] = []
     group_windows = 0
     with ThreadPoolExecutor(max_workers=1) as pool:
-        reads = _ReadAhead(pool, [paths[index] for index, _ in todo], read, read_options)
+        reads = ReadAhead(pool, [paths[index] for index, _ in todo], lambda path: read(path, read_options))
         try:
             for index, key in todo:
                 try:

@@ -48,7 +48,6 @@ from __future__ import annotations
 
 import collections
 import logging
-import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Sequence
@@ -62,7 +61,10 @@ from .errors import InputError, MitoscopeError
 from .engines import ENGINES, EXPORTED_ENGINES
 from .features import EXTRACTION_MODES, FeatureCache, FeatureExtractor, cache_settings, default_cache_dir, file_sha256
 from .io import DEFAULT_MAX_PIXELS, ReadOptions, load_labelled_images, read_image
-from .options import ACCELERATORS, HEAD_NAMES, check_choice, check_file
+from .lightning_setup import check_accelerator, import_lightning, loader_workers, on_gpu, parse_devices
+from .lightning_setup import make_trainer as make_lightning_trainer
+from .lightning_setup import quiet_lightning, strategy
+from .options import HEAD_NAMES, check_choice, check_file
 # Heads whose input is every window concatenated in grid order: train resizes odd-sized images
 # to the most common size, so their resized features are cached too.
 from .heads.registry import FIXED_GRID_HEADS
@@ -96,8 +98,6 @@ class ExtractConfig:
     max_pixels: int = DEFAULT_MAX_PIXELS
 
     def validate(self) -> "ExtractConfig":
-        from .finetune import parse_devices
-
         validate_tiling(self.window, self.overlap)
         check_choice("--extraction", self.extraction, EXTRACTION_MODES)
         check_choice("--engine", self.engine, ENGINES)
@@ -110,9 +110,7 @@ class ExtractConfig:
             raise InputError(f"--num-nodes must be at least 1, got {self.num_nodes}")
         if self.workers is not None and self.workers < 0:
             raise InputError(f"--workers must be 0 or more, got {self.workers}")
-        check_choice("--accelerator", self.accelerator, ACCELERATORS)
-        if self.accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
-            raise InputError(f"--accelerator {self.accelerator}: no CUDA GPU is visible here; use --accelerator cpu")
+        check_accelerator(self.accelerator)
         check_file(self.weights, "weights file")
         _ = self.read_options  # validates channels and max_pixels
         return replace(self, devices=parse_devices(self.devices))
@@ -123,14 +121,11 @@ class ExtractConfig:
 
     @property
     def on_gpu(self) -> bool:
-        return self.accelerator in ("gpu", "cuda") or (self.accelerator == "auto" and torch.cuda.is_available())
+        return on_gpu(self)
 
     @property
     def strategy(self) -> str:
-        devices = self.devices
-        several = (isinstance(devices, int) and (devices > 1 or devices == -1)) or (
-            isinstance(devices, str) and devices != "auto" and len([d for d in devices.split(",") if d]) > 1)
-        return "ddp" if several or self.num_nodes > 1 else "auto"
+        return strategy(self)
 
 
 @dataclass
@@ -283,15 +278,9 @@ def first_item(items: list[dict[str, Any]]) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------
 
 
-def _lightning() -> Any:
-    import lightning as L
-
-    return L
-
-
 def make_lightning_classes() -> tuple[type, type]:
     """The data module and the module; built on demand so that importing mitoscope stays light."""
-    L = _lightning()
+    L = import_lightning()
 
     class ExtractionJobs(L.LightningDataModule):
         """The images left to do, decided in ``setup`` once every rank has joined the process group."""
@@ -378,28 +367,8 @@ def make_lightning_classes() -> tuple[type, type]:
 
 
 def make_trainer(config: ExtractConfig, root: Path, progress_bar: bool, callbacks: Sequence[Any] = ()) -> Any:
-    L = _lightning()
-    from lightning.fabric.utilities.exceptions import MisconfigurationException
-
-    try:
-        return L.Trainer(
-            accelerator=config.accelerator,
-            devices=config.devices,
-            num_nodes=config.num_nodes,
-            strategy=config.strategy,
-            precision="32-true",  # the extractor picks bf16 autocast on GPU itself, as in train
-            logger=False,
-            enable_checkpointing=False,
-            enable_model_summary=False,
-            enable_progress_bar=progress_bar,
-            callbacks=list(callbacks),
-            default_root_dir=root,
-        )
-    except MisconfigurationException as exc:  # e.g. more --devices than this machine has
-        raise InputError(
-            f"cannot extract with --accelerator {config.accelerator} --devices {config.devices} "
-            f"--num-nodes {config.num_nodes} here: {' '.join(str(exc).split())[:300]}"
-        ) from None
+    # 32-bit: the extractor picks bf16 autocast on GPU itself, as in train
+    return make_lightning_trainer(config, "extract", "32-true", progress_bar, callbacks, root, enable_checkpointing=False)
 
 
 def extract_to_cache(
@@ -429,8 +398,7 @@ def extract_to_cache(
     fingerprint = FeatureExtractor(backbone, config.window, config.overlap, config.batch_size, "cpu",
                                    mode=config.extraction, engine=config.engine).fingerprint()
     plan = ExtractionPlan(data.paths, cache, fingerprint, config.read_options)
-    workers = config.workers if config.workers is not None else (min(4, max(0, (os.cpu_count() or 1) - 1))
-                                                                 if config.on_gpu else 0)
+    workers = loader_workers(config)
     ExtractionJobs, CacheWriter = make_lightning_classes()
     module = CacheWriter(backbone, plan, config)
     written = collections.Counter()
@@ -480,7 +448,5 @@ def extract_to_cache(
 
 def quiet_lightning_for_extract(quiet: bool) -> Any:
     """Lightning's chatter silenced, plus the hints that do not apply to one image per step."""
-    from .finetune import quiet_lightning
-
     return quiet_lightning(quiet, ignore=(r".*across ranks is zero.*", r".*predict returned None.*",
                                           r".*overridden `transfer_batch_to_device`.*"))

@@ -44,7 +44,7 @@ import numpy as np
 
 from .atomic import atomic_path, atomic_write_json
 from .defaults import cache_home
-from .errors import InputError
+from .errors import InputError, one_line
 
 if TYPE_CHECKING:
     import torch
@@ -397,7 +397,7 @@ def check_export(export: str | os.PathLike[str], engine: str, backbone: "Backbon
         runner = open_exported(export, engine, threads)
         error, failure = _probe_error(runner, backbone), ""
     except Exception as exc:  # the runtime cannot read, compile or run the export: rejected too
-        error, failure, runner = None, " ".join(f"{type(exc).__name__}: {exc}".split())[:300], None
+        error, failure, runner = None, one_line(exc, 300, typed=True), None
     path = verdict_path(export, engine)
     atomic_write_json(path, {"engine": engine, "runtime": _RUNTIMES[engine][0], "runtime_version": runtime_version,
                              "precision": engine_precision(engine), "relative_error": error, "failure": failure})
@@ -430,7 +430,7 @@ def _auto_candidates() -> list[str]:
 
 
 def _reason(exc: BaseException) -> str:
-    return " ".join(str(exc).split())[:600]
+    return one_line(exc, 600)
 
 
 def served_engine(export: str | os.PathLike[str], engine: str = "auto") -> str:

@@ -21,3 +21,17 @@ class NotServable(Exception):
     """This model (or this input) needs the full PyTorch/scikit-learn pipeline; says why.
 
     Not a user error: :func:`mitoscope.predictions.predict` catches it and uses the full pipeline."""
+
+
+def one_line(error: BaseException | str, limit: int | None = 300, typed: bool = False) -> str:
+    """``error``'s message on one line (runs of whitespace, newlines included, made one space),
+    cut to ``limit`` characters (None: whole), for quoting inside a one-line error message.
+
+    ``typed`` puts the exception's class name first (``ValueError: ...``). An exception with an
+    empty message gives its class name.
+    """
+    text = " ".join(str(error).split())
+    if isinstance(error, BaseException):
+        name = type(error).__name__
+        text = (f"{name}: {text}" if text else name) if typed else (text or name)
+    return text if limit is None else text[:limit]

@@ -24,7 +24,6 @@ least one true box):
 
 from __future__ import annotations
 
-import csv
 import logging
 import os
 from collections.abc import Mapping, Sequence
@@ -37,6 +36,7 @@ from sklearn.metrics import roc_auc_score
 from .atomic import atomic_write_json
 from .errors import InputError
 from .heatmaps import clip_boxes, require_window_scores
+from .io import read_csv_table
 
 if TYPE_CHECKING:
     from .predictions import Predictions
@@ -76,16 +76,8 @@ def load_boxes(csv_path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
     path = Path(csv_path)
     if not path.is_file():
         raise InputError(f"{path}: boxes file does not exist")
-    try:
-        with open(path, newline="", encoding="utf-8-sig") as handle:
-            reader = csv.reader(handle)
-            header = next(reader, None)
-            rows = [(reader.line_num, row) for row in reader]
-    except (OSError, UnicodeDecodeError, csv.Error) as err:
-        raise InputError(f"{path}: cannot read boxes file ({' '.join(str(err).split())})") from err
-    if header is None or not any(cell.strip() for cell in header):
-        raise InputError(f"{path}: boxes file is empty; expected a header 'Image,x,y,w,h'")
-    columns = {name.strip().lower(): index for index, name in reversed(list(enumerate(header)))}
+    table = read_csv_table(path, "boxes", "'Image,x,y,w,h'")
+    header, columns = table.header, table.columns
     corners = all(name in columns for name in _XYXY) and not all(name in columns for name in _XYWH)
     wanted = ("image", *(_XYXY if corners else _XYWH))
     missing = [name for name in wanted if name not in columns]
@@ -97,14 +89,9 @@ def load_boxes(csv_path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
         )
     indices = [columns[name] for name in wanted]
     boxes: dict[str, list[list[float]]] = {}
-    for line, row in rows:
-        if not any(cell.strip() for cell in row):
-            continue
-        if len(row) <= max(indices):
-            raise InputError(f"{path}: line {line} has {len(row)} fields; expected {len(header)} as in the header")
-        name = row[indices[0]].strip()
-        if not name:
-            raise InputError(f"{path}: line {line} has an empty {header[indices[0]].strip()!r}")
+    for line, row in table.rows:
+        table.check_width(line, row, max(indices))
+        name = table.cell(line, row, indices[0])
         try:
             a, b, c, d = (float(row[i]) for i in indices[1:])
         except ValueError:

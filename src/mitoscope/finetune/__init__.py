@@ -56,14 +56,15 @@ from __future__ import annotations
 
 # Every name the single-module finetune.py had, for `from mitoscope.finetune import X`.
 from ..progress import Progress  # noqa: F401
-from .config import WARMUP_FRACTION, FineTuneConfig, parse_devices, parse_unfreeze, resolve_precision  # noqa: F401
+from ..lightning_setup import parse_devices, quiet_lightning, resolve_precision  # noqa: F401
+from .config import WARMUP_FRACTION, FineTuneConfig, parse_unfreeze  # noqa: F401
 from .data import ImageStore, _load_pretrain_set, tile_boxes, validation_split  # noqa: F401
 from .history import HISTORY_COLUMNS, history_csv, plot_history  # noqa: F401
 from .inference import TTA_TRANSFORMS, forward_images, position_boxes, predict_arrays  # noqa: F401
 from .model import HEAD_NAME, NETWORK_FILE, FineTunedModel  # noqa: F401
 from .network import AveragePoolHead, FineTuneNetwork, build_network, check_input_size  # noqa: F401
 from .network import set_trainable, unfrozen_parameter_names  # noqa: F401
-from .training import FineTuner, Phase, PhaseResult, fit_phase, make_trainer, quiet_lightning  # noqa: F401
+from .training import FineTuner, Phase, PhaseResult, fit_phase, make_trainer  # noqa: F401
 from .trunk import TrunkCache, TrunkSplit, TrunkView, _TrunkDataset, backbone_chain, build_trunk_cache  # noqa: F401
 from .trunk import check_trunk_budget, plan_trunk_views, predict_trunk_cache, resolve_trunk_split  # noqa: F401
 from .trunk import trunk_map_shape, trunk_split  # noqa: F401

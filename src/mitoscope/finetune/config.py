@@ -1,5 +1,7 @@
-"""What ``mitoscope finetune`` can be told (:class:`FineTuneConfig`), its checks, and what it asks
-of this machine (GPU or CPU, precision, DDP strategy, loader workers).
+"""What ``mitoscope finetune`` can be told (:class:`FineTuneConfig`) and its checks. What it asks
+of this machine (GPU or CPU, precision, DDP strategy, loader workers) is read from its
+``accelerator``, ``devices``, ``num_nodes``, ``workers`` and ``precision`` by
+:mod:`mitoscope.lightning_setup`, as ``extract``'s are.
 
 The choices of pool, monitor, balance, schedule, precision and accelerator live in
 :mod:`mitoscope.options`, shared with the command line so that a bad one is refused before
@@ -8,19 +10,17 @@ PyTorch loads.
 
 from __future__ import annotations
 
-import os
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import numpy as np
-import torch
 
 from ..augment import AugmentConfig
 from ..defaults import DEFAULT_FINETUNE_BACKBONE
 from ..errors import InputError
 from ..io import ReadOptions
-from ..options import (ACCELERATORS, BALANCES, BATCHNORMS, MONITORS, POOLS, PRECISIONS, SCHEDULES, check_choice,
-                       check_file)
+from ..lightning_setup import check_accelerator, parse_devices
+from ..options import BALANCES, BATCHNORMS, MONITORS, POOLS, PRECISIONS, SCHEDULES, check_choice, check_file
 from ..tiling import validate_tiling
 
 # --schedule onecycle: each phase warms up over its first WARMUP_FRACTION of steps, then anneals.
@@ -38,23 +38,6 @@ def parse_unfreeze(value: str | int) -> str | int:
     if blocks < 1 or isinstance(value, bool):
         raise InputError(f"--unfreeze expects 'all' or a positive number of blocks, got {value!r}")
     return blocks
-
-
-def parse_devices(value: str | int) -> str | int:
-    """``"auto"``, a device count, or a comma-separated list of device indices (Lightning's forms)."""
-    if isinstance(value, int) and not isinstance(value, bool):
-        if value < 1 and value != -1:
-            raise InputError(f"--devices expects a positive count, -1, 'auto' or a list like 0,1; got {value}")
-        return value
-    text = str(value).strip()
-    if text == "auto":
-        return text
-    if text.lstrip("-").isdigit():
-        return parse_devices(int(text))
-    parts = [p.strip() for p in text.split(",") if p.strip()]
-    if parts and all(p.isdigit() for p in parts):
-        return ",".join(parts) + ("," if len(parts) == 1 else "")
-    raise InputError(f"--devices expects a positive count, -1, 'auto' or a list like 0,1; got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -117,9 +100,7 @@ class FineTuneConfig:
         check_choice("--pool", self.pool, POOLS)
         check_choice("--monitor", self.monitor, MONITORS)
         check_choice("--balance", self.balance, BALANCES)
-        check_choice("--accelerator", self.accelerator, ACCELERATORS)
-        if self.accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
-            raise InputError(f"--accelerator {self.accelerator}: no CUDA GPU is visible here; use --accelerator cpu")
+        check_accelerator(self.accelerator)
         check_choice("--precision", str(self.precision), PRECISIONS)
         if isinstance(self.size, bool) or not isinstance(self.size, (int, np.integer)):
             raise InputError(f"--size must be an integer number of pixels, got {self.size!r}")
@@ -175,40 +156,3 @@ class FineTuneConfig:
         data = asdict(self)
         data["augment"] = self.augment.to_dict()
         return data
-
-
-# What a config asks of this machine
-
-
-def _on_gpu(config: FineTuneConfig) -> bool:
-    if config.accelerator == "cpu":
-        return False
-    return config.accelerator in ("gpu", "cuda") or torch.cuda.is_available()
-
-
-def resolve_precision(config: FineTuneConfig) -> str:
-    """Lightning's precision: bf16/16-bit mixed on GPU ("auto" picks), 32-bit on CPU."""
-    precision = str(config.precision)
-    gpu = _on_gpu(config)
-    if precision == "auto":
-        if not gpu:
-            return "32-true"
-        return "bf16-mixed" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "16-mixed"
-    if precision in ("32", "32-true"):
-        return "32-true"
-    if not gpu:
-        raise InputError(f"--precision {precision} needs a GPU; on CPU use --precision 32 (or auto)")
-    return precision
-
-
-def _strategy(config: FineTuneConfig) -> str:
-    devices = config.devices
-    several = (isinstance(devices, int) and (devices > 1 or devices == -1)) or (
-        isinstance(devices, str) and devices not in ("auto",) and len([d for d in devices.split(",") if d]) > 1)
-    return "ddp" if several or config.num_nodes > 1 else "auto"
-
-
-def _workers(config: FineTuneConfig) -> int:
-    if config.workers is not None:
-        return int(config.workers)
-    return min(4, max(0, (os.cpu_count() or 1) - 1)) if _on_gpu(config) else 0

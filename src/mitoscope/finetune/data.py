@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import logging
 import math
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -28,6 +27,7 @@ from ..errors import InputError
 from ..features import FeatureCache, file_sha256, resize_image
 from ..io import LabelledImages, ReadOptions, load_labelled_images, read_image
 from ..progress import Progress
+from ..readahead import map_ahead
 from ..tiling import crop_windows, make_grid
 from .config import FineTuneConfig
 
@@ -44,15 +44,10 @@ def _read_ahead(paths: Sequence[Path], work: Callable[[Path], Any], progress: Pr
     results: list[Any] = []
     if progress:
         progress(stage, 0, len(paths))
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        pending = pool.submit(work, paths[0]) if paths else None
-        for index in range(len(paths)):
-            result = pending.result()
-            if index + 1 < len(paths):
-                pending = pool.submit(work, paths[index + 1])
-            results.append(result)
-            if progress:
-                progress(stage, index + 1, len(paths))
+    for result in map_ahead(work, paths):
+        results.append(result)
+        if progress:
+            progress(stage, len(results), len(paths))
     return results
 
 

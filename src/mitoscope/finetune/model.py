@@ -11,9 +11,10 @@ import numpy as np
 from ..artifacts import ModelDescription, write_model_dir
 from ..atomic import atomic_path
 from ..backbones import create_backbone
-from ..errors import InputError, ModelError
+from ..errors import InputError, ModelError, one_line
 from ..features import pick_device, resize_image
 from ..io import read_image
+from ..readahead import ReadAhead
 from ..progress import Progress
 from .inference import forward_images, position_boxes
 from .network import FineTuneNetwork, _trainable_state
@@ -107,21 +108,17 @@ class FineTunedModel(ModelDescription):
                     maps.extend(m)
                 batch.clear()
 
-        def step(path: Path) -> tuple[np.ndarray, tuple[int, int]]:
-            return self._read(path)
-
         if progress:
             progress("predicting", 0, len(paths))
         with ThreadPoolExecutor(max_workers=1) as pool:
-            pending = pool.submit(step, paths[0]) if paths else None
+            reads = ReadAhead(pool, paths, self._read)
             for index in range(len(paths)):
                 try:
-                    array, image_size = pending.result()
+                    array, image_size = reads.next()
                 except InputError as error:
                     skip(paths[index], error)
                     array = None
-                if index + 1 < len(paths):
-                    pending = pool.submit(step, paths[index + 1])
+                    reads.top_up()  # the next image decodes meanwhile, as after a good one
                 if array is not None:
                     batch.append(array)
                     sizes.append((int(image_size[0]), int(image_size[1])))
@@ -208,7 +205,7 @@ class FineTunedModel(ModelDescription):
         except (SafetensorError, OSError) as exc:
             raise ModelError(f"{file}: cannot read the network weights ({exc})") from None
         except RuntimeError as exc:
-            first = " ".join(str(exc).split())[:240]
+            first = one_line(exc, 240)
             raise ModelError(
                 f"{file}: weights do not fit {name} with {net['pool']} pooling (a different architecture?): {first}"
             ) from None

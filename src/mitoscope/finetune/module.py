@@ -16,7 +16,8 @@ import torch.nn.functional as F
 from lightning.pytorch.callbacks import TQDMProgressBar
 
 from ..augment import AugmentConfig, augment_batch
-from .config import WARMUP_FRACTION, FineTuneConfig, _on_gpu, _workers
+from ..lightning_setup import loader_workers, on_gpu
+from .config import WARMUP_FRACTION, FineTuneConfig
 from .data import _ArrayDataset
 from .network import FineTuneNetwork
 from .trunk import TrunkCache, TrunkSplit, _mean_probability_logit, _TrunkDataset
@@ -174,8 +175,8 @@ class FineTuneDataModule(L.LightningDataModule):
             weights = np.where(train_y == 1, 1.0 / max(n_pos, 1), 1.0 / max(n_neg, 1))
             self.sampler = torch.utils.data.WeightedRandomSampler(weights.tolist(), len(train_y), replacement=True,
                                                                   generator=self.generator)
-        workers = 0 if trunk is not None else _workers(config)  # cached maps need no loading work
-        self.loader_args = {"num_workers": workers, "pin_memory": _on_gpu(config), "persistent_workers": workers > 0}
+        workers = 0 if trunk is not None else loader_workers(config)  # cached maps need no loading work
+        self.loader_args = {"num_workers": workers, "pin_memory": on_gpu(config), "persistent_workers": workers > 0}
         if trunk is not None:
             self.train_set: torch.utils.data.Dataset = _TrunkDataset(trunk, trunk.train_rows, y, train_indices, True)
             self.val_set: torch.utils.data.Dataset = _TrunkDataset(trunk, trunk.eval_rows, y, val_indices, False)

@@ -21,7 +21,7 @@ from torch import nn
 
 from ..backbones import Backbone, create_backbone
 from ..defaults import OFFLINE_ALTERNATIVE
-from ..errors import InputError, WeightsUnavailableError
+from ..errors import InputError, WeightsUnavailableError, one_line
 from ..heads import _GatedAttentionNetwork
 from ..options import POOLS, check_choice
 from .config import FineTuneConfig
@@ -129,7 +129,7 @@ def check_input_size(network: FineTuneNetwork, name: str, size: int) -> tuple[in
                 network(torch.zeros(1, 3, size, size))
     except Exception as exc:  # the backbone's own complaint, in one line
         raise InputError(
-            f"backbone {name} cannot take {size}x{size} images ({type(exc).__name__}: {' '.join(str(exc).split())[:200]})"
+            f"backbone {name} cannot take {size}x{size} images ({one_line(exc, 200, typed=True)})"
         ) from None
     finally:
         network.train(was_training)

@@ -25,33 +25,27 @@ Lightning is imported when training starts, not when this module is.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import logging
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
 
+from .. import lightning_setup
 from ..errors import InputError, ModelError
 from ..features import pick_device
+from ..lightning_setup import on_gpu, quiet_lightning, resolve_precision
 from ..options import MONITORS
-from .config import FineTuneConfig, _on_gpu, _strategy, resolve_precision
+from .config import FineTuneConfig
 from .data import validation_split
 from .inference import predict_arrays
 from .network import FineTuneNetwork, set_trainable
 from .trunk import TrunkCache, build_trunk_cache, predict_trunk_cache, resolve_trunk_split
 
 logger = logging.getLogger(__name__)
-
-
-def _lightning() -> Any:
-    import lightning as L
-
-    return L
 
 
 @dataclass(frozen=True)
@@ -85,61 +79,18 @@ class PhaseResult:
     learning_rates: dict[str, float] = field(default_factory=dict)
 
 
-@contextlib.contextmanager
-def quiet_lightning(quiet: bool, ignore: Sequence[str] = ()) -> Iterator[None]:
-    """Silence Lightning's start-up chatter (devices found, tips), its data-loader hints and the
-    warnings matching the ``ignore`` patterns."""
-    _lightning()  # its first import sets its loggers to INFO: import first, then lower them
-    names = ("lightning.pytorch", "lightning.fabric")
-    saved = {name: logging.getLogger(name).level for name in names}
-    try:
-        if quiet:
-            for name in names:
-                logging.getLogger(name).setLevel(logging.WARNING)
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
-            warnings.filterwarnings("ignore", message=r".*smaller than the logging interval.*")
-            warnings.filterwarnings("ignore", message=r".*all_gather is deprecated.*")
-            # Frozen parts are in eval mode on purpose (see .module.FineTuneModule.train).
-            warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training.*")
-            warnings.filterwarnings("ignore", message=r".*`isinstance\(treespec, LeafSpec\)` is deprecated.*")
-            for pattern in ignore:
-                warnings.filterwarnings("ignore", message=pattern)
-            yield
-    finally:
-        for name, level in saved.items():
-            logging.getLogger(name).setLevel(level)
-
-
 def make_trainer(config: FineTuneConfig, max_epochs: int, callbacks: Sequence[Any], work_dir: Path) -> Any:
     """A Lightning Trainer for one phase; a setting this machine cannot honour is an InputError."""
-    L = _lightning()
-    from lightning.fabric.utilities.exceptions import MisconfigurationException
-
-    try:
-        return L.Trainer(
-            max_epochs=max_epochs,
-            accelerator=config.accelerator,
-            devices=config.devices,
-            num_nodes=config.num_nodes,
-            strategy=_strategy(config),
-            precision=resolve_precision(config),
-            accumulate_grad_batches=config.accumulate,
-            gradient_clip_val=config.gradient_clip or None,
-            gradient_clip_algorithm="norm",
-            callbacks=list(callbacks),
-            logger=False,  # the history is kept by the module itself: no log files anywhere
-            enable_model_summary=False,
-            enable_progress_bar=config.progress_bar,
-            default_root_dir=work_dir,
-            num_sanity_val_steps=0,
-            log_every_n_steps=1,
-        )
-    except MisconfigurationException as exc:  # e.g. more --devices than this machine has
-        raise InputError(
-            f"cannot train with --accelerator {config.accelerator} --devices {config.devices} "
-            f"--num-nodes {config.num_nodes} here: {' '.join(str(exc).split())[:300]}"
-        ) from None
+    return lightning_setup.make_trainer(
+        config, "train", resolve_precision(config), config.progress_bar, callbacks, work_dir,
+        max_epochs=max_epochs,
+        accumulate_grad_batches=config.accumulate,
+        gradient_clip_val=config.gradient_clip or None,
+        gradient_clip_algorithm="norm",
+        # no logger: the history is kept by the module itself, no log files anywhere
+        num_sanity_val_steps=0,
+        log_every_n_steps=1,
+    )
 
 
 def fit_phase(
@@ -243,10 +194,10 @@ class FineTuner:
 
     @property
     def device(self) -> torch.device:
-        return torch.device("cpu") if not _on_gpu(self.config) else pick_device(None)
+        return torch.device("cpu") if not on_gpu(self.config) else pick_device(None)
 
     def fit(self, indices: Sequence[int], y: Sequence[int] | None = None) -> "FineTuner":
-        L = _lightning()
+        L = lightning_setup.import_lightning()
         indices = np.asarray(list(indices), dtype=np.int64)
         if y is not None and not np.array_equal(np.asarray(y, dtype=np.int64), self.y[indices]):
             raise InputError(f"{self.stage}: labels passed to fit differ from those of the images")

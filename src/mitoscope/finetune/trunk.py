@@ -28,9 +28,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..augment import AugmentConfig, augment_batch, dihedral
-from ..errors import InputError
+from ..errors import InputError, one_line
 from ..progress import Progress
-from .config import FineTuneConfig, _on_gpu
+from ..lightning_setup import on_gpu
+from .config import FineTuneConfig
 from .inference import TTA_TRANSFORMS
 from .network import FineTuneNetwork, unfrozen_parameter_names
 
@@ -105,7 +106,7 @@ def trunk_split(network: FineTuneNetwork, unfreeze: str | int) -> TrunkSplit:
             chained = TrunkSplit._run(backbone, probe, chain)
     except Exception as exc:  # the backbone's own complaint, in one line
         raise InputError(f"backbone {name} cannot be cut: a 64 px probe failed "
-                         f"({type(exc).__name__}: {' '.join(str(exc).split())[:200]})") from None
+                         f"({one_line(exc, 200, typed=True)})") from None
     finally:
         backbone.train(was_training)
     if whole.shape != chained.shape or not torch.allclose(whole, chained, rtol=1e-4, atol=1e-5):
@@ -229,7 +230,7 @@ def check_trunk_budget(n_views: int, n_images: int, map_shape: Sequence[int], bu
 
 def _cache_device(config: FineTuneConfig) -> torch.device:
     """The GPU this process trains on (each DDP rank builds its own cache), or the CPU."""
-    if not _on_gpu(config):
+    if not on_gpu(config):
         return torch.device("cpu")
     rank = int(os.environ.get("LOCAL_RANK", "0") or 0)
     if isinstance(config.devices, str) and config.devices != "auto":

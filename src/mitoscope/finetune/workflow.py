@@ -27,12 +27,13 @@ from ..errors import InputError
 from ..evaluation import best_f1_threshold, compute_metrics, cross_validate, fit_warnings, write_report
 from ..io import SourceProfile, load_labelled_images
 from ..progress import Progress
-from .config import FineTuneConfig, resolve_precision
+from ..lightning_setup import quiet_lightning, resolve_precision
+from .config import FineTuneConfig
 from .data import ImageStore, _load_pretrain_set, validation_split
 from .history import _phase_summary, history_csv, plot_history
 from .model import HEAD_NAME, NETWORK_FILE, FineTunedModel
 from .network import build_network, check_input_size
-from .training import FineTuner, PhaseResult, make_trainer, quiet_lightning
+from .training import FineTuner, PhaseResult, make_trainer
 from .trunk import build_trunk_cache, check_trunk_budget, plan_trunk_views, resolve_trunk_split, trunk_map_shape
 
 logger = logging.getLogger(__name__)
