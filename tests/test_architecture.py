@@ -6,10 +6,7 @@ import``, ``from mitoscope.x import`` and ``import mitoscope.x``, at module leve
 functions alike (an import deferred into a function is still a dependency: it only moves the
 cycle to run time). Imports under ``if TYPE_CHECKING:`` are left out: they never run.
 
-heads.py, inference.py, pipeline.py, predictions.py and cli.py are being reworked (heads.py
-into a package); the checks that fail today because of them are ``xfail(strict=True)``, so
-that they fail as soon as the rework fixes them and the marks must go. Every other module is
-held now.
+Every module is held: no import cycle anywhere in the package, no module over 600 lines.
 """
 
 from __future__ import annotations
@@ -17,27 +14,10 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-import pytest
-
 import mitoscope
 
 PACKAGE = Path(mitoscope.__file__).parent
 MAX_LINES = 600
-# Being reworked elsewhere (heads.py becomes the package heads/): held by the xfail checks only.
-REWORKED = ("mitoscope.heads", "mitoscope.inference", "mitoscope.pipeline", "mitoscope.predictions", "mitoscope.cli")
-# The cycles found on the day this test was written (all through the reworked modules): the
-# shortest through each module caught in one.
-KNOWN_CYCLES = [
-    "heads -> inference -> predictions -> pipeline -> heads",
-    "inference -> predictions -> inference",
-    "pipeline -> predictions -> pipeline",
-    "finetune -> finetune.model -> predictions -> pipeline -> finetune",
-    "finetune -> finetune.network -> heads -> inference -> predictions -> pipeline -> finetune",
-]
-# Every module in one of them then.
-KNOWN_TANGLED = {"mitoscope.finetune", *(f"mitoscope.finetune.{name}" for name in (
-    "inference", "model", "module", "network", "training", "trunk", "workflow")), *REWORKED} - {"mitoscope.cli"}
-KNOWN_OVERSIZED = ["heads.py (1242 lines)"]
 
 
 def module_name(path: Path) -> str:
@@ -141,13 +121,8 @@ def describe(graph: dict[str, set[str]]) -> str:
     return "; ".join(cycles)
 
 
-def reworked(name: str) -> bool:
-    return any(name == module or name.startswith(module + ".") for module in REWORKED)
-
-
-def oversized(keep) -> list[str]:
-    lengths = {path: len(path.read_text(encoding="utf-8").splitlines()) for name, path in modules().items()
-               if keep(name)}
+def oversized() -> list[str]:
+    lengths = {path: len(path.read_text(encoding="utf-8").splitlines()) for path in modules().values()}
     return [f"{path.relative_to(PACKAGE)} ({n} lines)" for path, n in lengths.items() if n > MAX_LINES]
 
 
@@ -162,29 +137,10 @@ def test_the_graph_sees_imports_at_module_level_and_inside_functions():
     assert shortest_cycle(toy, "b") == "b -> c -> a -> b"
 
 
-def test_no_import_cycle_among_the_modules_not_being_reworked():
-    graph = {name: {t for t in targets if not reworked(t)} for name, targets in import_graph().items()
-             if not reworked(name)}
-    assert tangles(graph) == [], describe(graph)
-
-
-@pytest.mark.xfail(strict=True, reason="import cycles through the modules being reworked: " + "; ".join(KNOWN_CYCLES))
 def test_no_import_cycle():
     graph = import_graph()
     assert tangles(graph) == [], describe(graph)
 
 
-def test_no_new_module_in_the_known_cycles():
-    """Until the rework lands: no new cycle hides behind the xfail above."""
-    graph = import_graph()
-    tangled = {name for group in tangles(graph) for name in group}
-    assert tangled <= KNOWN_TANGLED, describe(graph)
-
-
-def test_no_module_over_600_lines_outside_the_rework():
-    assert oversized(lambda name: not reworked(name)) == []
-
-
-@pytest.mark.xfail(strict=True, reason="over 600 lines, being split: " + ", ".join(KNOWN_OVERSIZED))
 def test_no_module_over_600_lines():
-    assert oversized(lambda name: True) == []
+    assert oversized() == []

@@ -189,15 +189,15 @@ def test_train_overwrites_a_previous_model_when_asked(tmp_path, data, cache, sav
 
 
 def test_a_failed_train_leaves_no_model_folder_and_no_temp_folder(tmp_path, data, cache, monkeypatch):
-    import mitoscope.pipeline
+    import mitoscope.window_model
 
-    real_save_head = mitoscope.pipeline.save_head
+    real_save_head = mitoscope.window_model.save_head
 
     def save_then_fail(head, directory, name):
         real_save_head(head, directory, name)  # files are on disk when the failure comes
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr("mitoscope.pipeline.save_head", save_then_fail)
+    monkeypatch.setattr("mitoscope.window_model.save_head", save_then_fail)
     with pytest.raises(OSError, match="No space"):
         train(data, data / "labels.csv", tmp_path / "out" / "model", tiny_config(), cache)
     assert not (tmp_path / "out" / "model").exists()

@@ -202,7 +202,7 @@ def test_heatmaps_of_a_head_without_window_scores_fail_before_any_extraction(dat
     def no_work(*args, **kwargs):
         pytest.fail("features were extracted")
 
-    monkeypatch.setattr("mitoscope.pipeline.extract_dataset", no_work)
+    monkeypatch.setattr("mitoscope.window_model.extract_dataset", no_work)
     monkeypatch.setattr("mitoscope.inference.extract_dataset", no_work)
     out = tmp_path / "p.csv"
     with pytest.raises(InputError, match=r"forest head\) gives no window scores.*attention, pooled"):
@@ -215,7 +215,7 @@ def test_heatmap_files_that_would_collide_are_refused_before_any_extraction(pool
     for name in ("a", "b"):
         (tmp_path / name).mkdir()
         shutil.copy(data / "images" / "img00.png", tmp_path / name / "scene.png")
-    monkeypatch.setattr("mitoscope.pipeline.extract_dataset", lambda *a, **k: pytest.fail("features were extracted"))
+    monkeypatch.setattr("mitoscope.window_model.extract_dataset", lambda *a, **k: pytest.fail("features were extracted"))
     with pytest.raises(InputError, match=r"scene\.png: has the same name stem as"):
         predict(pooled_model, [tmp_path / "a", tmp_path / "b"], tmp_path / "p.csv", cache, heatmaps_dir=tmp_path / "m")
 

@@ -9,12 +9,14 @@ loading checks every hash, so a tampered or truncated file is a clear error.
 
 from __future__ import annotations
 
+import copy
 import json
 import shutil
 import sys
 import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 from . import __version__
 from .atomic import atomic_write_json, sha256_file
@@ -144,18 +146,98 @@ def verify_model_files(model_dir: str | Path, config: dict[str, Any]) -> None:
             raise ModelError(f"{file}: file was changed or truncated after the model was saved (sha256 mismatch)")
 
 
+@dataclass(frozen=True)
+class ModelCard:
+    """What ``model.json`` says, read and checked once: the model's kind, classes, threshold, head,
+    backbone, tiling, reading options, training image size and the sha256 of each of its files."""
+
+    path: Path  # the folder as given
+    kind: str
+    classes: tuple[str, str]
+    positive: str
+    threshold: float
+    head_name: str
+    head_spec: Mapping[str, Any] | None  # None when model.json lacks it (the head cannot be loaded)
+    backbone: Mapping[str, Any]
+    tiling: Mapping[str, Any]  # empty for a fine-tuned network
+    read: Mapping[str, Any]
+    train_image_size: tuple[int, int] | None
+    files: Mapping[str, str]
+    config: Mapping[str, Any]  # all of model.json, for what has no field here
+    _verified: list[bool] = field(default_factory=list, compare=False, repr=False)
+
+    @classmethod
+    def of(cls, config: Mapping[str, Any], path: str | Path) -> "ModelCard":
+        """The card of an already checked ``model.json`` (``config``) of the folder ``path``."""
+        size = config.get("train_image_size")
+        head = config["head"]
+        return cls(
+            path=Path(path), kind=config["kind"], classes=tuple(config["classes"]), positive=config["positive"],
+            threshold=float(config["threshold"]), head_name=head.get("name", ""), head_spec=head.get("spec"),
+            backbone=config.get("backbone") or {}, tiling=config.get("tiling") or {}, read=config.get("read") or {},
+            train_image_size=(int(size[0]), int(size[1])) if size else None, files=dict(config["files"]),
+            config={k: v for k, v in config.items() if not k.startswith("_")})
+
+    @property
+    def resolved(self) -> Path:
+        return self.path.resolve()
+
+    @property
+    def window(self) -> int | None:
+        """The window side in pixels of a window-feature model (None for a fine-tuned network)."""
+        return int(self.tiling["window"]) if "window" in self.tiling else None
+
+    @property
+    def input_size(self) -> int | None:
+        """The backbone's own input side in pixels (windows of another size are resized in PyTorch)."""
+        size = self.backbone.get("input_size")
+        return int(size) if size is not None else None
+
+    def head_files_spec(self) -> Mapping[str, Any]:
+        """The head's spec; KeyError('spec'), as model.json's own lookup raised, when it has none."""
+        if self.head_spec is None:
+            raise KeyError("spec")
+        return self.head_spec
+
+    def settings(self) -> dict[str, Any]:
+        """A fresh, mutable copy of ``model.json`` for one model object, with ``_model_dir`` added."""
+        return {**copy.deepcopy(dict(self.config)), "_model_dir": str(self.resolved)}
+
+    def verify_files(self, where: str | Path | None = None) -> None:
+        """Check every listed file's sha256 (:func:`verify_model_files`), once per
+        card: a later call does nothing. ``where`` is the folder the errors name (default: as given)."""
+        if not self._verified:
+            verify_model_files(self.path if where is None else where, dict(self.config))
+            self._verified.append(True)
+
+
+def read_model_card(model_dir: str | Path) -> ModelCard:
+    """Read and check ``model.json`` (not yet the files' hashes: :meth:`ModelCard.verify_files`)."""
+    return ModelCard.of(read_model_config(model_dir, verify_files=False), model_dir)
+
+
+def off_grid(card: ModelCard, image_sizes: Mapping[Path, tuple[int, int]]) -> str | None:
+    """Why images of these (H, W) sizes cannot be served: the first one off a fixed-grid head's
+    training size (resized in PyTorch, as at training); None when all are on it, or any size works."""
+    fixed = card.train_image_size
+    if fixed is None:
+        return None
+    for path, size in image_sizes.items():
+        if tuple(size) != fixed:
+            return f"{path} is {size[1]}x{size[0]}, the model's grid {fixed[1]}x{fixed[0]}: resized in PyTorch"
+    return None
+
+
 class ModelDescription:
     """What every saved model tells from its ``model.json``: classes, positive class, threshold,
     how images are read, the kinds of image it was trained on, and the size a fixed-grid head
     was trained on."""
 
     config: dict[str, Any]
-    card: Any = None  # the mitoscope.models.ModelCard it was loaded from; None for a model not yet saved
+    card: Any = None  # the ModelCard it was loaded from; None for a model not yet saved
 
     def describe(self) -> Any:
-        """The :class:`mitoscope.models.ModelCard` of this model (what its ``model.json`` says)."""
-        from .models import ModelCard
-
+        """The :class:`ModelCard` of this model (what its ``model.json`` says)."""
         if self.card is None:
             return ModelCard.of(self.config, self.config.get("_model_dir", "."))
         return self.card

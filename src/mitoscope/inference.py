@@ -31,13 +31,14 @@ from typing import Any, Callable
 import numpy as np
 
 from .array_features import ArrayExtractor
-from .artifacts import ModelDescription
+from .artifacts import ModelCard, ModelDescription, off_grid, read_model_card
 from .cache import FeatureCache, ImageFeatures, extract_dataset
 from .engines import EXPORTED_ENGINES, NeedsPyTorch, onnx_path, open_exported, resolve_engine, served_engine
 from .errors import NotServable
 from .heads.registry import load_served
 from .io import ReadOptions, read_image
-from .models import ModelCard, full_model, off_grid, read_model_card
+from .results import Predictions
+from .torch_models import full_model
 
 __all__ = ["NotServable", "ServedModel", "load_array_head"]
 
@@ -125,8 +126,6 @@ class ServedModel(ModelDescription):
                       skip_bad: bool = False) -> Any:
         """Predict image files; with ``skip_bad`` an image that cannot be read is left out and listed
         in the result's ``skipped`` instead of raising InputError."""
-        from .predictions import Predictions
-
         if device not in (None, "cpu"):
             raise NotServable(f"device {device}: served on the CPU only")
         if engine not in ("auto", self.engine):

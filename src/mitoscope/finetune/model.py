@@ -8,13 +8,14 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from ..artifacts import ModelDescription, write_model_dir
+from ..artifacts import ModelDescription, read_model_card, write_model_dir
 from ..atomic import atomic_path
 from ..backbones import create_backbone
 from ..errors import InputError, ModelError, one_line
 from ..features import pick_device, resize_image
 from ..io import read_image
 from ..readahead import ReadAhead
+from ..results import Predictions, prediction_rows
 from ..progress import Progress
 from .inference import forward_images, position_boxes
 from .network import FineTuneNetwork, _trainable_state
@@ -74,8 +75,6 @@ class FineTunedModel(ModelDescription):
         the cells they stand for. With ``skip_bad`` an image that cannot be read is left out and
         listed in the result's ``skipped`` instead of raising InputError.
         """
-        from ..predictions import Predictions
-
         if engine not in ("auto", "torch"):
             raise InputError(f"engine {engine} runs window-feature models; a fine-tuned network runs in PyTorch "
                              "(engine auto or torch)")
@@ -145,8 +144,6 @@ class FineTunedModel(ModelDescription):
 
     def predict(self, paths: Sequence[str | Path], **kwargs: Any) -> list[dict[str, Any]]:
         """One row per image: Image, Label, Probability, finetuned, Note (as the window-feature models)."""
-        from ..predictions import prediction_rows
-
         return prediction_rows(self.predict_paths(paths, **kwargs), self.classes, self.threshold, self.head_name)
 
     def save(self, out_dir: str | Path, extra_files: Callable[[Path], list[str]] | None = None,
@@ -170,13 +167,11 @@ class FineTunedModel(ModelDescription):
 
     @classmethod
     def load(cls, model_dir: str | Path) -> "FineTunedModel":
-        from ..models import read_model_card
-
         return cls.from_card(read_model_card(model_dir))
 
     @classmethod
     def from_card(cls, card: Any) -> "FineTunedModel":
-        """:meth:`load` from a model's :class:`mitoscope.models.ModelCard` (``model.json`` already read;
+        """:meth:`load` from a model's :class:`mitoscope.artifacts.ModelCard` (``model.json`` already read;
         its files are hashed here, once per card)."""
         from safetensors import SafetensorError
         from safetensors.torch import load_file
