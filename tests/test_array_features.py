@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from mitoscope.array_features import ArrayExtractor
+from mitoscope.array_features import ArrayExtractor, box_average, box_sample_weights, box_weight_entries
 from mitoscope.tiling import make_grid
 
 WINDOW = 32
@@ -67,3 +67,20 @@ def test_fullconv_stacks_images_of_one_size_up_to_a_batch_of_windows():
         grid = make_grid(image.shape[0], image.shape[1], WINDOW, 0.5)
         assert features.features.shape == (grid.n_windows, 3)
         np.testing.assert_allclose(features.features, extractor.extract(image).features, rtol=1e-6, atol=1e-6)
+
+
+def test_box_weights_are_separable_sum_to_one_and_their_sparse_entries_are_the_outer_product():
+    rng = np.random.default_rng(3)
+    fmap = rng.standard_normal((4, 9, 13)).astype(np.float32)
+    boxes = np.array([[0, 0, 64, 64], [300, 200, 416, 288], [-20, -10, 40, 30], [100, 50, 101, 51],
+                      [0, 0, 416, 288]], dtype=np.float32)
+    weight_y, weight_x = box_sample_weights(boxes, 1 / 32, 9, 13)
+    assert weight_y.shape == (5, 9) and weight_x.shape == (5, 13)
+    np.testing.assert_allclose(weight_y.sum(axis=1), 1.0)
+    np.testing.assert_allclose(weight_x.sum(axis=1), 1.0)
+    rows, columns, values = box_weight_entries(weight_y, weight_x)
+    dense = np.zeros((5, 9 * 13))
+    dense[rows, columns] = values
+    np.testing.assert_array_equal(dense, (weight_y[:, :, None] * weight_x[:, None, :]).reshape(5, -1))
+    assert np.all(np.diff(rows * 9 * 13 + columns) > 0)  # sorted and unique: a coalesced sparse matrix
+    np.testing.assert_allclose(dense @ fmap.reshape(4, -1).T, box_average(fmap, boxes, 1 / 32), rtol=1e-5, atol=1e-6)

@@ -4,7 +4,8 @@
 OpenVINO or ONNX Runtime and windows need no resizing, and :mod:`mitoscope.inference` uses it
 to predict without importing PyTorch (importing torch alone takes about 4 s on a 2-core CPU).
 The arithmetic is PyTorch's: the same float32 normalisation, and a box average that gives
-``grid_sample``'s (and so torchvision ``roi_align``'s) numbers.
+torchvision ``roi_align``'s numbers, its weights (:func:`box_sample_weights`) shared with
+:func:`mitoscope.features.box_average`.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ def normalise(pixels: np.ndarray, mean: Sequence[float], std: Sequence[float]) -
 
 def _sample_weights(starts: np.ndarray, sizes: np.ndarray, length: int, samples: int) -> np.ndarray:
     """(N, length): the average bilinear weight each feature-map row (or column) gets from
-    ``samples`` points spread over each box, edges clamped (grid_sample's border padding)."""
+    ``samples`` points spread over each box, edges clamped (as roi_align's ``aligned=True``)."""
     offsets = (np.arange(samples, dtype=np.float32) + np.float32(0.5)) / np.float32(samples)
     points = np.clip(starts[:, None] + offsets * sizes[:, None], 0, length - 1)  # (N, S) index coordinates
     low = np.floor(points).astype(np.int64)
@@ -49,20 +50,52 @@ def _sample_weights(starts: np.ndarray, sizes: np.ndarray, length: int, samples:
     return weights[:, :length] / samples
 
 
+def box_sample_weights(boxes: np.ndarray, spatial_scale: float, height: int, width: int,
+                       samples: int = 4) -> tuple[np.ndarray, np.ndarray]:
+    """The separable weights of :func:`box_average`: ``(wy (N, height), wx (N, width))``, float64,
+    so that box ``n``'s average of a (C, height, width) map is ``sum_yx wy[n, y] wx[n, x] map[:, y, x]``.
+
+    Box ``n`` = ``[x0, y0, x1, y1]`` in input pixels; ``samples`` x ``samples`` bilinear samples are
+    spread over it (``spatial_scale`` takes pixels to feature-map cells), edges clamped: torchvision
+    ``roi_align(output_size=1, sampling_ratio=samples, aligned=True)``. This is the one place the
+    weights are computed; :func:`mitoscope.features.box_average` applies them with PyTorch.
+    """
+    boxes = np.asarray(boxes, dtype=np.float32).reshape(-1, 4)
+    starts = boxes[:, :2] * np.float32(spatial_scale) - np.float32(0.5)
+    sizes = (boxes[:, 2:] - boxes[:, :2]) * np.float32(spatial_scale)
+    return (_sample_weights(starts[:, 1], sizes[:, 1], height, samples),
+            _sample_weights(starts[:, 0], sizes[:, 0], width, samples))
+
+
+def box_weight_entries(weight_y: np.ndarray, weight_x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The nonzero entries of the (N, height * width) matrix ``wy[n, y] * wx[n, x]`` (the weights of
+    :func:`box_sample_weights` as one sparse matrix): ``(rows, columns, values)``, sorted by row then
+    column, column = ``y * width + x``. A box touches few cells, so this has about
+    ``N (samples + 1)^2`` entries where the dense matrix has ``N height width``."""
+    width = weight_x.shape[1]
+    box_y, ys = np.nonzero(weight_y)  # row-major: by box, then y
+    box_x, xs = np.nonzero(weight_x)
+    count_x = np.bincount(box_x, minlength=len(weight_x))
+    first_x = np.cumsum(count_x) - count_x  # where each box's x entries start
+    repeats = count_x[box_y]  # each (box, y) pairs with every x of its box
+    rows = np.repeat(box_y, repeats)
+    y_of = np.repeat(ys, repeats)
+    within = np.arange(len(rows)) - np.repeat(np.cumsum(repeats) - repeats, repeats)
+    x_entry = first_x[rows] + within
+    values = np.repeat(weight_y[box_y, ys], repeats) * weight_x[box_x[x_entry], xs[x_entry]]
+    return rows, y_of * width + xs[x_entry], values
+
+
 def box_average(fmap: np.ndarray, boxes: np.ndarray, spatial_scale: float, samples: int = 4) -> np.ndarray:
     """(N, C) average of a (C, h, w) feature map over N boxes ``[x0, y0, x1, y1]`` (input pixels):
     the mean of ``samples`` x ``samples`` bilinear samples spread over each box, edges clamped,
     as :func:`mitoscope.features.box_average` (and torchvision ``roi_align(output_size=1,
-    sampling_ratio=samples, aligned=True)``) compute it."""
+    sampling_ratio=samples, aligned=True)``) compute it, with :func:`box_sample_weights`."""
     channels, height, width = fmap.shape
-    boxes = np.asarray(boxes, dtype=np.float32)
-    starts = boxes[:, :2] * np.float32(spatial_scale) - np.float32(0.5)
-    sizes = (boxes[:, 2:] - boxes[:, :2]) * np.float32(spatial_scale)
-    weight_x = _sample_weights(starts[:, 0], sizes[:, 0], width, samples)
-    weight_y = _sample_weights(starts[:, 1], sizes[:, 1], height, samples)
+    weight_y, weight_x = box_sample_weights(boxes, spatial_scale, height, width, samples)
     positions_last = np.ascontiguousarray(np.moveaxis(fmap, 0, -1))  # (h, w, C): each box reads a small block
-    out = np.empty((len(boxes), channels), dtype=np.float32)
-    for index in range(len(boxes)):
+    out = np.empty((len(weight_y), channels), dtype=np.float32)
+    for index in range(len(weight_y)):
         ys = np.flatnonzero(weight_y[index])
         xs = np.flatnonzero(weight_x[index])
         block = positions_last[ys[0] : ys[-1] + 1, xs[0] : xs[-1] + 1]  # (ny, nx, C)

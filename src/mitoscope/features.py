@@ -15,7 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .array_features import EXTRACTION_MODES, ArrayExtractor, embed_images
+from .array_features import EXTRACTION_MODES, ArrayExtractor, box_sample_weights, box_weight_entries, embed_images
 from .atomic import sha256_file as file_sha256
 from .backbones import Backbone
 from .cache import (CACHE_FORMAT, FeatureCache, ImageFeatures, ProgressCallback, cache_settings, default_cache_dir,
@@ -180,20 +180,17 @@ def box_average(fmap: torch.Tensor, boxes: torch.Tensor, spatial_scale: float, s
 
     The same numbers as torchvision's ``roi_align(output_size=1, sampling_ratio=samples,
     aligned=True)``: the mean of ``samples`` x ``samples`` bilinear samples spread over each box,
-    edges clamped. Written with ``grid_sample`` so that predict does not import torchvision
-    (and through it torch._dynamo), which costs seconds at start-up.
+    edges clamped. The weights are :func:`mitoscope.array_features.box_sample_weights` (shared
+    with the numpy path), applied as one sparse (N, h*w) x (h*w, C) product on the map's device,
+    so memory and work grow with the boxes, not with boxes x map size. No torchvision: predict
+    would import it (and through it torch._dynamo), which costs seconds at start-up.
     """
-    height, width = fmap.shape[-2:]
-    offsets = (torch.arange(samples, dtype=fmap.dtype, device=fmap.device) + 0.5) / samples
-    start = boxes[:, :2] * spatial_scale - 0.5  # (N, 2) x, y in feature-map index coordinates
-    size = (boxes[:, 2:] - boxes[:, :2]) * spatial_scale
-    xs = start[:, 0:1] + offsets * size[:, 0:1]  # (N, S)
-    ys = start[:, 1:2] + offsets * size[:, 1:2]
-    # index coordinates -> grid_sample's [-1, 1] (align_corners=False: pixel centres at (2i + 1) / n - 1)
-    gx = ((2 * xs + 1) / width - 1)[:, None, :].expand(-1, samples, -1)
-    gy = ((2 * ys + 1) / height - 1)[:, :, None].expand(-1, -1, samples)
-    grid = torch.stack([gx, gy], dim=-1).reshape(1, -1, 1, 2)  # (1, N*S*S, 1, 2)
-    sampled = F.grid_sample(fmap, grid, mode="bilinear", padding_mode="border", align_corners=False)
-    return sampled.view(fmap.shape[1], len(boxes), samples * samples).mean(dim=2).transpose(0, 1)
-
-
+    channels, height, width = fmap.shape[-3:]
+    weight_y, weight_x = box_sample_weights(boxes.detach().cpu().numpy(), spatial_scale, height, width, samples)
+    rows, columns, values = box_weight_entries(weight_y, weight_x)
+    dtype = fmap.dtype if fmap.dtype in (torch.float32, torch.float64) else torch.float32  # sparse mm's dtypes
+    indices = torch.from_numpy(np.stack([rows, columns])).to(fmap.device)
+    weights = torch.sparse_coo_tensor(indices, torch.from_numpy(values).to(fmap.device, dtype),
+                                      (len(weight_y), height * width), is_coalesced=True, check_invariants=False)
+    flat = fmap.reshape(channels, height * width).to(dtype)  # fmap[0], positions as columns
+    return torch.sparse.mm(weights, flat.t()).to(fmap.dtype)
