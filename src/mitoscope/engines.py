@@ -1,8 +1,8 @@
 """Running a frozen backbone for feature extraction: PyTorch, or its ONNX export on the CPU.
 
-On this project's 2-core CPU (measured by ``benchmarks/speed.py``) OpenVINO runs the exported
-EfficientNet about 3x faster than PyTorch eager and ONNX Runtime about 2x, so ``engine="auto"``
-tries, on the CPU, OpenVINO, then ONNX Runtime, then PyTorch; on a GPU it picks PyTorch.
+On a CPU OpenVINO runs the exported EfficientNet fastest, then ONNX Runtime, then PyTorch
+eager (measured by ``benchmarks/speed.py``, see README, Speed), so ``engine="auto"`` tries, on
+the CPU, OpenVINO, then ONNX Runtime, then PyTorch; on a GPU it picks PyTorch.
 
 The backbone is exported once to ONNX (its ``forward_features`` and its pooled vector, with
 dynamic batch, height and width) into ``$XDG_CACHE_HOME/mitoscope/onnx`` (or ``folder``),
@@ -267,14 +267,13 @@ class OnnxRunner:
 class OpenVinoRunner:
     """An exported backbone compiled by OpenVINO for the CPU, one static input shape at a time.
 
-    A static shape compiles in under a second and its first run is about twice as fast as a
-    dynamic-shape model's (measured: 2.5 s vs 4.4 s for a 3840x2160 image here). Batches run
-    ``batch`` images at a time (8 was fastest here; larger batches fall out of the cache), a
-    short last batch is padded to the compiled shape rather than compiled again, and compiled
-    shapes are kept (the last ``keep``) and cached on disk under ``cache_dir``: a 3840x2160
-    image then compiles in 0.35 s instead of 0.7 s. Each cached shape takes about 14 MB, so
-    only the ``keep_on_disk`` most recently compiled stay there (whole-image passes over
-    images of many sizes would otherwise fill the disk).
+    A static shape compiles quickly and its first run is much faster than a dynamic-shape
+    model's (see README, Speed). Batches run ``batch`` images at a time (8 was fastest here;
+    larger batches fall out of the cache), a short last batch is padded to the compiled shape
+    rather than compiled again, and compiled shapes are kept (the last ``keep``) and cached on
+    disk under ``cache_dir``, so a shape seen before compiles faster (see README, Speed). Each
+    cached shape takes megabytes of disk, so only the ``keep_on_disk`` most recently compiled
+    stay there (whole-image passes over images of many sizes would otherwise fill the disk).
 
     ``precision`` ("f32" or "bf16") is what OpenVINO computes in. It is always set: left to
     itself OpenVINO picks bf16 on CPUs that have it, too far from PyTorch for the probe check.

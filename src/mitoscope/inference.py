@@ -134,8 +134,8 @@ class ServedModel(ModelDescription):
         options = self.read_options
         with ThreadPoolExecutor(max_workers=2) as pool:
             # While OpenVINO starts and compiles: decode the first image, and hash the model's
-            # files (0.4 s for a dense head's 430 MB; both free the GIL). A damaged model file
-            # stops here, before any features are computed.
+            # files (a dense head's are large, see README, Speed; both free the GIL). A damaged
+            # model file stops here, before any features are computed.
             first = pool.submit(read_image, paths[0], options) if paths else None
             verified = pool.submit(self.card.verify_files, self.config["_model_dir"])  # once per card
             self.extractor(batch_size).warm_up(self.fixed_size)
