@@ -236,6 +236,11 @@ class ModelDescription:
     config: dict[str, Any]
     card: Any = None  # the ModelCard it was loaded from; None for a model not yet saved
 
+    @classmethod
+    def load(cls, model_dir: str | Path) -> Any:
+        """The saved model in ``model_dir``: its ``model.json`` read once, then :meth:`from_card`."""
+        return cls.from_card(read_model_card(model_dir))
+
     def describe(self) -> Any:
         """The :class:`ModelCard` of this model (what its ``model.json`` says)."""
         if self.card is None:

@@ -17,7 +17,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 from safetensors.torch import save_file
 
-from .artifacts import ModelDescription, read_model_card, write_model_dir
+from .artifacts import ModelDescription, write_model_dir
 from .atomic import atomic_path
 from .backbones import Backbone, create_backbone, described_backbone
 from .engines import EXPORTED_ENGINES, NeedsPyTorch, onnx_path, resolve_engine, served_engine
@@ -215,10 +215,6 @@ class MitoscopeModel(ModelDescription):
         self.config = {**config, "_model_dir": str(Path(model_dir).resolve())}
         self.card = None  # describe() now tells the saved model.json
         return model_dir
-
-    @classmethod
-    def load(cls, model_dir: str | Path) -> "MitoscopeModel":
-        return cls.from_card(read_model_card(model_dir))
 
     @classmethod
     def from_card(cls, card: Any) -> "MitoscopeModel":

@@ -8,7 +8,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from ..artifacts import ModelDescription, read_model_card, write_model_dir
+from ..artifacts import ModelDescription, write_model_dir
 from ..atomic import atomic_path
 from ..backbones import create_backbone
 from ..errors import InputError, ModelError, one_line
@@ -164,10 +164,6 @@ class FineTunedModel(ModelDescription):
         self.config = {**config, "_model_dir": str(Path(model_dir).resolve())}
         self.card = None  # describe() now tells the saved model.json
         return Path(model_dir)
-
-    @classmethod
-    def load(cls, model_dir: str | Path) -> "FineTunedModel":
-        return cls.from_card(read_model_card(model_dir))
 
     @classmethod
     def from_card(cls, card: Any) -> "FineTunedModel":
