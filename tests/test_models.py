@@ -199,3 +199,21 @@ def test_one_predict_reads_model_json_once_and_hashes_each_file_once(case, reque
     assert counted["parsed"]["model.json"] == 1
     assert dict(counted["hashed"]) == {name: 1 for name in files}
     assert ("full pipeline" in caplog.text) == (case.endswith("fallback"))
+
+
+def test_the_predict_command_reads_model_json_once_too(pooled_model, images, counted, tmp_path):
+    """The CLI reads the card first (to fail fast, before heavy imports) and hands it on."""
+    pytest.importorskip("openvino")
+    from typer.testing import CliRunner
+
+    from mitoscope.cli import app
+
+    _, paths = images
+    files = json.loads((pooled_model / "model.json").read_text())["files"]
+    counted["parsed"].clear()
+    counted["hashed"].clear()
+    result = CliRunner().invoke(app, ["predict", str(pooled_model), *map(str, paths[:2]), "--out",
+                                      str(tmp_path / "p.csv")])
+    assert result.exit_code == 0, result.output
+    assert counted["parsed"]["model.json"] == 1
+    assert dict(counted["hashed"]) == {name: 1 for name in files}

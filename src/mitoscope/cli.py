@@ -17,7 +17,7 @@ from rich.table import Table
 # (seconds on a small CPU), so that a typo fails at once. Each command imports its heavy
 # modules after its checks.
 from .array_features import EXTRACTION_MODES
-from .artifacts import check_out_dir, read_model_config
+from .artifacts import check_out_dir, read_model_card, read_model_config
 from .defaults import DEFAULT_BACKBONE, DEFAULT_FINETUNE_BACKBONE, OFFLINE_ALTERNATIVE
 from .engines import ENGINES
 from .errors import MitoscopeError
@@ -166,12 +166,12 @@ def predict(
     """
     try:
         check_choice("--engine", engine, ENGINES)
-        read_model_config(model_dir, verify_files=False)
+        card = read_model_card(model_dir)  # checked now, before heavy imports; predict reads it no more
         find_images(images)
         from .predictions import predict as run_predict
 
         with progress_bars() as progress:
-            rows = run_predict(model_dir, images, out, cache_from(cache_dir, no_cache), progress,
+            rows = run_predict(card, images, out, cache_from(cache_dir, no_cache), progress,
                                heatmaps_dir=heatmaps, top_k=top_k, max_pixels=max_pixels, engine=engine,
                                channels=parse_channels(channels) if channels else None, skip_bad=skip_bad, warn=warn)
     except MitoscopeError as exc:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
@@ -20,6 +20,8 @@ from .errors import InputError, NotServable
 from .heads.registry import window_score_label
 from .io import find_images, read_header
 # The rows and the CSV live below every model kind (mitoscope.results); here for `from mitoscope.predictions import X`.
+if TYPE_CHECKING:
+    from .artifacts import ModelCard
 from .results import (DIGITS, Predictions, Progress, Warn, prediction_rows, rows_to_csv, skipped_row,  # noqa: F401
                       written_probability)
 
@@ -70,7 +72,7 @@ def _screen(model: Any, paths: Sequence[Path], skip_bad: bool = False,
 
 
 def predict(
-    model_dir: str | Path,
+    model_dir: "str | Path | ModelCard",
     inputs: Sequence[str | Path],
     out_csv: str | Path,
     cache: FeatureCache | None = None,
@@ -96,7 +98,7 @@ def predict(
     Warnings (a bit depth unlike the training images', a skipped image) go to ``warn`` (by
     default the log) and, for predicted images, into their Note."""
     from .engines import ENGINES
-    from .models import full_model, load_model, read_model_card
+    from .models import ModelCard, full_model, load_model, read_model_card
 
     if engine not in ENGINES:
         raise InputError(f"unknown engine {engine!r}: expected one of {', '.join(ENGINES)}")
@@ -105,7 +107,9 @@ def predict(
     def fall_back(reason: str) -> None:
         logger.info("predicting with the full pipeline: %s", reason)
 
-    card = read_model_card(model_dir)  # model.json, read once for whichever model runs
+    # model.json, read once for whichever model runs (the CLI reads it first, to fail fast, and passes it on)
+    card = model_dir if isinstance(model_dir, ModelCard) else read_model_card(model_dir)
+    model_dir = card.path
     model = load_model(card, engine, max_pixels, channels, serve, on_fallback=fall_back)
     with_scores = heatmaps_dir is not None
     if with_scores:
