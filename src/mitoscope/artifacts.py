@@ -236,6 +236,14 @@ class ModelDescription:
     config: dict[str, Any]
     card: Any = None  # the ModelCard it was loaded from; None for a model not yet saved
 
+    def _save(self, out_dir: str | Path, config: dict[str, Any], write: Callable[[Path], list[str]],
+              overwrite: bool) -> Path:
+        """Write the model folder atomically (``write`` adds the files), then describe the saved one."""
+        model_dir = Path(write_model_dir(out_dir, config, write, overwrite=overwrite))
+        self.config = {**config, "_model_dir": str(model_dir.resolve())}
+        self.card = None  # describe() now tells the saved model.json
+        return model_dir
+
     @classmethod
     def load(cls, model_dir: str | Path) -> Any:
         """The saved model in ``model_dir``: its ``model.json`` read once, then :meth:`from_card`."""

@@ -17,7 +17,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 from safetensors.torch import save_file
 
-from .artifacts import ModelDescription, write_model_dir
+from .artifacts import ModelDescription
 from .atomic import atomic_path
 from .backbones import Backbone, create_backbone, described_backbone
 from .engines import EXPORTED_ENGINES, NeedsPyTorch, onnx_path, resolve_engine, served_engine
@@ -211,10 +211,7 @@ class MitoscopeModel(ModelDescription):
                 names += extra_files(tmp)
             return names
 
-        model_dir = write_model_dir(out_dir, config, write, overwrite=overwrite)
-        self.config = {**config, "_model_dir": str(Path(model_dir).resolve())}
-        self.card = None  # describe() now tells the saved model.json
-        return model_dir
+        return self._save(out_dir, config, write, overwrite)
 
     @classmethod
     def from_card(cls, card: Any) -> "MitoscopeModel":

@@ -8,7 +8,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from ..artifacts import ModelDescription, write_model_dir
+from ..artifacts import ModelDescription
 from ..atomic import atomic_path
 from ..backbones import create_backbone
 from ..errors import InputError, ModelError, one_line
@@ -160,10 +160,7 @@ class FineTunedModel(ModelDescription):
                 names += extra_files(tmp)
             return names
 
-        model_dir = write_model_dir(out_dir, config, write, overwrite=overwrite)
-        self.config = {**config, "_model_dir": str(Path(model_dir).resolve())}
-        self.card = None  # describe() now tells the saved model.json
-        return Path(model_dir)
+        return self._save(out_dir, config, write, overwrite)
 
     @classmethod
     def from_card(cls, card: Any) -> "FineTunedModel":
