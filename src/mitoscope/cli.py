@@ -44,9 +44,12 @@ ENGINE_OPTION = typer.Option("auto", "--engine", help="What runs the backbone: a
 CACHE_HELP = "Feature cache folder (default: ~/.cache/mitoscope/features)."
 MAX_PIXELS_HELP = "Refuse images of more than this many pixels (height x width), a guard against decompression bombs."
 # The heads as the registry lists them: the --head choices, the fixed-grid ones, the models that score windows.
-HEAD_HELP = " | ".join(HEAD_NAMES)
+# "cells" is no window-feature head: cells found in the image, scored by a network fine-tuned from
+# the image labels (mitoscope.cells).
+CELLS = "cells"
+HEAD_HELP = " | ".join([CELLS, *HEAD_NAMES]) + " (cells: cells found in the image, scored by a network fine-tuned from the image labels)"
 FIXED_GRID_NAMES = [name for name in HEAD_NAMES if name in FIXED_GRID_HEADS]
-SCORING_MODELS = f"{', '.join(WINDOW_SCORING_HEADS)}; finetune --pool attention"
+SCORING_MODELS = f"{', '.join([CELLS, *WINDOW_SCORING_HEADS])}; finetune --pool attention"
 
 
 def progress_bars() -> AbstractContextManager[Progress]:
@@ -123,6 +126,10 @@ def train(
 
     Example: mitoscope train scenes/ --labels scenes/labels.csv --out model/ --head ensemble
     """
+    if head == CELLS:
+        _train_cells(data_dir, labels, out, backbone, weights, pretrained, channels, seed, positive, head_param,
+                     overwrite, max_pixels)
+        return
     try:
         config = TrainConfig(
             head=head, backbone=backbone, weights=str(weights) if weights else None, pretrained=pretrained,
@@ -141,6 +148,41 @@ def train(
         fail(exc)
     if result.cv_metrics:
         console.print(metrics_table(f"{cv}-fold cross-validation ({head})", result.cv_metrics))
+    for message in result.warnings:
+        warn(message)
+    console.print(f"model written to [bold]{result.model_dir}[/bold] in {time.perf_counter() - started:.0f} s")
+
+
+def _train_cells(data_dir: Path, labels: Optional[Path], out: Path, backbone: str, weights: Optional[Path],
+                 pretrained: bool, channels: Optional[str], seed: int, positive: Optional[str], head_param: list[str],
+                 overwrite: bool, max_pixels: int) -> None:
+    from dataclasses import fields
+
+    from .cells.training import CellTrainConfig
+    from .errors import InputError
+    from .io import ReadOptions
+
+    try:
+        params = parse_head_params(head_param)
+        known = {f.name for f in fields(CellTrainConfig)} - {"seed", "backbone"}
+        unknown = sorted(set(params) - known)
+        if unknown:
+            raise InputError(f"--head-param {unknown[0]}: not a setting of the cells model; expected one of "
+                             f"{', '.join(sorted(known))}")
+        config = CellTrainConfig(backbone=backbone, seed=seed, **params)
+        read_options = ReadOptions(channels=parse_channels(channels) if channels else None, max_pixels=max_pixels)
+        locate_labels(data_dir, labels)
+        check_out_dir(out, overwrite)
+        from .cells.workflow import train_cells
+
+        started = time.perf_counter()
+        with progress_bars() as progress:
+            result = train_cells(data_dir, labels, out, config, read_options, positive, pretrained,
+                                 str(weights) if weights else None, progress, overwrite)
+    except MitoscopeError as exc:
+        fail(exc)
+    if result.cv_metrics:
+        console.print(metrics_table("held-out validation images (cells)", result.cv_metrics))
     for message in result.warnings:
         warn(message)
     console.print(f"model written to [bold]{result.model_dir}[/bold] in {time.perf_counter() - started:.0f} s")

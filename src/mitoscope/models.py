@@ -87,7 +87,15 @@ def load_model(model_dir: str | Path | ModelCard, engine: str = "auto", max_pixe
     """
     card = model_dir if isinstance(model_dir, ModelCard) else read_model_card(model_dir)
     model: Any = None
-    if serve:
+    if serve and card.kind == "cells":
+        from .cells.model import CellModel
+
+        try:
+            model = CellModel.served_from_card(card, engine)
+            model.limit_pixels(max_pixels)
+        except NotServable as reason:
+            (on_fallback or (lambda why: logger.info("predicting with the full pipeline: %s", why)))(str(reason))
+    elif serve:
         from .inference import ServedModel
 
         try:

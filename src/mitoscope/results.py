@@ -41,6 +41,8 @@ class Predictions:
     image_sizes: list[tuple[int, int]] | None = None
     # Images that could not be read (path -> the error), left out of everything above (skip_bad).
     skipped: dict[Path, str] = field(default_factory=dict)
+    # Mitotic cells per image (models whose instances are cells): written as the Count column.
+    counts: list[int] | None = None
 
 
 def written_probability(proba: float, threshold: float, digits: int = DIGITS) -> float:
@@ -57,7 +59,7 @@ def written_probability(proba: float, threshold: float, digits: int = DIGITS) ->
 def prediction_rows(pred: Predictions, classes: Sequence[str], threshold: float, head_name: str,
                     warnings: Mapping[Path, str] | None = None) -> list[dict[str, Any]]:
     """One row per predicted image: Image (its path as given), Label, Probability, Threshold,
-    one column per head, Note (the model's notes, then ``warning: warnings[path]``)."""
+    one column per head, Count (the mitotic cells found, for models that find cells), Note (the model's notes, then ``warning: warnings[path]``)."""
     negative, positive = classes
     threshold = float(threshold)
     rows = []
@@ -71,6 +73,8 @@ def prediction_rows(pred: Predictions, classes: Sequence[str], threshold: float,
         }
         for name, values in (pred.members or {head_name: pred.proba}).items():
             row[name] = float(f"{float(values[i]):.{DIGITS}g}")
+        if pred.counts is not None:
+            row["Count"] = int(pred.counts[i])
         warning = (warnings or {}).get(path)
         row["Note"] = "; ".join(note for note in (pred.notes[i], warning and f"warning: {warning}") if note)
         rows.append(row)

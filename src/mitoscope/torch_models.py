@@ -21,6 +21,10 @@ def full_model(card: ModelCard) -> Any:
         from .finetune.model import FineTunedModel
 
         return FineTunedModel.from_card(card)
+    if card.kind == "cells":
+        from .cells.model import CellModel
+
+        return CellModel.from_card(card)
     from .window_model import MitoscopeModel
 
     return MitoscopeModel.from_card(card)

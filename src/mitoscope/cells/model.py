@@ -1,0 +1,260 @@
+"""The saved cell model: proposals, the fine-tuned instance network, the threshold.
+
+An image's probability is its best cell's; its mitotic count is the number of cells whose
+probability reaches the threshold (so Label is Mitosis exactly when Count >= 1); every found
+cell is an instance with a box and a score, which is what heatmaps, ``localize`` and the
+instance CSVs show.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from ..artifacts import ModelDescription
+from ..atomic import atomic_path
+from ..errors import InputError, ModelError, one_line
+from ..io import read_image
+from ..readahead import ReadAhead
+from ..results import Predictions, Progress, prediction_rows
+from .proposals import Proposals, cut_crops, find_cells
+
+NETWORK_FILE = "network.safetensors"
+EXPORT_FILE = "network.onnx"
+# The served network must give PyTorch's logits on the probe crops within this (logits, absolute).
+SERVED_TOLERANCE = 0.05
+HEAD_NAME = "cells"
+KIND = "cells"
+
+
+def instance_logits(network: Any, crops: np.ndarray, mean: Sequence[float], std: Sequence[float],
+                    batch: int = 256) -> np.ndarray:
+    """Logits of (n, s, s, 3) uint8 crops through the whole instance network (PyTorch)."""
+    import torch
+
+    from .training import normalise
+
+    network.eval()
+    out = []
+    with torch.no_grad():
+        for start in range(0, len(crops), batch):
+            out.append(network(normalise(crops[start:start + batch], mean, std)).float().numpy())
+    return np.concatenate(out) if out else np.zeros(0, dtype=np.float32)
+
+
+def probe_crops(size: int, n: int = 4) -> np.ndarray:
+    """Fixed crops that check a served network against PyTorch (the same every time)."""
+    return np.random.default_rng(0).integers(0, 256, size=(n, size, size, 3), dtype=np.uint8)
+
+
+def normalised_array(crops: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
+    """(n, s, s, 3) uint8 -> (n, 3, s, s) float32, in numpy (the served path imports no PyTorch)."""
+    x = crops.astype(np.float32).transpose(0, 3, 1, 2) / 255.0
+    return (x - np.asarray(mean, np.float32).reshape(1, 3, 1, 1)) / np.asarray(std, np.float32).reshape(1, 3, 1, 1)
+
+
+def export_network(network: Any, size: int, path: Path) -> None:
+    """The whole instance network (crop -> logit) as ONNX, any batch size."""
+    import warnings
+
+    import torch
+
+    from ..engines import OPSET
+
+    class Logits(torch.nn.Module):
+        def __init__(self, inner: Any) -> None:
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, images: torch.Tensor) -> torch.Tensor:
+            return self.inner(images).unsqueeze(-1)
+
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        # Output "pooled": the runners of mitoscope.engines read an export's pooled output.
+        torch.onnx.export(Logits(network.eval()), (torch.zeros(1, 3, size, size),), str(path), input_names=["images"],
+                          output_names=["pooled"], dynamic_axes={"images": {0: "batch"}}, opset_version=OPSET,
+                          dynamo=False)
+
+
+def sigmoid(x: np.ndarray) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-np.clip(x, -60, 60)))
+
+
+class CellModel(ModelDescription):
+    """Cells found by image analysis, each scored by a network fine-tuned from image labels."""
+
+    def __init__(self, config: dict[str, Any], network: Any = None, scorer: Callable[[np.ndarray], np.ndarray] | None = None
+                 ) -> None:
+        self.config = config
+        self.network = network
+        # crops -> logits: the PyTorch network, or an exported engine (set by the served model)
+        self._scorer = scorer
+        self.engine = "torch"
+
+    @property
+    def input_size(self) -> int:
+        return int(self.config["cells"]["input_size"])
+
+    @property
+    def gives_window_scores(self) -> bool:
+        return True  # one score per found cell
+
+    def score_crops(self, crops: np.ndarray) -> np.ndarray:
+        if self._scorer is not None:
+            return self._scorer(crops)
+        backbone = self.config["backbone"]
+        return instance_logits(self.network, crops, backbone["mean"], backbone["std"])
+
+    def _read(self, path: Path) -> tuple[np.ndarray, Proposals, tuple[int, int]]:
+        image = read_image(path, self.read_options)
+        proposals = find_cells(image, float(self.config["cells"].get("min_diameter", 8.0)))
+        return cut_crops(image, proposals, self.input_size), proposals, image.shape[:2]
+
+    def predict_paths(self, paths: Sequence[str | Path], cache: Any = None, progress: Progress | None = None,
+                      with_window_scores: bool = False, engine: str = "auto", skip_bad: bool = False,
+                      **_: Any) -> Predictions:
+        """Predict image files of any size. ``cache`` is unused (no window features here); every
+        found cell's box and probability come back as the window scores."""
+        skipped: dict[Path, str] = {}
+        paths = [Path(p) for p in paths]
+        for path in paths:
+            if not path.is_file():
+                if not skip_bad:
+                    raise InputError(f"{path}: image file not found")
+                skipped[path] = f"{path}: image file not found"
+        paths = [path for path in paths if path not in skipped]
+        kept: list[Path] = []
+        proba, counts, scores, boxes, sizes, notes = [], [], [], [], [], []
+        threshold = self.threshold
+        if progress:
+            progress("predicting", 0, len(paths))
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            reads = ReadAhead(pool, paths, self._read)
+            for index, path in enumerate(paths):
+                try:
+                    crops, proposals, size = reads.next()
+                except InputError as error:
+                    if not skip_bad:
+                        raise
+                    skipped[path] = str(error)
+                    reads.top_up()
+                    if progress:
+                        progress("predicting", index + 1, len(paths))
+                    continue
+                cell_proba = sigmoid(self.score_crops(crops)) if len(crops) else np.zeros(0)
+                kept.append(path)
+                proba.append(float(cell_proba.max()) if len(cell_proba) else 0.0)
+                counts.append(int(np.sum(cell_proba >= threshold)))
+                scores.append(cell_proba.astype(np.float64))
+                boxes.append(proposals.boxes())
+                sizes.append((int(size[0]), int(size[1])))
+                notes.append("" if len(cell_proba) else "no cells found")
+                if progress:
+                    progress("predicting", index + 1, len(paths))
+        return Predictions(paths=kept, proba=np.asarray(proba, dtype=np.float64), members={}, notes=notes,
+                           window_scores=scores, boxes=boxes, image_sizes=sizes, skipped=skipped, counts=counts)
+
+    def predict(self, paths: Sequence[str | Path], **kwargs: Any) -> list[dict[str, Any]]:
+        """One row per image: Image, Label, Probability, Threshold, cells, Count, Note."""
+        return prediction_rows(self.predict_paths(paths, **kwargs), self.classes, self.threshold, self.head_name)
+
+    def save(self, out_dir: str | Path, extra_files: Callable[[Path], list[str]] | None = None,
+             overwrite: bool = False) -> Path:
+        from safetensors.torch import save_file
+
+        config = {k: v for k, v in self.config.items() if not k.startswith("_")}
+        state = {k: v.detach().cpu().contiguous() for k, v in self.network.state_dict().items()}
+        self.network.eval()
+        config["served"] = {"file": EXPORT_FILE, "probe_logits": [float(v) for v in self.score_crops(
+            probe_crops(self.input_size))], "tolerance": SERVED_TOLERANCE}
+
+        def write(tmp: Path) -> list[str]:
+            with atomic_path(tmp / NETWORK_FILE) as target:
+                save_file(state, str(target))
+            with atomic_path(tmp / EXPORT_FILE) as target:
+                export_network(self.network, self.input_size, target)
+            return [NETWORK_FILE, EXPORT_FILE] + (extra_files(tmp) if extra_files else [])
+
+        return self._save(out_dir, config, write, overwrite)
+
+    @classmethod
+    def served_from_card(cls, card: Any, engine: str = "auto") -> "CellModel":
+        """The model run by an exported engine (OpenVINO, else ONNX Runtime), no PyTorch: checked
+        on the probe crops against the logits PyTorch gave when the model was saved.
+        Raises NotServable when no engine is installed, asked for or close enough."""
+        from ..engines import EXPORTED_ENGINES, _auto_candidates, open_exported
+        from ..errors import NotServable
+
+        served = card.settings().get("served")
+        if not served:
+            raise NotServable("the model was saved without an exported network")
+        if engine == "torch":
+            raise NotServable("engine torch asked for")
+        candidates = _auto_candidates() if engine == "auto" else [engine]
+        if engine not in ("auto", *EXPORTED_ENGINES):
+            raise InputError(f"unknown engine {engine!r}: expected auto, torch or one of {', '.join(EXPORTED_ENGINES)}")
+        card.verify_files()
+        config = card.settings()
+        mean, std = config["backbone"]["mean"], config["backbone"]["std"]
+        size = int(config["cells"]["input_size"])
+        expected = np.asarray(served["probe_logits"], dtype=np.float64)
+        reasons = []
+        for candidate in candidates:
+            try:
+                runner = open_exported(card.path / served["file"], candidate)
+                got = np.asarray(runner.pooled(normalised_array(probe_crops(size), mean, std))).reshape(-1)
+            except Exception as exc:  # the runtime cannot read or run the export: try the next one
+                reasons.append(f"{candidate}: {one_line(exc, 200, typed=True)}")
+                continue
+            error = float(np.abs(got - expected).max())
+            if error <= float(served.get("tolerance", SERVED_TOLERANCE)):
+                def scorer(crops: np.ndarray, runner: Any = runner) -> np.ndarray:
+                    if not len(crops):
+                        return np.zeros(0, dtype=np.float32)
+                    return np.asarray(runner.pooled(normalised_array(crops, mean, std))).reshape(-1)
+
+                model = cls(config, None, scorer)
+                model.card = card
+                model.engine = candidate
+                return model
+            reasons.append(f"{candidate}: logits differ from PyTorch's by {error:.3g}")
+            if engine != "auto":
+                raise InputError(f"engine {candidate} cannot run {card.path / served['file']}: {reasons[-1]}")
+        raise NotServable("; ".join(reasons) or "neither OpenVINO nor ONNX Runtime is installed")
+
+    @classmethod
+    def from_card(cls, card: Any) -> "CellModel":
+        """The model of a saved folder (``model.json`` already read as ``card``), in PyTorch."""
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        from .network import build_cell_network
+
+        card.verify_files()
+        config = card.settings()
+        path = card.path / "model.json"
+        if card.kind != KIND:
+            raise ModelError(f"{path}: model kind {card.kind!r} is not a cell model")
+        for key in ("backbone", "cells", "read", "threshold", "classes"):
+            if key not in config:
+                raise ModelError(f"{path}: incomplete cell model description: key {key!r} is missing")
+        name = config["backbone"]["name"]
+        try:
+            network, _ = build_cell_network(name, pretrained=False, dropout=float(config["cells"].get("dropout", 0.0)))
+        except (InputError, KeyError, TypeError, ValueError) as exc:
+            raise ModelError(f"{path}: cannot rebuild the network {name!r} ({type(exc).__name__}: {exc})") from None
+        file = card.path / NETWORK_FILE
+        try:
+            network.load_state_dict(load_file(str(file)), strict=True)
+        except (SafetensorError, OSError) as exc:
+            raise ModelError(f"{file}: cannot read the network weights ({exc})") from None
+        except RuntimeError as exc:
+            raise ModelError(f"{file}: weights do not fit {name} (a different architecture?): {one_line(exc, 240)}"
+                             ) from None
+        model = cls(config, network.eval())
+        model.card = card
+        return model

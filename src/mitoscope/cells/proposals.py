@@ -1,0 +1,124 @@
+"""Cell proposals by classical image analysis: where the cells of an image are, with no labels.
+
+A field of cells is a common background with objects on it. Each pixel's distance from the
+background (per channel, in robust units: the median and the median absolute deviation of the
+channel), smoothed, is thresholded by Otsu's method; touching cells are split by a watershed on
+the distance transform, seeded at its peaks one cell radius apart. Each region becomes one
+instance: its centre, its size and a square crop side shared by the whole image (a multiple of
+the image's median cell diameter, so that every crop holds one cell at the same relative scale
+whatever the magnification).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+# Regions smaller than this fraction of the median region are debris or noise.
+MIN_AREA_FRACTION = 0.15
+# The crop side, in median cell diameters: the cell and a ring of its surroundings.
+CROP_DIAMETERS = 2.0
+
+
+@dataclass(frozen=True)
+class Proposals:
+    """The cells found in one image: centres ``(n, 2)`` as (x, y), diameters ``(n,)`` in pixels,
+    and the crop side (pixels) every instance of this image is cut at."""
+
+    centres: np.ndarray
+    diameters: np.ndarray
+    crop_side: int
+
+    def __len__(self) -> int:
+        return int(len(self.centres))
+
+    def boxes(self) -> np.ndarray:
+        """``(n, 4)`` boxes (x0, y0, x1, y1) of the crops, in image pixels (as window boxes are)."""
+        half = self.crop_side / 2
+        return np.concatenate([self.centres - half, self.centres + half], axis=1).reshape(-1, 4)
+
+
+def foreground(image: np.ndarray) -> np.ndarray:
+    """How far each pixel is from the background, in robust standard deviations (max over channels)."""
+    pixels = image.astype(np.float32)
+    flat = pixels.reshape(-1, pixels.shape[-1])
+    # Quantiles on a strided sample: the same answer as on all pixels, ten times faster on a 4K image.
+    sample = flat[:: max(1, len(flat) // 200_000)]
+    median = np.median(sample, axis=0)
+    spread = np.median(np.abs(sample - median), axis=0) * 1.4826
+    spread = np.maximum(spread, 1.0)
+    return np.max(np.abs(pixels - median) / spread, axis=-1)
+
+
+def find_cells(image: np.ndarray, min_diameter: float = 8.0, max_cells: int = 5000) -> Proposals:
+    """Propose one instance per cell of an (H, W, C) image; an empty field gives no instances."""
+    from scipy import ndimage as ndi
+    from skimage.feature import peak_local_max
+    from skimage.filters import gaussian, threshold_otsu
+    from skimage.measure import regionprops
+    from skimage.segmentation import watershed
+
+    if image.ndim != 3:
+        raise ValueError(f"find_cells expects an (H, W, C) image, got shape {image.shape}")
+    distance_from_background = gaussian(foreground(image), sigma=2.0, preserve_range=True)
+    if float(distance_from_background.max() - distance_from_background.min()) < 1e-6:
+        return _none(min_diameter)
+    level = max(threshold_otsu(distance_from_background), 3.0)
+    mask = ndi.binary_fill_holes(distance_from_background > level)
+    labels, n = ndi.label(mask)
+    if n == 0:
+        return _none(min_diameter)
+    areas = np.bincount(labels.ravel())[1:]
+    typical = float(np.median(areas[areas >= np.pi * (min_diameter / 2) ** 2])) if np.any(
+        areas >= np.pi * (min_diameter / 2) ** 2) else float(np.pi * (min_diameter / 2) ** 2)
+    radius = max(min_diameter / 2, float(np.sqrt(typical / np.pi)))
+    # Split touching cells: one seed per distance-transform peak, a cell radius apart.
+    distance = ndi.distance_transform_edt(mask)
+    peaks = peak_local_max(distance, min_distance=max(2, int(radius * 0.8)), labels=labels,
+                           threshold_abs=radius * 0.35, exclude_border=False)
+    markers = np.zeros(labels.shape, dtype=np.int32)
+    markers[tuple(peaks.T)] = np.arange(1, len(peaks) + 1)
+    cells = watershed(-distance, markers, mask=mask)
+    centres, diameters = [], []
+    min_area = max(np.pi * (min_diameter / 2) ** 2, MIN_AREA_FRACTION * typical)
+    for region in regionprops(cells):
+        if region.area < min_area:
+            continue
+        y, x = region.centroid
+        centres.append((x, y))
+        diameters.append(region.equivalent_diameter_area)
+        if len(centres) >= max_cells:
+            break
+    if not centres:
+        return _none(min_diameter)
+    diameters_arr = np.asarray(diameters, dtype=np.float64)
+    side = int(round(CROP_DIAMETERS * max(min_diameter, float(np.median(diameters_arr)))))
+    return Proposals(np.asarray(centres, dtype=np.float64), diameters_arr, side)
+
+
+def _none(min_diameter: float) -> Proposals:
+    return Proposals(np.zeros((0, 2)), np.zeros((0,)), int(round(CROP_DIAMETERS * min_diameter)))
+
+
+def cut_crops(image: np.ndarray, proposals: Proposals, size: int) -> np.ndarray:
+    """The instances of an image as ``(n, size, size, C)`` uint8 crops, each centred on its cell
+    (edges padded with the image's median, i.e. background) and resized to ``size``."""
+    from PIL import Image
+
+    side = proposals.crop_side
+    pad = side
+    fill = np.median(image.reshape(-1, image.shape[-1])[:: max(1, image.shape[0] * image.shape[1] // 100_000)],
+                     axis=0).astype(image.dtype)
+    padded = np.empty((image.shape[0] + 2 * pad, image.shape[1] + 2 * pad, image.shape[2]), dtype=image.dtype)
+    padded[...] = fill
+    padded[pad:pad + image.shape[0], pad:pad + image.shape[1]] = image
+    out = np.empty((len(proposals), size, size, image.shape[2]), dtype=np.uint8)
+    for i, (x, y) in enumerate(proposals.centres):
+        x0 = int(round(x - side / 2)) + pad
+        y0 = int(round(y - side / 2)) + pad
+        crop = padded[y0:y0 + side, x0:x0 + side]
+        if side != size:
+            crop = np.asarray(Image.fromarray(crop).resize((size, size), Image.BILINEAR))
+        out[i] = crop
+    return out

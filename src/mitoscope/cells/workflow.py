@@ -1,0 +1,133 @@
+"""``mitoscope train`` with cell instances (the default): find the cells of every image, fine-tune
+the instance network from the image labels, choose the threshold on held-out images, save."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..artifacts import check_out_dir
+from ..errors import InputError
+from ..io import ReadOptions, SourceProfile, load_labelled_images, read_image
+from ..results import Progress
+from .model import HEAD_NAME, KIND, CellModel
+from .proposals import CROP_DIAMETERS, cut_crops, find_cells
+from .training import Bags, CellTrainConfig, train_instances
+
+logger = logging.getLogger(__name__)
+HISTORY_FILE = "history.csv"
+
+
+@dataclass
+class CellTrainResult:
+    model: CellModel
+    cv_metrics: dict[str, Any] | None
+    model_dir: Path
+    warnings: list[str] = field(default_factory=list)
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+def collect_bags(paths: list[Path], y: np.ndarray, read_options: ReadOptions, input_size: int,
+                 min_diameter: float = 8.0, progress: Progress | None = None) -> tuple[Bags, list[int]]:
+    """Every image's cells as crops; also how many cells each image gave."""
+    crops, offsets = [], [0]
+    for index, path in enumerate(paths):
+        image = read_image(path, read_options)
+        proposals = find_cells(image, min_diameter)
+        crops.append(cut_crops(image, proposals, input_size))
+        offsets.append(offsets[-1] + len(proposals))
+        if progress:
+            progress("cells: finding cells", index + 1, len(paths))
+    empty = np.zeros((0, input_size, input_size, 3), dtype=np.uint8)
+    bags = Bags(np.concatenate(crops) if crops else empty, np.asarray(offsets), np.asarray(y, dtype=np.int64))
+    return bags, np.diff(offsets).tolist()
+
+
+def train_cells(data_dir: str | Path, labels_csv: str | Path | None, out_dir: str | Path,
+                config: CellTrainConfig = CellTrainConfig(), read_options: ReadOptions | None = None,
+                positive: str | None = None, pretrained: bool = True, weights: str | None = None,
+                progress: Progress | None = None, overwrite: bool = False) -> CellTrainResult:
+    """Train and save a cell model; ``metrics.json`` holds the held-out images' metrics."""
+    import time
+
+    import torch
+
+    from ..evaluation import best_f1_threshold, compute_metrics, fit_warnings, write_report
+    from .network import build_cell_network
+
+    read_options = read_options or ReadOptions()
+    check_out_dir(out_dir, overwrite)
+    data = load_labelled_images(data_dir, labels_csv, positive)
+    counts = np.bincount(data.y, minlength=2)
+    needed = 2 if config.validation_fraction > 0 else 1
+    if counts.min() < needed:
+        raise InputError(f"{labels_csv or data_dir}: training a cell model needs at least {needed} images of each class, "
+                         f"got {counts.tolist()} ({', '.join(data.classes)})")
+    sources = SourceProfile.from_paths(data.paths, read_options)
+    seconds: dict[str, float] = {}
+    start = time.perf_counter()
+    bags, n_cells = collect_bags(data.paths, data.y, read_options, config.input_size, progress=progress)
+    seconds["find_cells"] = round(time.perf_counter() - start, 1)
+    if len(bags.crops) == 0:
+        raise InputError(f"{data_dir}: no cells were found in any of the {len(data.paths)} images "
+                         "(are they fields of cells on a background?)")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed)
+        network, backbone = build_cell_network(config.backbone, pretrained=pretrained, weights=weights,
+                                               dropout=config.dropout)
+        start = time.perf_counter()
+        fit = train_instances(network, bags, config, backbone.data_config["mean"], backbone.data_config["std"],
+                              progress)
+        seconds["training"] = round(time.perf_counter() - start, 1)
+    y_val, p_val = fit["val_labels"], fit["val_proba"]
+    held_out = len(y_val) > 0 and len(np.unique(y_val)) == 2
+    threshold = float(best_f1_threshold(y_val, p_val)) if held_out else 0.5
+    source = f"held-out validation images ({len(y_val)})"
+    warnings = fit_warnings(y_val if held_out else None, p_val if held_out else None, threshold if held_out else None,
+                            data.classes, source, epochs=[("cell network", fit["best_epoch"], config.epochs)])
+    metrics = compute_metrics(y_val, p_val, threshold, data.classes) if held_out else None
+    model_config = {
+        "kind": KIND,
+        "backbone": backbone.describe(),
+        "cells": {"input_size": config.input_size, "crop_diameters": CROP_DIAMETERS, "min_diameter": 8.0,
+                  "dropout": config.dropout, "pooling": "max"},
+        "read": read_options.to_dict(),
+        "source_images": sources.to_dict(),
+        "classes": list(data.classes),
+        "positive": data.classes[1],
+        "threshold": threshold,
+        "threshold_rule": f"max F1 on {source}" if held_out else "0.5 (no validation images)",
+        "train_image_size": None,
+        "head": {"name": HEAD_NAME, "params": config.to_dict(), "instances": "cells"},
+        "training": {
+            "n_images": len(data.paths),
+            "n_per_class": dict(zip(data.classes, counts.tolist())),
+            "cells_per_image": {"median": float(np.median(n_cells)), "min": int(min(n_cells)), "max": int(max(n_cells))},
+            "best_epoch": fit["best_epoch"],
+            "seed": config.seed,
+            "labels": str(labels_csv) if labels_csv else None,
+            "warnings": warnings,
+            "seconds": seconds,
+        },
+    }
+    model = CellModel(model_config, network)
+
+    def extra(tmp: Path) -> list[str]:
+        names = [HISTORY_FILE]
+        columns = sorted({k for row in fit["history"] for k in row}, key=lambda k: (k != "epoch", k))
+        lines = [",".join(columns)] + [",".join(str(row.get(c, "")) for c in columns) for row in fit["history"]]
+        (tmp / HISTORY_FILE).write_text("\n".join(lines) + "\n")
+        if metrics is not None:
+            write_report(tmp, metrics, y_val, p_val, data.classes,
+                         extra={"evaluation": source, "warnings": warnings, "best_epoch": fit["best_epoch"]})
+            names += ["metrics.json", "roc.png", "confusion_matrix.png"]
+        return names
+
+    model_dir = model.save(out_dir, extra, overwrite=overwrite)
+    for warning in warnings:
+        logger.info("warning: %s", warning)
+    return CellTrainResult(model, metrics, Path(model_dir), warnings, seconds)

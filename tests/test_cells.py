@@ -1,0 +1,159 @@
+"""The cell model (mitoscope.cells): proposals, multiple-instance learning from image labels,
+counts and positions, save/load and the served (exported) network."""
+
+from __future__ import annotations
+
+import csv
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from mitoscope.cells.proposals import Proposals, cut_crops, find_cells
+
+BACKGROUND = (30, 90, 40)
+DECOY = (60, 230, 80)  # interphase-like: green discs
+TARGET = (240, 60, 40)  # the distinctive instance: a red disc
+
+
+def disc_image(centres, colours, size=160, radius=7, seed=0):
+    rng = np.random.default_rng(seed)
+    image = np.empty((size, size, 3), dtype=np.float32)
+    image[...] = BACKGROUND
+    yy, xx = np.mgrid[:size, :size]
+    for (x, y), colour in zip(centres, colours):
+        image[(xx - x) ** 2 + (yy - y) ** 2 <= radius ** 2] = colour
+    image += rng.normal(0, 3, image.shape)
+    return np.clip(image, 0, 255).astype(np.uint8)
+
+
+def grid_centres(n, size=160, seed=0):
+    rng = np.random.default_rng(seed)
+    slots = [(x, y) for y in range(20, size - 10, 30) for x in range(20, size - 10, 30)]
+    chosen = rng.choice(len(slots), size=n, replace=False)
+    return [(slots[i][0] + rng.integers(-3, 4), slots[i][1] + rng.integers(-3, 4)) for i in chosen]
+
+
+def write_bags(folder: Path, n_images=32, cells=8, seed=0):
+    """Images of ``cells`` discs; half of them (Mitosis) hold one red disc among green decoys.
+    Returns the folder and, per image, the centre of its red disc (None for Normal)."""
+    (folder / "images").mkdir(parents=True)
+    rows, targets = [], {}
+    for i in range(n_images):
+        centres = grid_centres(cells, seed=seed * 1000 + i)
+        mitosis = i % 2 == 1
+        colours = [DECOY] * cells
+        if mitosis:
+            colours[0] = TARGET
+        name = f"img_{i:03d}.png"
+        Image.fromarray(disc_image(centres, colours, seed=i)).save(folder / "images" / name)
+        rows.append((name, "Mitosis" if mitosis else "Normal"))
+        targets[name] = centres[0] if mitosis else None
+    with open(folder / "labels.csv", "w", newline="") as handle:
+        csv.writer(handle).writerows([("Image", "Label"), *rows])
+    return folder, targets
+
+
+def test_find_cells_finds_every_disc_once():
+    centres = grid_centres(12, seed=3)
+    image = disc_image(centres, [DECOY] * 12)
+    found = find_cells(image, min_diameter=6)
+    assert len(found) == 12
+    for x, y in centres:
+        assert np.min(np.hypot(found.centres[:, 0] - x, found.centres[:, 1] - y)) < 2
+    assert 14 * 0.8 <= np.median(found.diameters) <= 14 * 1.2
+
+
+def test_find_cells_splits_touching_cells_and_ignores_an_empty_field():
+    touching = disc_image([(60, 80), (74, 80)], [DECOY, DECOY])
+    assert len(find_cells(touching, min_diameter=6)) == 2
+    assert len(find_cells(np.full((64, 64, 3), 120, np.uint8))) == 0
+    with pytest.raises(ValueError, match="expects an"):
+        find_cells(np.zeros((8, 8), np.uint8))
+
+
+def test_crops_are_centred_on_the_cell_and_padded_with_background_at_edges():
+    image = disc_image([(5, 80)], [TARGET])
+    proposals = Proposals(np.array([[5.0, 80.0]]), np.array([14.0]), 28)
+    crop = cut_crops(image, proposals, 28)[0].astype(int)
+    assert crop.shape == (28, 28, 3)
+    assert tuple(crop[14, 14]) == pytest.approx(TARGET, abs=12)  # the cell at the centre
+    assert tuple(crop[14, 0]) == pytest.approx(BACKGROUND, abs=12)  # outside the image: background
+
+
+@pytest.fixture(scope="module")
+def trained_cells(tmp_path_factory):
+    from mitoscope.cells.training import CellTrainConfig
+    from mitoscope.cells.workflow import train_cells
+
+    folder, targets = write_bags(tmp_path_factory.mktemp("bags"))
+    config = CellTrainConfig(backbone="test_efficientnet", input_size=32, trained_stages=3, views=2, epochs=12,
+                             bags_per_step=4, learning_rate=3e-3, top_learning_rate=3e-3, validation_fraction=0.25)
+    out = tmp_path_factory.mktemp("models") / "cells"
+    result = train_cells(folder, folder / "labels.csv", out, config, pretrained=False)
+    return folder, targets, result
+
+
+def test_learns_the_distinctive_instance_from_bag_labels_alone(trained_cells, tmp_path):
+    from mitoscope.cells.model import CellModel
+
+    folder, targets, result = trained_cells
+    test_folder, test_targets = write_bags(tmp_path / "test", n_images=16, seed=7)
+    model = CellModel.load(result.model_dir)
+    pred = model.predict_paths(sorted((test_folder / "images").glob("*.png")))
+    y = np.array([test_targets[p.name] is not None for p in pred.paths])
+    from sklearn.metrics import roc_auc_score
+
+    assert roc_auc_score(y, pred.proba) == 1.0
+    # the best cell of every Mitosis image is its red disc; the count is 1 there and 0 elsewhere
+    for path, scores, boxes, count in zip(pred.paths, pred.window_scores, pred.boxes, pred.counts):
+        target = test_targets[path.name]
+        if target is None:
+            assert count == 0
+            continue
+        best = boxes[int(np.argmax(scores))]
+        assert best[0] <= target[0] <= best[2] and best[1] <= target[1] <= best[3]
+        assert count == 1
+
+
+def test_saved_model_and_served_network_predict_the_same(trained_cells):
+    pytest.importorskip("onnx")
+    from mitoscope.cells.model import CellModel
+    from mitoscope.models import load_model
+
+    folder, _, result = trained_cells
+    paths = sorted((folder / "images").glob("*.png"))[:6]
+    torch_model = CellModel.load(result.model_dir)
+    served = load_model(result.model_dir, engine="auto")
+    assert served.engine in ("openvino", "onnxruntime")
+    assert served.network is None  # no PyTorch network behind it
+    a, b = torch_model.predict_paths(paths), served.predict_paths(paths)
+    assert a.counts == b.counts
+    np.testing.assert_allclose(a.proba, b.proba, atol=1e-4)
+    for sa, sb in zip(a.window_scores, b.window_scores):
+        np.testing.assert_allclose(sa, sb, atol=1e-4)
+
+
+def test_predict_writes_a_count_column_and_the_cells_as_heatmap_instances(trained_cells, tmp_path):
+    from mitoscope.predictions import predict
+
+    folder, targets, result = trained_cells
+    paths = sorted((folder / "images").glob("*.png"))[:4]
+    rows = predict(result.model_dir, paths, tmp_path / "p.csv", heatmaps_dir=tmp_path / "maps")
+    assert [row["Count"] for row in rows] == [0 if targets[p.name] is None else 1 for p in paths]
+    assert all((row["Count"] >= 1) == (row["Label"] == "Mitosis") for row in rows)
+    header = (tmp_path / "p.csv").read_text().splitlines()[0].split(",")
+    assert "Count" in header
+    assert len(list((tmp_path / "maps").glob("*.png"))) >= 4
+
+
+def test_cli_train_cells_and_refuses_an_unknown_setting(tmp_path):
+    folder, _ = write_bags(tmp_path / "bags", n_images=8, cells=4)
+    run = subprocess.run([sys.executable, "-m", "mitoscope", "train", str(folder), "--labels", str(folder / "labels.csv"),
+                          "--out", str(tmp_path / "m"), "--head", "cells", "--head-param", "epochz=3"],
+                         capture_output=True, text=True)
+    assert run.returncode == 2
+    assert "epochz" in run.stderr and "epochs" in run.stderr
