@@ -185,6 +185,66 @@ def finetuned_once(args: argparse.Namespace, set_name: str, seed: int) -> dict:
     return record
 
 
+def cells(args: argparse.Namespace) -> dict:
+    """The cell model (`mitoscope train --head cells`) once per seed: test AUC/F1, the pointing
+    game, and the mitotic count's mean absolute error against boxes.csv; saved after every run."""
+    results: dict = {}
+    for set_name in args.sets:
+        runs = []
+        for seed in args.seeds:
+            runs.append(cells_once(args, set_name, seed))
+            results[f"{set_name}/cells"] = {"set": set_name, "model": "cells", "seeds": list(args.seeds),
+                                            "summary": summary(runs), "runs": runs}
+            save_results(args.out, {"machine": machine(), "results": results})
+        print(json.dumps(results[f"{set_name}/cells"]["summary"]), flush=True)
+    return results
+
+
+def count_errors(pred, boxes_csv: Path) -> dict:
+    """Mean absolute error of the per-image mitotic count against the true boxes."""
+    from mitoscope.localization import load_boxes
+
+    truth = load_boxes(boxes_csv)
+    errors = [abs(int(c) - len(truth.get(p.name, ()))) for p, c in zip(pred.paths, pred.counts)]
+    true_counts = [len(truth.get(p.name, ())) for p in pred.paths]
+    return {"count_mae": round(float(np.mean(errors)), 4), "true_count_mean": round(float(np.mean(true_counts)), 4),
+            "predicted_count_mean": round(float(np.mean(pred.counts)), 4)}
+
+
+def cells_once(args: argparse.Namespace, set_name: str, seed: int) -> dict:
+    from mitoscope.cells.config import CellTrainConfig
+    from mitoscope.cells.workflow import train_cells
+    from mitoscope.evaluation import compute_metrics
+    from mitoscope.io import load_labelled_images
+    from mitoscope.localization import localization_report
+    from mitoscope.models import load_model
+
+    record: dict = {"set": set_name, "model": "cells", "seed": seed}
+    train_dir, test_dir = scene_pair(args.work, set_name)
+    model_dir = args.work / "models" / f"{set_name}-cells-seed{seed}"
+    with timed(record, "train_s"):
+        result = train_cells(train_dir, train_dir / "labels.csv", model_dir, CellTrainConfig(seed=seed), overwrite=True)
+    record["train_seconds"] = result.seconds
+    record["validation"] = {k: (result.cv_metrics or {}).get(k) for k in KEYS}
+    record["warnings"] = result.warnings
+    model = load_model(model_dir)
+    data = load_labelled_images(test_dir, test_dir / "labels.csv", model.positive)
+    with timed(record, "predict_s"):
+        pred = model.predict_paths(data.paths, with_window_scores=True)
+    record["engine"] = getattr(model, "engine", None)
+    test = compute_metrics(data.y, pred.proba, model.threshold, tuple(model.classes))
+    record["test"] = {k: test.get(k) for k in KEYS}
+    where = localization_report(pred, test_dir / "boxes.csv", labels=data.y)
+    record["localization"] = {k: where.get(k) for k in ("pointing_game", "pointing_game_centre", "window_auc",
+                                                         "mean_image_window_auc")}
+    record["count"] = count_errors(pred, test_dir / "boxes.csv")
+    record["commands"] = [f"mitoscope train {train_dir} --labels {train_dir}/labels.csv --out {model_dir} --seed {seed}",
+                          f"mitoscope evaluate {model_dir} {test_dir} --labels {test_dir}/labels.csv --out REPORT"]
+    record["history"] = (model_dir / "history.csv").read_text()
+    print(json.dumps({k: v for k, v in record.items() if k != "history"}), flush=True)
+    return record
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="what", required=True)
@@ -209,10 +269,16 @@ def main() -> None:
     f.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="one fine-tuning run per seed")
     f.add_argument("--work", type=Path, default=Path("/tmp/mitoscope-bench"))
     f.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "finetune.json")
+    m = sub.add_parser("cells", help="the cell model (the default of train): scenes, test set, counts")
+    m.add_argument("--sets", nargs="+", default=["small-cells-1024", "small-cells-2048", "large-cells-1024",
+                                                 "variable-scale"])
+    m.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    m.add_argument("--work", type=Path, default=Path("/tmp/mitoscope-bench"))
+    m.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "cells.json")
     args = parser.parse_args()
     require_shared()
     args.work.mkdir(parents=True, exist_ok=True)
-    run = {"scenes": scenes, "crops": crops, "finetune": finetuned}[args.what]
+    run = {"scenes": scenes, "crops": crops, "finetune": finetuned, "cells": cells}[args.what]
     results = {"machine": machine(), "results": run(args)}
     save_results(args.out, results)
 

@@ -86,7 +86,7 @@ def test_crops_are_centred_on_the_cell_and_padded_with_background_at_edges():
 
 @pytest.fixture(scope="module")
 def trained_cells(tmp_path_factory):
-    from mitoscope.cells.training import CellTrainConfig
+    from mitoscope.cells.config import CellTrainConfig
     from mitoscope.cells.workflow import train_cells
 
     folder, targets = write_bags(tmp_path_factory.mktemp("bags"))

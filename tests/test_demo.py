@@ -113,3 +113,17 @@ def test_demo_needs_enough_user_images_to_hold_some_out(tmp_path):
     with pytest.raises(InputError, match=r"labels.csv: the demo needs at least 4 images of each class"):
         run_demo(tmp_path / "demo", tmp_path / "data", labels, config=tiny_config())
     assert not (tmp_path / "demo" / "model").exists()
+
+
+@pytest.mark.slow
+def test_demo_default_is_the_cell_model_with_counts(tmp_path, monkeypatch):
+    small = functools.partial(make_synthetic_dataset, size=(128, 128), cells=(3, 5), mitoses=(1, 2),
+                              cell_radius=(6, 9))
+    monkeypatch.setattr(mitoscope.demo, "make_synthetic_dataset", small)
+    out = tmp_path / "demo"
+    result = run_demo(out, n_train=8, n_test=6)
+    assert json.loads((out / "model" / "model.json").read_text())["kind"] == "cells"
+    rows = read_rows(result.predictions_csv)
+    assert len(rows) == 6
+    assert all(row["Count"].isdigit() and (int(row["Count"]) >= 1) == (row["Label"] == "Mitosis") for row in rows)
+    assert set(result.test_metrics) >= set(METRIC_KEYS)

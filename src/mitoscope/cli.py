@@ -102,7 +102,7 @@ def train(
     data_dir: Path = typer.Argument(..., help="Folder of images (paths in the CSV are relative to it)."),
     labels: Optional[Path] = typer.Option(None, "--labels", help="CSV: `Image,Label` (competition) or `path,label`. Omit for one sub-folder per class."),
     out: Path = typer.Option(..., "--out", help="Model folder to write."),
-    head: str = typer.Option("ensemble", "--head", help=HEAD_HELP),
+    head: str = typer.Option(CELLS, "--head", help=HEAD_HELP),
     backbone: str = typer.Option(DEFAULT_BACKBONE, "--backbone", help="Any timm model name."),
     weights: Optional[Path] = WEIGHTS_OPTION,
     pretrained: bool = typer.Option(True, "--pretrained/--random-init", help="--random-init: random backbone weights (tests only; never for real use)."),
@@ -124,13 +124,24 @@ def train(
 ) -> None:
     """Train a classifier, cross-validate it, and save the model with its metrics.json.
 
-    Example: mitoscope train scenes/ --labels scenes/labels.csv --out model/ --head ensemble
+    The default (--head cells) finds the cells of every image and fine-tunes a network that scores
+    them from the image labels; --head ensemble|dense|forest are the write-up's Round-1 heads.
+
+    Example: mitoscope train scenes/ --labels scenes/labels.csv --out model/
     """
     if head == CELLS:
+        try:  # the options every train shares, checked as for a window head (those of windows unused here)
+            TrainConfig(head=HEAD_NAMES[0], backbone=backbone, weights=str(weights) if weights else None,
+                        window=window, overlap=overlap, extraction=extraction, engine=engine,
+                        channels=parse_channels(channels) if channels else None, cv=cv, seed=seed,
+                        max_pixels=max_pixels).validate()
+        except MitoscopeError as exc:
+            fail(exc)
         _train_cells(data_dir, labels, out, backbone, weights, pretrained, channels, seed, positive, head_param,
                      overwrite, max_pixels)
         return
     try:
+        check_choice("--head", head, [CELLS, *HEAD_NAMES])
         config = TrainConfig(
             head=head, backbone=backbone, weights=str(weights) if weights else None, pretrained=pretrained,
             window=window, overlap=overlap, extraction=extraction, engine=engine,
@@ -158,7 +169,7 @@ def _train_cells(data_dir: Path, labels: Optional[Path], out: Path, backbone: st
                  overwrite: bool, max_pixels: int) -> None:
     from dataclasses import fields
 
-    from .cells.training import CellTrainConfig
+    from .cells.config import CellTrainConfig
     from .errors import InputError
     from .io import ReadOptions
 
@@ -167,7 +178,7 @@ def _train_cells(data_dir: Path, labels: Optional[Path], out: Path, backbone: st
         known = {f.name for f in fields(CellTrainConfig)} - {"seed", "backbone"}
         unknown = sorted(set(params) - known)
         if unknown:
-            raise InputError(f"--head-param {unknown[0]}: not a setting of the cells model; expected one of "
+            raise InputError(f"--head-param {unknown[0]!r}: not a setting of the cells model; expected one of "
                              f"{', '.join(sorted(known))}")
         config = CellTrainConfig(backbone=backbone, seed=seed, **params)
         read_options = ReadOptions(channels=parse_channels(channels) if channels else None, max_pixels=max_pixels)
@@ -295,8 +306,7 @@ def demo(
     out: Path = typer.Option(Path("mitoscope-demo"), "--out", help="Folder for the data, model, report and predictions."),
     data: Optional[Path] = typer.Option(None, "--data", help="Run on your own images instead of the synthetic set."),
     labels: Optional[Path] = typer.Option(None, "--labels", help="Labels CSV for --data."),
-    head: str = typer.Option("attention", "--head", help="attention (default here: it beat the write-up's ensemble on every held-out set we measured) | "
-                             + " | ".join(name for name in HEAD_NAMES if name != "attention")),
+    head: str = typer.Option(CELLS, "--head", help="cells (the default of train) | " + " | ".join(HEAD_NAMES)),
     positive: Optional[str] = typer.Option(None, "--positive", help="Positive class of --data (default: 'mitosis')."),
     cv: int = typer.Option(3, "--cv", help="Cross-validation folds on the training part."),
     seed: int = typer.Option(0, "--seed"),
@@ -309,7 +319,8 @@ def demo(
     Example: mitoscope demo --out demo/   |   mitoscope demo --data scenes/ --labels scenes/labels.csv
     """
     try:
-        config = TrainConfig(head=head, cv=cv, seed=seed, positive=positive).validate()
+        check_choice("--head", head, [CELLS, *HEAD_NAMES])
+        config = TrainConfig(head=HEAD_NAMES[0] if head == CELLS else head, cv=cv, seed=seed, positive=positive).validate()
         if data is not None:
             locate_labels(data, labels)
     except MitoscopeError as exc:
@@ -321,11 +332,13 @@ def demo(
         from .demo import run_demo
 
         with progress_bars() as progress:
-            result = run_demo(out, data, labels, config, progress=progress)
+            result = run_demo(out, data, labels, None if head == CELLS else config, progress=progress, seed=seed,
+                              positive=positive)
     except MitoscopeError as exc:
         fail(exc)
     if result.cv_metrics:
-        console.print(metrics_table(f"{cv}-fold cross-validation on the training images ({head})", result.cv_metrics))
+        what = "held-out validation images" if head == CELLS else f"{cv}-fold cross-validation"
+        console.print(metrics_table(f"{what} of the training part ({head})", result.cv_metrics))
     for message in result.warnings:
         warn(message)
     console.print(metrics_table("held-out test images", result.test_metrics))

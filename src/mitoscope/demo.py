@@ -66,8 +66,13 @@ def run_demo(
     n_test: int = 24,
     cache_dir: str | Path | None = None,
     progress: Progress | None = None,
+    seed: int = 0,
+    positive: str | None = None,
 ) -> DemoResult:
-    config = (config or TrainConfig(head="attention", cv=3)).validate()  # before any data is drawn
+    """``config`` None: the default model (cells, see :mod:`mitoscope.cells`) with ``seed`` and
+    ``positive``; a TrainConfig: that window head (its own seed and positive class)."""
+    cells = config is None
+    config = (config or TrainConfig(cv=3, seed=seed, positive=positive)).validate()  # before any data is drawn
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     cache = open_cache(cache_dir or out_dir / "feature-cache")
@@ -80,7 +85,14 @@ def run_demo(
                                                out_dir, config.positive, config.seed)
         train_dir = test_dir = out_dir
     model_dir = out_dir / "model"
-    result = train(train_dir, train_labels, model_dir, config, cache, progress, overwrite=True)
+    if cells:
+        from .cells.config import CellTrainConfig
+        from .cells.workflow import train_cells
+
+        result = train_cells(train_dir, train_labels, model_dir, CellTrainConfig(seed=config.seed),
+                             config.read_options, config.positive, progress=progress, overwrite=True)
+    else:
+        result = train(train_dir, train_labels, model_dir, config, cache, progress, overwrite=True)
     report_dir = out_dir / "report"
     metrics = evaluate(model_dir, test_dir, test_labels, report_dir, cache, progress)
     predictions_csv = out_dir / "predictions.csv"

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -22,47 +22,11 @@ import torch.nn.functional as F
 
 from ..augment import dihedral
 from ..errors import InputError
+from .config import CellTrainConfig
 from .network import CellNetwork, freeze_for_training, set_batchnorm_eval, split_for
 
 logger = logging.getLogger(__name__)
 Progress = Callable[[str, int, int], None]
-
-
-@dataclass(frozen=True)
-class CellTrainConfig:
-    """How the instance network is trained (saved in ``model.json``)."""
-
-    backbone: str = "tf_efficientnet_lite0"
-    input_size: int = 96
-    trained_stages: int = 2
-    views: int = 4
-    epochs: int = 12
-    bags_per_step: int = 8
-    learning_rate: float = 1e-3
-    top_learning_rate: float = 3e-4
-    weight_decay: float = 1e-4
-    negative_weight: float = 1.0
-    # The pseudo-positive cell of each Mitosis image (mitoscope.cells.bootstrap) pulled towards 1,
-    # and re-chosen by the network itself every refresh_every epochs (0: kept from the start).
-    positive_weight: float = 1.0
-    refresh_every: int = 4
-    dropout: float = 0.2
-    validation_fraction: float = 0.2
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        checks = [("input_size", self.input_size >= 32, "at least 32"), ("views", 1 <= self.views <= 8, "1 to 8"),
-                  ("epochs", self.epochs >= 1, "at least 1"), ("bags_per_step", self.bags_per_step >= 1, "at least 1"),
-                  ("learning_rate", self.learning_rate > 0, "positive"),
-                  ("top_learning_rate", self.top_learning_rate >= 0, "zero or positive"),
-                  ("validation_fraction", 0 <= self.validation_fraction < 0.5, "in [0, 0.5)"),
-                  ("trained_stages", self.trained_stages >= 1, "at least 1")]
-        for name, ok, expected in checks:
-            if not ok:
-                raise InputError(f"cells setting {name} must be {expected}, got {getattr(self, name)!r}")
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 @dataclass
@@ -265,9 +229,10 @@ def train_instances(network: CellNetwork, bags: Bags, config: CellTrainConfig, m
         logger.info("cells epoch %d: %s", epoch, row)
     kept = config.epochs
     val_proba = np.zeros(0)
-    if best is not None:
+    if best is not None and config.keep == "val_loss":
         network.load_state_dict(best[2])
         kept = best[1]
+    if len(val_idx):
         logits_val, _ = bag_scores(network, split, maps, bags.offsets, val_idx)
         val_proba = 1 / (1 + np.exp(-logits_val))
     network.eval()

@@ -16,7 +16,8 @@ from ..io import ReadOptions, SourceProfile, load_labelled_images, read_image
 from ..results import Progress
 from .model import HEAD_NAME, KIND, CellModel
 from .proposals import CROP_DIAMETERS, cut_crops, find_cells
-from .training import Bags, CellTrainConfig, train_instances
+from .config import CellTrainConfig
+from .training import Bags, train_instances
 
 logger = logging.getLogger(__name__)
 HISTORY_FILE = "history.csv"
