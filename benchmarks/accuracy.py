@@ -240,7 +240,7 @@ def cells_once(args: argparse.Namespace, set_name: str, seed: int) -> dict:
     record["count"] = count_errors(pred, test_dir / "boxes.csv")
     record["commands"] = [f"mitoscope train {train_dir} --labels {train_dir}/labels.csv --out {model_dir} --seed {seed}",
                           f"mitoscope evaluate {model_dir} {test_dir} --labels {test_dir}/labels.csv --out REPORT"]
-    record["history"] = (model_dir / "history.csv").read_text()
+    record["history"] = (model_dir / "history.csv").read_text() if (model_dir / "history.csv").is_file() else None
     print(json.dumps({k: v for k, v in record.items() if k != "history"}), flush=True)
     return record
 

@@ -37,8 +37,9 @@ def grid_centres(n, size=160, seed=0):
     return [(slots[i][0] + rng.integers(-3, 4), slots[i][1] + rng.integers(-3, 4)) for i in chosen]
 
 
-def write_bags(folder: Path, n_images=32, cells=8, seed=0):
-    """Images of ``cells`` discs; half of them (Mitosis) hold one red disc among green decoys.
+def write_bags(folder: Path, n_images=32, cells=9, seed=0):
+    """Images of ``cells`` discs; half of them (Mitosis) hold one red disc among green decoys (an odd
+    number of cells, so that the one red disc never moves the median cell size, and the crop scale, of its image).
     Returns the folder and, per image, the centre of its red disc (None for Normal)."""
     (folder / "images").mkdir(parents=True)
     rows, targets = [], {}
@@ -64,7 +65,7 @@ def test_find_cells_finds_every_disc_once():
     assert len(found) == 12
     for x, y in centres:
         assert np.min(np.hypot(found.centres[:, 0] - x, found.centres[:, 1] - y)) < 2
-    assert 14 * 0.8 <= np.median(found.diameters) <= 14 * 1.2
+    assert 14 * 0.9 <= np.median(found.diameters) <= 14 * 1.4  # the disc, and the blur of the smoothing
 
 
 def test_find_cells_splits_touching_cells_and_ignores_an_empty_field():
@@ -84,15 +85,16 @@ def test_crops_are_centred_on_the_cell_and_padded_with_background_at_edges():
     assert tuple(crop[14, 0]) == pytest.approx(BACKGROUND, abs=12)  # outside the image: background
 
 
-@pytest.fixture(scope="module")
-def trained_cells(tmp_path_factory):
+@pytest.fixture(scope="module", params=["linear", "finetuned"])
+def trained_cells(tmp_path_factory, request):
     from mitoscope.cells.config import CellTrainConfig
     from mitoscope.cells.workflow import train_cells
 
     folder, targets = write_bags(tmp_path_factory.mktemp("bags"))
-    config = CellTrainConfig(backbone="test_efficientnet", input_size=32, trained_stages=3, views=2, epochs=12,
-                             bags_per_step=4, learning_rate=3e-3, top_learning_rate=3e-3, validation_fraction=0.25)
-    out = tmp_path_factory.mktemp("models") / "cells"
+    config = CellTrainConfig(backbone="test_efficientnet", input_size=32, scorer=request.param, trained_stages=3,
+                             views=2, epochs=12, bags_per_step=4, learning_rate=3e-3, top_learning_rate=3e-3,
+                             validation_fraction=0.25)
+    out = tmp_path_factory.mktemp("models") / f"cells-{request.param}"
     result = train_cells(folder, folder / "labels.csv", out, config, pretrained=False)
     return folder, targets, result
 

@@ -1,5 +1,5 @@
-"""Which cell of each Mitosis image is the mitosis: a first answer from image labels, to start
-the fine-tuning from.
+"""Which cell of each Mitosis image is the mitosis, from image labels: a linear model on few
+features per cell (the default scorer of the cell model, and the start of the fine-tuning).
 
 A network with millions of weights learns little from a maximum over 60-odd cells per image
 and a hundred images: many directions of its features single out *some* cell of every Mitosis
@@ -7,6 +7,8 @@ image. Few features do not leave that freedom, so the first answer comes from a 
 multiple-instance model on few features per cell: the frozen network's features reduced to
 their main components, and intensity statistics of the cell and its rim per channel (what
 condensed DNA changes). Its best cell of each Mitosis image is that image's pseudo-positive.
+Fine-tuning the network itself on a hundred images memorised the training cells (README,
+Results), so this linear model is what the cell model scores with unless asked otherwise.
 """
 
 from __future__ import annotations
@@ -32,15 +34,75 @@ def intensity_features(crops: np.ndarray) -> np.ndarray:
     return np.log1p(np.concatenate(stats, axis=1))
 
 
-def linear_mil_scores(features: np.ndarray, offsets: np.ndarray, labels: np.ndarray, seed: int = 0,
-                      epochs: int = 60, negative_weight: float = 1.0) -> np.ndarray:
-    """Scores of every instance from a linear model trained on bag labels: max pooling over each
-    bag, plus every instance of a negative bag against 0."""
+class LinearInstanceHead:
+    """A linear instance scorer on few features, trained from bag labels (multiple-instance).
+
+    Features of a crop: the frozen network's pooled features reduced to ``components`` whitened
+    principal components, and :func:`intensity_features`; standardised, then one linear layer.
+    Trained with max pooling over each bag plus every instance of a negative bag against 0.
+    The learned state (``*_`` arrays) is plain numpy: it serves without PyTorch or scikit-learn.
+    """
+
+    def __init__(self, components: int = COMPONENTS, epochs: int = 60, negative_weight: float = 1.0,
+                 seed: int = 0) -> None:
+        self.components = components
+        self.epochs = epochs
+        self.negative_weight = negative_weight
+        self.seed = seed
+
+    def _features(self, cnn_features: np.ndarray, crops: np.ndarray) -> np.ndarray:
+        reduced = (cnn_features - self.pca_mean_) @ self.pca_components_.T / self.pca_scale_
+        raw = np.concatenate([reduced, intensity_features(crops)], axis=1)
+        return ((raw - self.mean_) / self.scale_).astype(np.float32)
+
+    def fit(self, cnn_features: np.ndarray, crops: np.ndarray, offsets: np.ndarray,
+            labels: np.ndarray) -> "LinearInstanceHead":
+        from sklearn.decomposition import PCA
+
+        if len(cnn_features) != len(crops):
+            raise ValueError(f"expected one feature row per crop, got {len(cnn_features)} rows for {len(crops)} crops")
+        components = min(self.components, cnn_features.shape[1], max(1, len(cnn_features) - 1))
+        pca = PCA(components, random_state=self.seed).fit(cnn_features)
+        self.pca_mean_ = pca.mean_.astype(np.float64)
+        self.pca_components_ = pca.components_.astype(np.float64)
+        self.pca_scale_ = np.sqrt(np.maximum(pca.explained_variance_, 1e-12))
+        reduced = (cnn_features - self.pca_mean_) @ self.pca_components_.T / self.pca_scale_
+        raw = np.concatenate([reduced, intensity_features(crops)], axis=1)
+        self.mean_, self.scale_ = raw.mean(0), raw.std(0) + 1e-6
+        self.weight_, self.bias_ = _linear_mil(((raw - self.mean_) / self.scale_).astype(np.float32), offsets,
+                                               np.asarray(labels), self.seed, self.epochs, self.negative_weight)
+        return self
+
+    def decision_function(self, cnn_features: np.ndarray, crops: np.ndarray) -> np.ndarray:
+        """One logit per crop."""
+        if not len(crops):
+            return np.zeros(0, dtype=np.float64)
+        return self._features(cnn_features, crops).astype(np.float64) @ self.weight_ + self.bias_
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        return {name: np.ascontiguousarray(getattr(self, name), dtype=np.float64) for name in ARRAYS}
+
+    @classmethod
+    def from_arrays(cls, arrays: dict[str, np.ndarray]) -> "LinearInstanceHead":
+        missing = sorted(set(ARRAYS) - set(arrays))
+        if missing:
+            raise ValueError(f"expected the arrays {', '.join(ARRAYS)}; missing {', '.join(missing)}")
+        head = cls()
+        for name in ARRAYS:
+            setattr(head, name, np.asarray(arrays[name], dtype=np.float64))
+        head.bias_ = float(np.asarray(arrays["bias_"]).reshape(-1)[0])
+        return head
+
+
+ARRAYS = ("pca_mean_", "pca_components_", "pca_scale_", "mean_", "scale_", "weight_", "bias_")
+
+
+def _linear_mil(x_np: np.ndarray, offsets: np.ndarray, labels: np.ndarray, seed: int, epochs: int,
+                negative_weight: float) -> tuple[np.ndarray, float]:
     import torch
     import torch.nn.functional as F
 
-    mean, spread = features.mean(0), features.std(0) + 1e-6
-    x = torch.from_numpy(((features - mean) / spread).astype(np.float32))
+    x = torch.from_numpy(x_np)
     sizes = np.diff(offsets)
     usable = np.flatnonzero(sizes > 0)
     generator = torch.Generator().manual_seed(seed)
@@ -65,19 +127,15 @@ def linear_mil_scores(features: np.ndarray, offsets: np.ndarray, labels: np.ndar
             optimiser.zero_grad()
             loss.backward()
             optimiser.step()
-    with torch.no_grad():
-        return head(x).squeeze(-1).numpy()
+    return head.weight.detach().double().numpy().reshape(-1), float(head.bias.detach())
 
 
 def pseudo_positives(cnn_features: np.ndarray, crops: np.ndarray, offsets: np.ndarray, labels: np.ndarray,
                      seed: int = 0) -> dict[str, Any]:
-    """The best instance of each positive bag under the linear model on few features:
+    """The best instance of each positive bag under :class:`LinearInstanceHead`:
     ``{"index": global instance indices, "scores": every instance's score}``."""
-    from sklearn.decomposition import PCA
-
-    components = min(COMPONENTS, cnn_features.shape[1], max(1, len(cnn_features) - 1))
-    reduced = PCA(components, whiten=True, random_state=seed).fit_transform(cnn_features)
-    scores = linear_mil_scores(np.concatenate([reduced, intensity_features(crops)], axis=1), offsets, labels, seed)
+    scores = LinearInstanceHead(seed=seed).fit(cnn_features, crops, offsets, labels).decision_function(
+        cnn_features, crops)
     best = [int(offsets[i] + np.argmax(scores[offsets[i]:offsets[i + 1]]))
             for i in range(len(labels)) if labels[i] == 1 and offsets[i + 1] > offsets[i]]
     return {"index": np.asarray(best, dtype=np.int64), "scores": scores}

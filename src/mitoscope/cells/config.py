@@ -14,6 +14,9 @@ class CellTrainConfig:
     """How the instance network is trained (saved in ``model.json``)."""
 
     backbone: str = "tf_efficientnet_lite0"
+    # "linear": a linear multiple-instance model on few features of the frozen network
+    # (mitoscope.cells.bootstrap); "finetuned": the network's top stages fine-tuned (see README).
+    scorer: str = "linear"
     input_size: int = 96
     trained_stages: int = 2
     views: int = 4
@@ -41,7 +44,8 @@ class CellTrainConfig:
                   ("top_learning_rate", self.top_learning_rate >= 0, "zero or positive"),
                   ("validation_fraction", 0 <= self.validation_fraction < 0.5, "in [0, 0.5)"),
                   ("trained_stages", self.trained_stages >= 1, "at least 1"),
-                  ("keep", self.keep in ("last", "val_loss"), "last or val_loss")]
+                  ("keep", self.keep in ("last", "val_loss"), "last or val_loss"),
+                  ("scorer", self.scorer in ("linear", "finetuned"), "linear or finetuned")]
         for name, ok, expected in checks:
             if not ok:
                 raise InputError(f"cells setting {name} must be {expected}, got {getattr(self, name)!r}")

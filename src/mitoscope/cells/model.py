@@ -24,15 +24,17 @@ from .proposals import Proposals, cut_crops, find_cells
 
 NETWORK_FILE = "network.safetensors"
 EXPORT_FILE = "network.onnx"
+HEAD_FILE = "head.safetensors"
 # The served network must give PyTorch's logits on the probe crops within this (logits, absolute).
 SERVED_TOLERANCE = 0.05
 HEAD_NAME = "cells"
 KIND = "cells"
 
 
-def instance_logits(network: Any, crops: np.ndarray, mean: Sequence[float], std: Sequence[float],
+def network_outputs(network: Any, crops: np.ndarray, mean: Sequence[float], std: Sequence[float], scorer: str,
                     batch: int = 256) -> np.ndarray:
-    """Logits of (n, s, s, 3) uint8 crops through the whole instance network (PyTorch)."""
+    """What the network gives for (n, s, s, 3) uint8 crops in PyTorch: pooled features for the
+    linear scorer, one logit per crop for a fine-tuned network."""
     import torch
 
     from .training import normalise
@@ -41,7 +43,11 @@ def instance_logits(network: Any, crops: np.ndarray, mean: Sequence[float], std:
     out = []
     with torch.no_grad():
         for start in range(0, len(crops), batch):
-            out.append(network(normalise(crops[start:start + batch], mean, std)).float().numpy())
+            x = normalise(crops[start:start + batch], mean, std)
+            if scorer == "linear":
+                out.append(network.backbone.forward_features(x).mean(dim=(-2, -1)).float().numpy())
+            else:
+                out.append(network(x).float().numpy())
     return np.concatenate(out) if out else np.zeros(0, dtype=np.float32)
 
 
@@ -56,26 +62,28 @@ def normalised_array(crops: np.ndarray, mean: Sequence[float], std: Sequence[flo
     return (x - np.asarray(mean, np.float32).reshape(1, 3, 1, 1)) / np.asarray(std, np.float32).reshape(1, 3, 1, 1)
 
 
-def export_network(network: Any, size: int, path: Path) -> None:
-    """The whole instance network (crop -> logit) as ONNX, any batch size."""
+def export_network(network: Any, size: int, path: Path, scorer: str) -> None:
+    """The network as ONNX, any batch size: crop -> pooled features (linear scorer) or -> logit."""
     import warnings
 
     import torch
 
     from ..engines import OPSET
 
-    class Logits(torch.nn.Module):
+    class Served(torch.nn.Module):
         def __init__(self, inner: Any) -> None:
             super().__init__()
             self.inner = inner
 
         def forward(self, images: torch.Tensor) -> torch.Tensor:
+            if scorer == "linear":
+                return self.inner.backbone.forward_features(images).mean(dim=(-2, -1))
             return self.inner(images).unsqueeze(-1)
 
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
         # Output "pooled": the runners of mitoscope.engines read an export's pooled output.
-        torch.onnx.export(Logits(network.eval()), (torch.zeros(1, 3, size, size),), str(path), input_names=["images"],
+        torch.onnx.export(Served(network.eval()), (torch.zeros(1, 3, size, size),), str(path), input_names=["images"],
                           output_names=["pooled"], dynamic_axes={"images": {0: "batch"}}, opset_version=OPSET,
                           dynamo=False)
 
@@ -87,12 +95,13 @@ def sigmoid(x: np.ndarray) -> np.ndarray:
 class CellModel(ModelDescription):
     """Cells found by image analysis, each scored by a network fine-tuned from image labels."""
 
-    def __init__(self, config: dict[str, Any], network: Any = None, scorer: Callable[[np.ndarray], np.ndarray] | None = None
-                 ) -> None:
+    def __init__(self, config: dict[str, Any], network: Any = None, head: Any = None,
+                 runner: Callable[[np.ndarray], np.ndarray] | None = None) -> None:
         self.config = config
         self.network = network
-        # crops -> logits: the PyTorch network, or an exported engine (set by the served model)
-        self._scorer = scorer
+        self.head = head  # the linear scorer (mitoscope.cells.bootstrap.LinearInstanceHead), or None
+        # normalised crops -> the network's output, by an exported engine (set by the served model)
+        self._runner = runner
         self.engine = "torch"
 
     @property
@@ -100,14 +109,25 @@ class CellModel(ModelDescription):
         return int(self.config["cells"]["input_size"])
 
     @property
+    def scorer(self) -> str:
+        return str(self.config["cells"].get("scorer", "finetuned"))
+
+    @property
     def gives_window_scores(self) -> bool:
         return True  # one score per found cell
 
     def score_crops(self, crops: np.ndarray) -> np.ndarray:
-        if self._scorer is not None:
-            return self._scorer(crops)
+        """One logit per (n, s, s, 3) uint8 crop."""
+        if not len(crops):
+            return np.zeros(0, dtype=np.float64)
         backbone = self.config["backbone"]
-        return instance_logits(self.network, crops, backbone["mean"], backbone["std"])
+        if self._runner is not None:
+            output = np.asarray(self._runner(normalised_array(crops, backbone["mean"], backbone["std"])))
+        else:
+            output = network_outputs(self.network, crops, backbone["mean"], backbone["std"], self.scorer)
+        if self.scorer == "linear":
+            return self.head.decision_function(output, crops)
+        return output.reshape(-1).astype(np.float64)
 
     def _read(self, path: Path) -> tuple[np.ndarray, Proposals, tuple[int, int]]:
         image = read_image(path, self.read_options)
@@ -176,8 +196,15 @@ class CellModel(ModelDescription):
             with atomic_path(tmp / NETWORK_FILE) as target:
                 save_file(state, str(target))
             with atomic_path(tmp / EXPORT_FILE) as target:
-                export_network(self.network, self.input_size, target)
-            return [NETWORK_FILE, EXPORT_FILE] + (extra_files(tmp) if extra_files else [])
+                export_network(self.network, self.input_size, target, self.scorer)
+            names = [NETWORK_FILE, EXPORT_FILE]
+            if self.head is not None:
+                from safetensors.numpy import save_file as save_arrays
+
+                with atomic_path(tmp / HEAD_FILE) as target:
+                    save_arrays(self.head.arrays(), str(target))
+                names.append(HEAD_FILE)
+            return names + (extra_files(tmp) if extra_files else [])
 
         return self._save(out_dir, config, write, overwrite)
 
@@ -199,25 +226,20 @@ class CellModel(ModelDescription):
             raise InputError(f"unknown engine {engine!r}: expected auto, torch or one of {', '.join(EXPORTED_ENGINES)}")
         card.verify_files()
         config = card.settings()
-        mean, std = config["backbone"]["mean"], config["backbone"]["std"]
         size = int(config["cells"]["input_size"])
         expected = np.asarray(served["probe_logits"], dtype=np.float64)
         reasons = []
+        head = _load_head(card, config)
         for candidate in candidates:
             try:
                 runner = open_exported(card.path / served["file"], candidate)
-                got = np.asarray(runner.pooled(normalised_array(probe_crops(size), mean, std))).reshape(-1)
+                model = cls(config, None, head, runner.pooled)
+                got = model.score_crops(probe_crops(size))
             except Exception as exc:  # the runtime cannot read or run the export: try the next one
                 reasons.append(f"{candidate}: {one_line(exc, 200, typed=True)}")
                 continue
             error = float(np.abs(got - expected).max())
             if error <= float(served.get("tolerance", SERVED_TOLERANCE)):
-                def scorer(crops: np.ndarray, runner: Any = runner) -> np.ndarray:
-                    if not len(crops):
-                        return np.zeros(0, dtype=np.float32)
-                    return np.asarray(runner.pooled(normalised_array(crops, mean, std))).reshape(-1)
-
-                model = cls(config, None, scorer)
                 model.card = card
                 model.engine = candidate
                 return model
@@ -255,6 +277,22 @@ class CellModel(ModelDescription):
         except RuntimeError as exc:
             raise ModelError(f"{file}: weights do not fit {name} (a different architecture?): {one_line(exc, 240)}"
                              ) from None
-        model = cls(config, network.eval())
+        model = cls(config, network.eval(), _load_head(card, config))
         model.card = card
         return model
+
+
+def _load_head(card: Any, config: dict[str, Any]) -> Any:
+    """The linear scorer's arrays (safetensors, no code), or None for a fine-tuned network."""
+    if config["cells"].get("scorer", "finetuned") != "linear":
+        return None
+    from safetensors import SafetensorError
+    from safetensors.numpy import load_file as load_arrays
+
+    from .bootstrap import LinearInstanceHead
+
+    file = card.path / HEAD_FILE
+    try:
+        return LinearInstanceHead.from_arrays(load_arrays(str(file)))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise ModelError(f"{file}: cannot read the cell scorer ({one_line(exc, 200)})") from None

@@ -21,6 +21,7 @@ MIN_AREA_FRACTION = 0.15
 CROP_DIAMETERS = 2.0
 
 
+
 @dataclass(frozen=True)
 class Proposals:
     """The cells found in one image: centres ``(n, 2)`` as (x, y), diameters ``(n,)`` in pixels,
@@ -64,7 +65,11 @@ def find_cells(image: np.ndarray, min_diameter: float = 8.0, max_cells: int = 50
     distance_from_background = gaussian(foreground(image), sigma=2.0, preserve_range=True)
     if float(distance_from_background.max() - distance_from_background.min()) < 1e-6:
         return _none(min_diameter)
-    level = max(threshold_otsu(distance_from_background), 3.0)
+    # Otsu's level on the logarithm of the distance: on the distance itself a few very distinct
+    # cells (the mitoses) raise the level and shrink every other cell of their image, so that the
+    # instances of an image would tell its label through their size.
+    level = float(np.expm1(threshold_otsu(np.log1p(distance_from_background))))
+    level = max(level, 3.0)
     mask = ndi.binary_fill_holes(distance_from_background > level)
     labels, n = ndi.label(mask)
     if n == 0:

@@ -147,6 +147,46 @@ def bag_scores(network: CellNetwork, split: Any, maps: torch.Tensor, offsets: np
     return np.asarray(bag), instances
 
 
+def crop_features(network: CellNetwork, crops: np.ndarray, mean: Sequence[float], std: Sequence[float],
+                  progress: Progress | None = None, batch: int = 256) -> np.ndarray:
+    """The network's pooled features of (n, s, s, 3) uint8 crops (before its head)."""
+    network.eval()
+    out = []
+    with torch.no_grad():
+        for start in range(0, len(crops), batch):
+            maps = network.backbone.forward_features(normalise(crops[start:start + batch], mean, std))
+            out.append(maps.mean(dim=(-2, -1)).float().numpy())
+            if progress:
+                progress("cells: features", min(start + batch, len(crops)), len(crops))
+    return np.concatenate(out) if out else np.zeros((0, network.head.in_features), dtype=np.float32)
+
+
+def train_linear(network: CellNetwork, bags: Bags, config: CellTrainConfig, mean: Sequence[float],
+                 std: Sequence[float], progress: Progress | None = None) -> dict[str, Any]:
+    """The linear scorer (:class:`~mitoscope.cells.bootstrap.LinearInstanceHead`) on the frozen
+    network's features, fitted on the training share of the bags; the held-out share's bag
+    probabilities come back for the threshold."""
+    from .bootstrap import LinearInstanceHead
+
+    labels = np.asarray(bags.labels)
+    if len(np.unique(labels)) < 2:
+        raise InputError(f"training needs images of both classes, got only {sorted(set(labels.tolist()))}")
+    features = crop_features(network, bags.crops, mean, std, progress)
+    train_idx, val_idx = (_split_validation(labels, config.validation_fraction, config.seed)
+                          if config.validation_fraction > 0 else (np.arange(len(labels)), np.zeros(0, dtype=int)))
+    index, offsets = _subset(bags.offsets, train_idx)
+    head = LinearInstanceHead(seed=config.seed).fit(features[index], bags.crops[index], offsets, labels[train_idx])
+    val_proba = np.zeros(0)
+    if len(val_idx):
+        index, offsets = _subset(bags.offsets, val_idx)
+        logits = head.decision_function(features[index], bags.crops[index])
+        bag = np.array([logits[offsets[i]:offsets[i + 1]].max() if offsets[i + 1] > offsets[i] else -60.0
+                        for i in range(len(val_idx))])
+        val_proba = 1 / (1 + np.exp(-bag))
+    return {"history": [], "best_epoch": None, "val_proba": val_proba, "head": head,
+            "val_labels": labels[val_idx] if len(val_idx) else np.zeros(0, dtype=int)}
+
+
 def train_instances(network: CellNetwork, bags: Bags, config: CellTrainConfig, mean: Sequence[float],
                     std: Sequence[float], progress: Progress | None = None) -> dict[str, Any]:
     """Fine-tune ``network`` on ``bags`` in place; returns the history, the held-out bag

@@ -17,7 +17,7 @@ from ..results import Progress
 from .model import HEAD_NAME, KIND, CellModel
 from .proposals import CROP_DIAMETERS, cut_crops, find_cells
 from .config import CellTrainConfig
-from .training import Bags, train_instances
+from .training import Bags, train_instances, train_linear
 
 logger = logging.getLogger(__name__)
 HISTORY_FILE = "history.csv"
@@ -81,21 +81,22 @@ def train_cells(data_dir: str | Path, labels_csv: str | Path | None, out_dir: st
         network, backbone = build_cell_network(config.backbone, pretrained=pretrained, weights=weights,
                                                dropout=config.dropout)
         start = time.perf_counter()
-        fit = train_instances(network, bags, config, backbone.data_config["mean"], backbone.data_config["std"],
-                              progress)
+        fit = (train_linear if config.scorer == "linear" else train_instances)(
+            network, bags, config, backbone.data_config["mean"], backbone.data_config["std"], progress)
         seconds["training"] = round(time.perf_counter() - start, 1)
     y_val, p_val = fit["val_labels"], fit["val_proba"]
     held_out = len(y_val) > 0 and len(np.unique(y_val)) == 2
     threshold = float(best_f1_threshold(y_val, p_val)) if held_out else 0.5
     source = f"held-out validation images ({len(y_val)})"
     warnings = fit_warnings(y_val if held_out else None, p_val if held_out else None, threshold if held_out else None,
-                            data.classes, source, epochs=[("cell network", fit["best_epoch"], config.epochs)])
+                            data.classes, source,
+                            epochs=[("cell network", fit["best_epoch"], config.epochs)] if fit["history"] else [])
     metrics = compute_metrics(y_val, p_val, threshold, data.classes) if held_out else None
     model_config = {
         "kind": KIND,
         "backbone": backbone.describe(),
         "cells": {"input_size": config.input_size, "crop_diameters": CROP_DIAMETERS, "min_diameter": 8.0,
-                  "dropout": config.dropout, "pooling": "max"},
+                  "dropout": config.dropout, "pooling": "max", "scorer": config.scorer},
         "read": read_options.to_dict(),
         "source_images": sources.to_dict(),
         "classes": list(data.classes),
@@ -115,13 +116,15 @@ def train_cells(data_dir: str | Path, labels_csv: str | Path | None, out_dir: st
             "seconds": seconds,
         },
     }
-    model = CellModel(model_config, network)
+    model = CellModel(model_config, network, fit.get("head"))
 
     def extra(tmp: Path) -> list[str]:
-        names = [HISTORY_FILE]
-        columns = sorted({k for row in fit["history"] for k in row}, key=lambda k: (k != "epoch", k))
-        lines = [",".join(columns)] + [",".join(str(row.get(c, "")) for c in columns) for row in fit["history"]]
-        (tmp / HISTORY_FILE).write_text("\n".join(lines) + "\n")
+        names = []
+        if fit["history"]:
+            columns = sorted({k for row in fit["history"] for k in row}, key=lambda k: (k != "epoch", k))
+            lines = [",".join(columns)] + [",".join(str(row.get(c, "")) for c in columns) for row in fit["history"]]
+            (tmp / HISTORY_FILE).write_text("\n".join(lines) + "\n")
+            names.append(HISTORY_FILE)
         if metrics is not None:
             write_report(tmp, metrics, y_val, p_val, data.classes,
                          extra={"evaluation": source, "warnings": warnings, "best_epoch": fit["best_epoch"]})
