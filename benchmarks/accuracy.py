@@ -117,7 +117,7 @@ def summary(runs: list[dict]) -> dict:
     """Mean and sample sd over the seeds of every number the runs share (e.g. test.auc)."""
     flat: dict[str, list[float]] = {}
     for run in runs:
-        for group in ("test", "cv", "localization"):
+        for group in ("test", "cv", "localization", "count"):
             for key, value in (run.get(group) or {}).items():
                 if isinstance(value, (int, float)) and value is not None:
                     flat.setdefault(f"{group}.{key}", []).append(float(value))

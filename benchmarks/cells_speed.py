@@ -25,7 +25,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 
 from common import COMPOSE, DATA, REPO, machine, save_results
 from speed import mitoscope_command, run_measured

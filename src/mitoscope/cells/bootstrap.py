@@ -18,7 +18,9 @@ from typing import Any
 import numpy as np
 
 # Principal components of the frozen features the linear multiple-instance model sees.
-COMPONENTS = 32
+COMPONENTS = 8
+# Linear models from this many random starts, averaged (the multiple-instance fit is not convex).
+RESTARTS = 5
 
 
 def intensity_features(crops: np.ndarray) -> np.ndarray:
@@ -39,13 +41,15 @@ class LinearInstanceHead:
 
     Features of a crop: the frozen network's pooled features reduced to ``components`` whitened
     principal components, and :func:`intensity_features`; standardised, then one linear layer.
-    Trained with max pooling over each bag plus every instance of a negative bag against 0.
+    Trained with max pooling over each bag plus every instance of a negative bag against 0, from
+    ``restarts`` random starts whose weights are averaged.
     The learned state (``*_`` arrays) is plain numpy: it serves without PyTorch or scikit-learn.
     """
 
     def __init__(self, components: int = COMPONENTS, epochs: int = 60, negative_weight: float = 1.0,
-                 seed: int = 0) -> None:
+                 seed: int = 0, restarts: int = RESTARTS) -> None:
         self.components = components
+        self.restarts = restarts
         self.epochs = epochs
         self.negative_weight = negative_weight
         self.seed = seed
@@ -69,8 +73,12 @@ class LinearInstanceHead:
         reduced = (cnn_features - self.pca_mean_) @ self.pca_components_.T / self.pca_scale_
         raw = np.concatenate([reduced, intensity_features(crops)], axis=1)
         self.mean_, self.scale_ = raw.mean(0), raw.std(0) + 1e-6
-        self.weight_, self.bias_ = _linear_mil(((raw - self.mean_) / self.scale_).astype(np.float32), offsets,
-                                               np.asarray(labels), self.seed, self.epochs, self.negative_weight)
+        x = ((raw - self.mean_) / self.scale_).astype(np.float32)
+        # The average of linear models is the linear model of the averaged weights.
+        fits = [_linear_mil(x, offsets, np.asarray(labels), self.seed * 1000 + start, self.epochs, self.negative_weight)
+                for start in range(max(1, self.restarts))]
+        self.weight_ = np.mean([w for w, _ in fits], axis=0)
+        self.bias_ = float(np.mean([b for _, b in fits]))
         return self
 
     def decision_function(self, cnn_features: np.ndarray, crops: np.ndarray) -> np.ndarray:

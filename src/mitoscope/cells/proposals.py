@@ -18,7 +18,7 @@ import numpy as np
 # Regions smaller than this fraction of the median region are debris or noise.
 MIN_AREA_FRACTION = 0.15
 # The crop side, in median cell diameters: the cell and a ring of its surroundings.
-CROP_DIAMETERS = 2.0
+CROP_DIAMETERS = 1.4
 
 
 
