@@ -29,8 +29,11 @@ logger = logging.getLogger(__name__)
 
 
 def score_label(model: Any) -> str:
-    """What the model's window scores mean (its head's, from the registry), for heatmap legends."""
-    return window_score_label(model.head_name)
+    """What the model's window scores mean (its head's, from the registry; a cell model's are its
+    cells' probabilities), for heatmap legends."""
+    from .cells.model import HEAD_NAME, SCORE_LABEL
+
+    return SCORE_LABEL if model.head_name == HEAD_NAME else window_score_label(model.head_name)
 
 
 def screen_images(model: Any, paths: Sequence[Path], skip_bad: bool = False,

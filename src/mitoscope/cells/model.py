@@ -28,6 +28,7 @@ HEAD_FILE = "head.safetensors"
 # The served network must give PyTorch's logits on the probe crops within this (logits, absolute).
 SERVED_TOLERANCE = 0.05
 HEAD_NAME = "cells"
+SCORE_LABEL = "cell probability (higher = more mitotic)"
 KIND = "cells"
 
 
