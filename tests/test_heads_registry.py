@@ -57,10 +57,11 @@ def test_the_registry_is_the_heads_and_their_traits():
 def test_the_command_line_lists_the_registrys_heads():
     from mitoscope import cli, heatmaps
 
-    assert cli.HEAD_HELP == "ensemble | dense | forest | pooled | attention"
+    assert cli.HEAD_HELP.startswith("cells | ensemble | dense | forest | pooled | attention (cells, the default")
     assert cli.FIXED_GRID_NAMES == ["ensemble", "dense", "forest"]
-    assert cli.SCORING_MODELS == "attention, pooled; finetune --pool attention"
-    assert heatmaps.WINDOW_SCORE_HEADS == "attention, pooled, or a fine-tuned model trained with --pool attention"
+    assert cli.SCORING_MODELS == "cells, attention, pooled; finetune --pool attention"
+    assert heatmaps.WINDOW_SCORE_HEADS == ("cells (scores each cell), attention, pooled, or a fine-tuned model trained "
+                                           "with --pool attention")
 
 
 def test_every_name_of_the_old_heads_module_is_still_there():

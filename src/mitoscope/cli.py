@@ -47,7 +47,7 @@ MAX_PIXELS_HELP = "Refuse images of more than this many pixels (height x width),
 # "cells" is no window-feature head: cells found in the image, scored by a network fine-tuned from
 # the image labels (mitoscope.cells).
 CELLS = "cells"
-HEAD_HELP = " | ".join([CELLS, *HEAD_NAMES]) + " (cells: cells found in the image, scored by a network fine-tuned from the image labels)"
+HEAD_HELP = " | ".join([CELLS, *HEAD_NAMES]) + " (cells, the default: the cells found in each image, scored by a model learnt from the image labels)"
 FIXED_GRID_NAMES = [name for name in HEAD_NAMES if name in FIXED_GRID_HEADS]
 SCORING_MODELS = f"{', '.join([CELLS, *WINDOW_SCORING_HEADS])}; finetune --pool attention"
 

@@ -50,7 +50,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 # The models that score windows: the heads the registry says do, or a fine-tuned attention model.
-WINDOW_SCORE_HEADS = f"{', '.join(WINDOW_SCORING_HEADS)}, or a fine-tuned model trained with --pool attention"
+WINDOW_SCORE_HEADS = f"cells (scores each cell), {', '.join(WINDOW_SCORING_HEADS)}, or a fine-tuned model trained with --pool attention"
 DEFAULT_SCORE_LABEL = "window score (higher = more mitotic)"
 # Narrow images still get a legend that can be read.
 _MIN_CANVAS_WIDTH = 360
