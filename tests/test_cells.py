@@ -159,3 +159,19 @@ def test_cli_train_cells_and_refuses_an_unknown_setting(tmp_path):
                          capture_output=True, text=True)
     assert run.returncode == 2
     assert "epochz" in run.stderr and "epochs" in run.stderr
+
+
+def test_localize_scores_the_found_cells_against_known_boxes(trained_cells, tmp_path):
+    from mitoscope.pipeline import localize
+
+    folder, targets, result = trained_cells
+    with open(tmp_path / "boxes.csv", "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["Image", "x", "y", "w", "h"])
+        for name, target in targets.items():
+            if target is not None:
+                writer.writerow([name, target[0] - 7, target[1] - 7, 14, 14])
+    report = localize(result.model_dir, folder, tmp_path / "boxes.csv", tmp_path / "where",
+                      labels_csv=folder / "labels.csv")
+    assert report["pointing_game"] == 1.0
+    assert report["window_auc"] > 0.95
