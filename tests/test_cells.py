@@ -175,3 +175,15 @@ def test_localize_scores_the_found_cells_against_known_boxes(trained_cells, tmp_
                       labels_csv=folder / "labels.csv")
     assert report["pointing_game"] == 1.0
     assert report["window_auc"] > 0.95
+
+
+def test_served_predict_imports_no_pytorch(trained_cells, tmp_path):
+    pytest.importorskip("onnx")
+    folder, _, result = trained_cells
+    image = sorted((folder / "images").glob("*.png"))[1]
+    code = ("import sys; from mitoscope.predictions import predict; "
+            f"rows = predict({str(result.model_dir)!r}, [{str(image)!r}], {str(tmp_path / 'p.csv')!r}); "
+            "print(rows[0]['Count'], 'torch' in sys.modules, 'sklearn' in sys.modules)")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    count, torch_loaded, sklearn_loaded = run.stdout.split()
+    assert count == "1" and torch_loaded == "False" and sklearn_loaded == "False", run.stdout + run.stderr
