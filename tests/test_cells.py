@@ -187,3 +187,13 @@ def test_served_predict_imports_no_pytorch(trained_cells, tmp_path):
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     count, torch_loaded, sklearn_loaded = run.stdout.split()
     assert count == "1" and torch_loaded == "False" and sklearn_loaded == "False", run.stdout + run.stderr
+
+
+def test_cli_says_which_window_options_the_cell_model_does_not_use(tmp_path):
+    folder, _ = write_bags(tmp_path / "bags", n_images=8, cells=5)
+    run = subprocess.run([sys.executable, "-m", "mitoscope", "train", str(folder), "--labels", str(folder / "labels.csv"),
+                          "--out", str(tmp_path / "m"), "--cv", "3", "--window", "128", "--backbone", "test_efficientnet",
+                          "--random-init", "--head-param", "input_size=32"], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    assert "warning: --window, --cv set the window heads" in " ".join(run.stderr.split())
+    assert (tmp_path / "m" / "model.json").is_file()

@@ -137,6 +137,13 @@ def train(
                         max_pixels=max_pixels).validate()
         except MitoscopeError as exc:
             fail(exc)
+        unused = [flag for flag, value, default in (
+            ("--window", window, 224), ("--overlap", overlap, 0.5), ("--extraction", extraction, "windows"),
+            ("--engine", engine, "auto"), ("--cv", cv, 5), ("--batch-size", batch_size, 32),
+            ("--cache-dir", cache_dir, None), ("--no-cache", no_cache, False)) if value != default]
+        if unused:  # said, never silently ignored
+            warn(f"{', '.join(unused)} set the window heads; the cell model (--head cells) does not use "
+                 f"{'it' if len(unused) == 1 else 'them'} (it holds out a fifth of the images for its threshold)")
         _train_cells(data_dir, labels, out, backbone, weights, pretrained, channels, seed, positive, head_param,
                      overwrite, max_pixels)
         return
