@@ -179,6 +179,25 @@ def test_cache_hit_returns_identical_arrays_without_running_the_model(tmp_path, 
         assert tuple(a.image_size) == tuple(b.image_size)
 
 
+def test_a_cache_entry_damaged_on_disk_is_detected_reported_and_extracted_again(tmp_path, four_images, counted,
+                                                                                  caplog):
+    cache = FeatureCache(tmp_path / "cache")
+    first = extract_dataset(four_images[:1], counted, ReadOptions(), cache)
+    calls = counted.runner.calls
+    [entry] = cache_entries(cache.root)
+    data = bytearray(entry.read_bytes())
+    data[-5] ^= 0x40  # one flipped bit in the last feature: still a valid safetensors file
+    entry.write_bytes(bytes(data))
+    with caplog.at_level("WARNING", logger="mitoscope.cache"):
+        again = extract_dataset(four_images[:1], counted, ReadOptions(), cache)
+    assert "damaged on disk" in caplog.text and entry.name in caplog.text
+    assert counted.runner.calls == 2 * calls  # extracted again, not read from the damaged entry
+    np.testing.assert_array_equal(first[0].features, again[0].features)
+    third = extract_dataset(four_images[:1], counted, ReadOptions(), cache)  # the rewritten entry is good
+    assert counted.runner.calls == 2 * calls
+    np.testing.assert_array_equal(first[0].features, third[0].features)
+
+
 def test_no_cache_always_runs_the_model(four_images, counted):
     extract_dataset(four_images[:1], counted, ReadOptions(), None)
     calls = counted.runner.calls

@@ -120,6 +120,9 @@ class FeatureCache:
                 grid_shape=tuple(int(v) for v in json.loads(meta["grid_shape"])),
                 image_size=tuple(int(v) for v in json.loads(meta["image_size"])),
             )
+            stored = meta.get("content_sha256")
+            if stored is not None and stored != _content_sha256(feats.features, feats.boxes):
+                raise ValueError("its bytes do not match the sha256 written with them (damaged on disk)")
             rows, cols = feats.grid_shape
             if (
                 feats.features.dtype != np.float32
@@ -145,6 +148,7 @@ class FeatureCache:
             "grid_shape": json.dumps(list(feats.grid_shape)),
             "image_size": json.dumps(list(feats.image_size)),
             "provenance": json.dumps(provenance, sort_keys=True),
+            "content_sha256": _content_sha256(feats.features, feats.boxes),
         }
         with atomic_path(path) as tmp:
             save_file(
@@ -153,6 +157,16 @@ class FeatureCache:
                 metadata=metadata,
             )
         return path
+
+
+def _content_sha256(features: np.ndarray, boxes: np.ndarray) -> str:
+    """The sha256 of an entry's arrays (shape, dtype and bytes): a flipped bit on disk changes it."""
+    digest = hashlib.sha256()
+    for array in (features, boxes):
+        array = np.ascontiguousarray(array)
+        digest.update(f"{array.dtype.str}{array.shape}".encode())
+        digest.update(array.tobytes())
+    return digest.hexdigest()
 
 
 ProgressCallback = Callable[[int, int], None]
