@@ -196,6 +196,23 @@ def test_skip_bad_also_skips_what_the_header_check_refuses(pooled_model, data, c
     assert not (tmp_path / "none.csv").exists()
 
 
+def test_an_image_its_header_refuses_is_said_before_the_model_loads(pooled_model, data, tmp_path, monkeypatch):
+    import mitoscope.models
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the model was loaded before the images were checked")
+
+    monkeypatch.setattr(mitoscope.models, "load_model", no_loading)
+    empty = tmp_path / "empty.png"
+    empty.write_bytes(b"")
+    grey = tmp_path / "grey.png"
+    Image.open(data / "images" / "img00.png").convert("L").save(grey)
+    for bad, words in ((empty, "file is empty"), (grey, "1 channel(s)"), (tmp_path / "ghost.png", "ghost.png")):
+        with pytest.raises(InputError, match=words.replace("(", r"\(").replace(")", r"\)")):
+            predict(pooled_model, [data / "images" / "img00.png", bad], tmp_path / "p.csv")
+    assert not (tmp_path / "p.csv").exists()
+
+
 def test_heatmaps_of_a_head_without_window_scores_fail_before_any_extraction(data, cache, tmp_path, monkeypatch):
     model_dir = train(data, data / "labels.csv", tmp_path / "forest", config_for("forest"), cache).model_dir
 

@@ -100,6 +100,7 @@ def predict(
     written, or with ``skip_bad`` becomes a row with an empty Label and the error in its Note.
     Warnings (a bit depth unlike the training images', a skipped image) go to ``warn`` (by
     default the log) and, for predicted images, into their Note."""
+    from .artifacts import ModelDescription
     from .engines import ENGINES
     from .models import ModelCard, full_model, load_model, read_model_card
 
@@ -113,18 +114,26 @@ def predict(
     # model.json, read once for whichever model runs (the CLI reads it first, to fail fast, and passes it on)
     card = model_dir if isinstance(model_dir, ModelCard) else read_model_card(model_dir)
     model_dir = card.path
-    model = load_model(card, engine, max_pixels, channels, serve, on_fallback=fall_back)
+    # The images are checked from their headers against what model.json says before the model
+    # loads (PyTorch, OpenVINO's compile: seconds), so that a bad image is said at once.
+    described = ModelDescription()
+    described.config = card.settings()
+    described.limit_pixels(max_pixels)
+    described.choose_channels(channels)
+    paths = find_images(inputs)
     with_scores = heatmaps_dir is not None
     if with_scores:
-        from .heatmaps import WINDOW_SCORE_HEADS, check_heatmap_names, require_window_scores, write_heatmaps
+        from .heatmaps import check_heatmap_names
+
+        check_heatmap_names(paths)
+    good, warnings, skipped, sizes = _screen(described, paths, skip_bad)
+    model = load_model(card, engine, max_pixels, channels, serve, on_fallback=fall_back)
+    if with_scores:
+        from .heatmaps import WINDOW_SCORE_HEADS, require_window_scores, write_heatmaps
 
         if not model.gives_window_scores:  # said now, not after the features were extracted
             raise InputError(f"{model_dir}: the model ({model.head_name} head) gives no window scores, "
                              f"so no heatmaps; --heatmaps needs a head that scores windows: {WINDOW_SCORE_HEADS}")
-    paths = find_images(inputs)
-    if with_scores:
-        check_heatmap_names(paths)
-    good, warnings, skipped, sizes = _screen(model, paths, skip_bad)
     # From the headers, before any image is decoded: can this model run these images (a served
     # fixed-grid head and an image of another size: the full pipeline resizes it, as at training)?
     model = model.for_images(sizes, on_fallback=fall_back)
