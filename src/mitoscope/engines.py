@@ -418,11 +418,11 @@ def resolve_engine(engine: str, device: Any) -> str:
         return engine
     if device_type != "cpu":
         return "torch"
-    candidates = _auto_candidates()
+    candidates = auto_candidates()
     return candidates[0] if candidates else "torch"
 
 
-def _auto_candidates() -> list[str]:
+def auto_candidates() -> list[str]:
     """The exported engines ``auto`` tries on the CPU, in order. Found, not imported: cheap;
     onnx is what the exporter needs."""
     return [engine for engine in AUTO_ENGINES if find_spec("onnx") and _installed(engine)]
@@ -444,7 +444,7 @@ def served_engine(export: str | os.PathLike[str], engine: str = "auto") -> str:
         raise InputError(f"unknown exported engine {engine!r}: expected auto or one of {', '.join(EXPORTED_ENGINES)}")
     name = Path(export).name
     skipped = []
-    for candidate in _auto_candidates() if engine == "auto" else [engine]:
+    for candidate in auto_candidates() if engine == "auto" else [engine]:
         verdict = remembered_verdict(export, candidate)
         if verdict is None:
             raise NeedsPyTorch(f"engine {candidate} has not been checked against PyTorch on {name} yet")
@@ -489,9 +489,9 @@ def make_runner(backbone: "Backbone", device: Any, engine: str = "auto",
     try:
         made = not onnx_path(backbone.name, backbone.weights_id, folder).is_file()
         export = export_onnx(backbone, folder)
-        candidates = _auto_candidates() if engine == "auto" else [chosen]
+        candidates = auto_candidates() if engine == "auto" else [chosen]
         if made:  # check every engine auto may use now, while the model is here: serving needs no PyTorch later
-            for candidate in _auto_candidates():
+            for candidate in auto_candidates():
                 check_export(export, candidate, backbone)
     except NeedsPyTorch:
         raise

@@ -214,7 +214,7 @@ class CellModel(ModelDescription):
         """The model run by an exported engine (OpenVINO, else ONNX Runtime), no PyTorch: checked
         on the probe crops against the logits PyTorch gave when the model was saved.
         Raises NotServable when no engine is installed, asked for or close enough."""
-        from ..engines import EXPORTED_ENGINES, _auto_candidates, open_exported
+        from ..engines import EXPORTED_ENGINES, auto_candidates, open_exported
         from ..errors import NotServable
 
         served = card.settings().get("served")
@@ -222,7 +222,7 @@ class CellModel(ModelDescription):
             raise NotServable("the model was saved without an exported network")
         if engine == "torch":
             raise NotServable("engine torch asked for")
-        candidates = _auto_candidates() if engine == "auto" else [engine]
+        candidates = auto_candidates() if engine == "auto" else [engine]
         if engine not in ("auto", *EXPORTED_ENGINES):
             raise InputError(f"unknown engine {engine!r}: expected auto, torch or one of {', '.join(EXPORTED_ENGINES)}")
         card.verify_files()
