@@ -1,12 +1,14 @@
 """Saved models through one door: :class:`ModelCard` (``model.json`` read once), the :class:`Model`
 protocol every model class follows, and :func:`load_model`, which decides once which class runs.
 
-Three classes run a saved model, all :class:`mitoscope.artifacts.ModelDescription`\\ s:
+Four classes run a saved model, all :class:`mitoscope.artifacts.ModelDescription`\\ s:
 
 - :class:`mitoscope.inference.ServedModel`: a window-feature model served from its backbone's
   ONNX export and its head's arrays, without PyTorch or scikit-learn;
 - :class:`mitoscope.pipeline.MitoscopeModel`: the same model in PyTorch and scikit-learn;
-- :class:`mitoscope.finetune.FineTunedModel`: a fine-tuned network (``"kind": "finetuned"``).
+- :class:`mitoscope.finetune.FineTunedModel`: a fine-tuned network (``"kind": "finetuned"``);
+- :class:`mitoscope.cells.model.CellModel`: the cell model (``"kind": "cells"``), served on its
+  exported network or in PyTorch.
 
 :func:`load_model` reads ``model.json`` once into a :class:`ModelCard` (checked as
 :func:`mitoscope.artifacts.read_model_config` checks it), and every class is built from that
@@ -79,27 +81,26 @@ def load_model(model_dir: str | Path | ModelCard, engine: str = "auto", max_pixe
     """Any saved model, its ``model.json`` read once (or given as its card).
 
     With ``serve`` a window-feature model that can be served is a
-    :class:`~mitoscope.inference.ServedModel` (``engine``: see :mod:`mitoscope.engines`);
+    :class:`~mitoscope.inference.ServedModel` (``engine``: see :mod:`mitoscope.engines`), and a cell
+    model a :class:`~mitoscope.cells.model.CellModel` on its exported network;
     otherwise, and for anything it does not cover (``on_fallback(reason)``, by default logged), the
-    full pipeline's :class:`~mitoscope.pipeline.MitoscopeModel` or, for ``"kind": "finetuned"``,
-    :class:`~mitoscope.finetune.FineTunedModel`. ``max_pixels`` and ``channels`` replace the
+    full pipeline's :class:`~mitoscope.pipeline.MitoscopeModel`, for ``"kind": "finetuned"``
+    :class:`~mitoscope.finetune.FineTunedModel`, for ``"kind": "cells"`` the cell model in PyTorch. ``max_pixels`` and ``channels`` replace the
     model's pixel limit and source channels for these reads.
     """
     card = model_dir if isinstance(model_dir, ModelCard) else read_model_card(model_dir)
     model: Any = None
-    if serve and card.kind == "cells":
-        from .cells.model import CellModel
+    if serve:
+        try:  # the exported form of the model's kind, without PyTorch
+            if card.kind == "cells":
+                from .cells.model import CellModel
 
-        try:
-            model = CellModel.served_from_card(card, engine)
-            model.limit_pixels(max_pixels)
-        except NotServable as reason:
-            (on_fallback or (lambda why: logger.info("predicting with the full pipeline: %s", why)))(str(reason))
-    elif serve:
-        from .inference import ServedModel
+                model = CellModel.served_from_card(card, engine)
+                model.limit_pixels(max_pixels)
+            else:
+                from .inference import ServedModel
 
-        try:
-            model = ServedModel.from_card(card, max_pixels, engine)
+                model = ServedModel.from_card(card, max_pixels, engine)
         except NotServable as reason:
             (on_fallback or (lambda why: logger.info("predicting with the full pipeline: %s", why)))(str(reason))
     if model is None:

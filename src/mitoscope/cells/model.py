@@ -217,7 +217,8 @@ class CellModel(ModelDescription):
         from ..engines import EXPORTED_ENGINES, auto_candidates, open_exported
         from ..errors import NotServable
 
-        served = card.settings().get("served")
+        config = card.settings()
+        served = config.get("served")
         if not served:
             raise NotServable("the model was saved without an exported network")
         if engine == "torch":
@@ -226,7 +227,6 @@ class CellModel(ModelDescription):
         if engine not in ("auto", *EXPORTED_ENGINES):
             raise InputError(f"unknown engine {engine!r}: expected auto, torch or one of {', '.join(EXPORTED_ENGINES)}")
         card.verify_files()
-        config = card.settings()
         size = int(config["cells"]["input_size"])
         expected = np.asarray(served["probe_logits"], dtype=np.float64)
         reasons = []

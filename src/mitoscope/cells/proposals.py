@@ -75,8 +75,9 @@ def find_cells(image: np.ndarray, min_diameter: float = 8.0, max_cells: int = 50
     if n == 0:
         return _none(min_diameter)
     areas = np.bincount(labels.ravel())[1:]
-    typical = float(np.median(areas[areas >= np.pi * (min_diameter / 2) ** 2])) if np.any(
-        areas >= np.pi * (min_diameter / 2) ** 2) else float(np.pi * (min_diameter / 2) ** 2)
+    smallest = np.pi * (min_diameter / 2) ** 2
+    large_enough = areas[areas >= smallest]
+    typical = float(np.median(large_enough)) if len(large_enough) else float(smallest)
     radius = max(min_diameter / 2, float(np.sqrt(typical / np.pi)))
     # Split touching cells: one seed per distance-transform peak, a cell radius apart.
     distance = ndi.distance_transform_edt(mask)
@@ -86,7 +87,7 @@ def find_cells(image: np.ndarray, min_diameter: float = 8.0, max_cells: int = 50
     markers[tuple(peaks.T)] = np.arange(1, len(peaks) + 1)
     cells = watershed(-distance, markers, mask=mask)
     centres, diameters = [], []
-    min_area = max(np.pi * (min_diameter / 2) ** 2, MIN_AREA_FRACTION * typical)
+    min_area = max(smallest, MIN_AREA_FRACTION * typical)
     for region in regionprops(cells):
         if region.area < min_area:
             continue

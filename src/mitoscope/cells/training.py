@@ -261,7 +261,7 @@ def train_instances(network: CellNetwork, bags: Bags, config: CellTrainConfig, m
                                                                        torch.from_numpy(y).float()))
             row["val_auc"] = _auc(y, logits_val)
             score = row["val_loss"]
-            if best is None or score < best[0]:
+            if config.keep == "val_loss" and (best is None or score < best[0]):  # a copy only when kept
                 best = (score, epoch, {k: v.detach().clone() for k, v in network.state_dict().items()})
         history.append(row)
         if progress:
@@ -269,7 +269,7 @@ def train_instances(network: CellNetwork, bags: Bags, config: CellTrainConfig, m
         logger.info("cells epoch %d: %s", epoch, row)
     kept = config.epochs
     val_proba = np.zeros(0)
-    if best is not None and config.keep == "val_loss":
+    if best is not None:
         network.load_state_dict(best[2])
         kept = best[1]
     if len(val_idx):

@@ -33,8 +33,8 @@ class CellTrainResult:
 
 
 def collect_bags(paths: list[Path], y: np.ndarray, read_options: ReadOptions, input_size: int,
-                 min_diameter: float = 8.0, progress: Progress | None = None) -> tuple[Bags, list[int]]:
-    """Every image's cells as crops; also how many cells each image gave."""
+                 min_diameter: float = 8.0, progress: Progress | None = None) -> Bags:
+    """Every image's cells as crops, one bag per image."""
     crops, offsets = [], [0]
     for index, path in enumerate(paths):
         image = read_image(path, read_options)
@@ -44,8 +44,7 @@ def collect_bags(paths: list[Path], y: np.ndarray, read_options: ReadOptions, in
         if progress:
             progress("cells: finding cells", index + 1, len(paths))
     empty = np.zeros((0, input_size, input_size, 3), dtype=np.uint8)
-    bags = Bags(np.concatenate(crops) if crops else empty, np.asarray(offsets), np.asarray(y, dtype=np.int64))
-    return bags, np.diff(offsets).tolist()
+    return Bags(np.concatenate(crops) if crops else empty, np.asarray(offsets), np.asarray(y, dtype=np.int64))
 
 
 def train_cells(data_dir: str | Path, labels_csv: str | Path | None, out_dir: str | Path,
@@ -71,7 +70,7 @@ def train_cells(data_dir: str | Path, labels_csv: str | Path | None, out_dir: st
     sources = SourceProfile.from_paths(data.paths, read_options)
     seconds: dict[str, float] = {}
     start = time.perf_counter()
-    bags, n_cells = collect_bags(data.paths, data.y, read_options, config.input_size, progress=progress)
+    bags = collect_bags(data.paths, data.y, read_options, config.input_size, progress=progress)
     seconds["find_cells"] = round(time.perf_counter() - start, 1)
     if len(bags.crops) == 0:
         raise InputError(f"{data_dir}: no cells were found in any of the {len(data.paths)} images "
@@ -108,7 +107,8 @@ def train_cells(data_dir: str | Path, labels_csv: str | Path | None, out_dir: st
         "training": {
             "n_images": len(data.paths),
             "n_per_class": dict(zip(data.classes, counts.tolist())),
-            "cells_per_image": {"median": float(np.median(n_cells)), "min": int(min(n_cells)), "max": int(max(n_cells))},
+            "cells_per_image": {"median": float(np.median(bags.sizes())), "min": int(bags.sizes().min()),
+                                "max": int(bags.sizes().max())},
             "best_epoch": fit["best_epoch"],
             "seed": config.seed,
             "labels": str(labels_csv) if labels_csv else None,
