@@ -52,3 +52,13 @@ def lite0_backbone():
     from mitoscope.backbones import create_backbone
 
     return create_backbone()
+
+
+@pytest.fixture(scope="session")
+def cell_model(tmp_path_factory):
+    """(bag folder, red-disc centre per image, TrainResult) of a cell model (linear scorer, tiny backbone)
+    trained on bags of discs where a Mitosis image holds one red disc (tests/bags.py)."""
+    from bags import train_cell_model, write_bags
+
+    folder, targets = write_bags(tmp_path_factory.mktemp("bags"))
+    return folder, targets, train_cell_model(folder, tmp_path_factory.mktemp("models") / "cells-linear")

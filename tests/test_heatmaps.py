@@ -83,15 +83,22 @@ def test_overlay_keeps_the_aspect_ratio_blends_scores_and_has_a_colour_bar(tmp_p
     assert y0 > 0  # the title sits above the image
     assert layout.score_range == (scores.min(), scores.max())
 
-    # Image area: (1 - alpha) * pixel + alpha * colour, except where the top window is outlined.
-    area = png[y0:y1, x0:x1].astype(float)
+    # Map panel: (1 - alpha) * pixel + alpha * colour, except where the top window is outlined;
+    # image panel beside it: the image untouched but for the same outline.
+    mx0, my0, mx1, my1 = layout.map_box
+    assert (mx1 - mx0, my1 - my0) == (width, height) and my0 == y0 and mx0 >= x1
+    assert not layout.flat
+    area = png[my0:my1, mx0:mx1].astype(float)
     expected = expected_overlay(image, boxes, scores, 0.45)
     top = boxes[np.argmax(scores)]
     outline = np.zeros((height, width), bool)
     outline[max(0, top[1] - 2) : top[3] + 2, max(0, top[0] - 2) : top[2] + 2] = True
     outline[top[1] + 3 : top[3] - 3, top[0] + 3 : top[2] - 3] = False
     assert np.abs(area - expected)[~outline].max() <= 1
-    assert (png[y0:y1, x0:x1][outline] == (0, 255, 255)).all(axis=-1).any()
+    assert (png[my0:my1, mx0:mx1][outline] == (0, 255, 255)).all(axis=-1).any()
+    untouched = png[y0:y1, x0:x1]
+    assert (untouched[~outline] == image[~outline]).all()
+    assert (untouched[outline] == (0, 255, 255)).all(axis=-1).any()
 
     # Legend: a colour strip below the image running through the colour map, low to high.
     bx0, by0, bx1, by1 = layout.colorbar_box
@@ -112,7 +119,9 @@ def test_large_image_is_downsampled_to_max_side(tmp_path):
     x0, y0, x1, y1 = layout.image_box
     assert (x1 - x0, y1 - y0) == (2048, 1365)  # 4000 * 2048 / 6000 = 1365.3
     png = np.asarray(Image.open(tmp_path / "big.png").convert("RGB"))
-    assert png.shape[1] == 2048 and png.shape[0] == layout.canvas_size[1] > 1365
+    assert png.shape[1] > 2 * 2048 and png.shape[0] == layout.canvas_size[1] > 1365
+    assert (png[y0:y1, x0:x1] == 0).all()  # the image panel: the (black) image itself
+    x0, y0, x1, y1 = layout.map_box
     area = png[y0:y1, x0:x1]
     assert (area[:, 1030:] == 0).all()  # no window: the (black) image itself
     assert (area[:, :1020].max(axis=-1) > 0).mean() > 0.9  # scores coloured over the left half
@@ -125,6 +134,41 @@ def test_small_image_gets_a_readable_legend_and_equal_scores_do_not_fail(tmp_pat
     x0, y0, x1, y1 = layout.image_box
     assert (x1 - x0, y1 - y0) == (40, 60)
     assert layout.canvas_size[0] >= 300 and layout.colorbar_box[2] - layout.colorbar_box[0] >= 200
+
+
+def test_probabilities_keep_an_absolute_scale_and_found_cells_are_outlined(tmp_path):
+    image = np.full((100, 200, 3), 128, dtype=np.uint8)
+    boxes = np.array([[10, 10, 40, 40], [60, 10, 90, 40], [110, 10, 140, 40], [160, 10, 190, 40]])
+    low = render_overlay(image, boxes, [0.001, 0.002, 0.003, 0.002], tmp_path / "low.png", threshold=0.5,
+                         mark_top=False)
+    assert low.score_range == (0.0, 1.0) and not low.flat
+    png = np.asarray(Image.open(tmp_path / "low.png").convert("RGB")).astype(int)
+    mx0, my0, _, _ = low.map_box
+    # all four cells far under the threshold: dark (the colour map's low end), never the bright high end
+    cell = png[my0 + 20, mx0 + 120]
+    dark = np.array(matplotlib.colormaps["magma"](0.003, bytes=True)[:3]) * 0.45 + 128 * 0.55
+    assert np.abs(cell - dark).max() <= 2
+    assert not ((png == (255, 40, 40)).all(axis=-1)).any()  # nothing found, nothing in red
+
+    render_overlay(image, boxes, [0.1, 0.9, 0.7, 0.2], tmp_path / "found.png", threshold=0.5, mark_top=False)
+    png = np.asarray(Image.open(tmp_path / "found.png").convert("RGB"))
+    red = (png == (255, 40, 40)).all(axis=-1)
+    assert red.any()
+    ys, xs = np.nonzero(red)
+    # red outlines exactly around the two cells at or over 0.5 (in both panels): x within 58-92 or 108-142
+    layout = render_overlay(image, boxes, [0.1, 0.9, 0.7, 0.2], tmp_path / "found.png", threshold=0.5, mark_top=False)
+    for panel in (layout.image_box, layout.map_box):
+        inside = xs[(xs >= panel[0]) & (xs < panel[2])] - panel[0]
+        assert set(np.unique(inside // 50)) == {1, 2}
+
+
+def test_a_nearly_flat_map_is_said_to_be_flat(tmp_path):
+    image = np.full((90, 90, 3), 100, dtype=np.uint8)
+    boxes = make_grid(90, 90, 10, 0.0).boxes()
+    weights = np.random.default_rng(0).uniform(0.0104, 0.0153, len(boxes))  # near 1/81, like uniform attention
+    assert render_overlay(image, boxes, weights, tmp_path / "flat.png").flat
+    weights[0] = 0.5
+    assert not render_overlay(image, boxes, weights, tmp_path / "peak.png").flat
 
 
 def test_unknown_colour_map_is_an_input_error(tmp_path):

@@ -213,6 +213,7 @@ def predict(
     out: Path = typer.Option(Path("predictions.csv"), "--out", help="CSV to write."),
     heatmaps: Optional[Path] = typer.Option(None, "--heatmaps", help=f"Folder for per-image heatmap PNGs, window-score CSVs and top-k crops (heads: {SCORING_MODELS})."),
     top_k: int = typer.Option(3, "--top-k", help="Top-scoring windows saved as crops with --heatmaps."),
+    geojson: Optional[Path] = typer.Option(None, "--geojson", help="Folder for one QuPath-readable GeoJSON per image: the scored cells/windows and the found mitoses, in full-resolution pixels."),
     cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help=CACHE_HELP),
     no_cache: bool = typer.Option(False, "--no-cache"),
     max_pixels: Optional[int] = typer.Option(None, "--max-pixels", help=MAX_PIXELS_HELP + " Default: the model's."),
@@ -232,7 +233,7 @@ def predict(
 
         with progress_bars() as progress:
             rows = run_predict(card, images, out, cache_from(cache_dir, no_cache), progress,
-                               heatmaps_dir=heatmaps, top_k=top_k, max_pixels=max_pixels, engine=engine,
+                               heatmaps_dir=heatmaps, top_k=top_k, geojson_dir=geojson, max_pixels=max_pixels, engine=engine,
                                channels=parse_channels(channels) if channels else None, skip_bad=skip_bad, warn=warn)
     except MitoscopeError as exc:
         fail(exc)
@@ -241,6 +242,8 @@ def predict(
     console.print(f"{len(rows) - n_skipped} predictions written to [bold]{out}[/bold]{skipped}")
     if heatmaps is not None:
         console.print(f"heatmaps written to [bold]{heatmaps}[/bold]")
+    if geojson is not None:
+        console.print(f"GeoJSON written to [bold]{geojson}[/bold]")
 
 
 @app.command()
@@ -540,6 +543,43 @@ def extract_command(
                   f"{resized}; {sum(result.written_per_rank)} entries written by {result.world_size} "
                   f"process(es) ({per_rank}) in {time.perf_counter() - started:.0f} s")
     console.print(f"feature cache: [bold]{result.cache_dir}[/bold]")
+
+
+@app.command()
+def serve(
+    model_dir: Path = typer.Argument(..., help="A model folder written by `mitoscope train`."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on; 127.0.0.1 (this machine only) unless told, 0.0.0.0 for every interface."),
+    port: int = typer.Option(8000, "--port"),
+    max_upload_mb: float = typer.Option(200.0, "--max-upload-mb", help="Refuse larger uploads (413) while they arrive."),
+    max_pixels: int = typer.Option(60_000_000, "--max-pixels", help="Refuse images of more pixels (413), read from the header before decoding."),
+    timeout: float = typer.Option(120.0, "--timeout", help="Seconds one prediction may take before the answer is 504."),
+    queue: int = typer.Option(8, "--queue", help="Predictions that may wait while one runs; more get 503."),
+    engine: str = ENGINE_OPTION,
+) -> None:
+    """Serve a web page and a JSON API (POST /api/predict) for one model. Needs: pip install -e '.[web]'.
+
+    Then open http://127.0.0.1:8000/ in a browser.
+
+    Example: mitoscope serve model/ --port 8000
+    """
+    try:
+        check_choice("--engine", engine, ENGINES)
+        read_model_card(model_dir)
+        if not 0 < port < 65536:
+            raise MitoscopeError(f"--port must be 1-65535; got {port}")
+        from .web import ServeSettings, create_app
+
+        settings = ServeSettings(max_upload_mb=max_upload_mb, max_pixels=max_pixels, timeout_s=timeout,
+                                 max_waiting=queue, engine=engine)
+        try:
+            import uvicorn
+        except ImportError:
+            raise MitoscopeError("mitoscope serve needs the web extra (uvicorn is missing): pip install -e '.[web]'") from None
+        application = create_app(model_dir, settings)
+    except MitoscopeError as exc:
+        fail(exc)
+    console.print(f"serving [bold]{model_dir}[/bold] at http://{host}:{port}/  (Ctrl+C stops)")
+    uvicorn.run(application, host=host, port=port, log_level="warning", timeout_keep_alive=5)
 
 
 def main() -> None:

@@ -57,6 +57,7 @@ _MIN_CANVAS_WIDTH = 360
 _BACKGROUND = (255, 255, 255)
 _INK = (0, 0, 0)
 _TOP_WINDOW_COLOUR = (0, 255, 255)
+_FOUND_COLOUR = (255, 40, 40)
 
 
 # --------------------------------------------------------------------------- inputs
@@ -166,10 +167,12 @@ class OverlayLayout:
 
     path: Path
     canvas_size: tuple[int, int]  # (width, height) of the whole PNG
-    image_box: tuple[int, int, int, int]  # the (downsampled) image area
+    image_box: tuple[int, int, int, int]  # the (downsampled) image, untouched but for the outlines
+    map_box: tuple[int, int, int, int]  # the same image with the score map blended over it
     colorbar_box: tuple[int, int, int, int]  # the colour strip of the legend
     scale: tuple[float, float]  # (x, y): PNG pixels per image pixel
     score_range: tuple[float, float]  # scores at the left and right ends of the colour bar
+    flat: bool  # the scores hardly differ: the map shows no "where"
 
 
 def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
@@ -194,6 +197,17 @@ def _format_score(value: float) -> str:
     return f"{value:.3g}"
 
 
+def is_flat(scores: Any) -> bool:
+    """Whether the scores hardly differ: the highest within half the larger magnitude of the lowest
+    (e.g. attention weights of 0.0104-0.0153, all near uniform): stretched to the full colour range
+    such a map would look confident about a place it does not single out."""
+    values = np.asarray(scores, dtype=np.float64)
+    if values.size < 2:
+        return True
+    low, high = float(values.min()), float(values.max())
+    return high - low <= 0.5 * max(abs(low), abs(high), 1e-12)
+
+
 def render_overlay(
     image: np.ndarray,
     boxes: Any,
@@ -205,16 +219,21 @@ def render_overlay(
     title: str | None = None,
     score_label: str = DEFAULT_SCORE_LABEL,
     mark_top: bool = True,
+    threshold: float | None = None,
+    score_range: tuple[float, float] | None = None,
 ) -> OverlayLayout:
-    """Write a PNG of ``image`` with its score map blended over it, and a legend below.
+    """Write a PNG of ``image`` twice, side by side: on the left as it is (the instances found
+    outlined), on the right with its score map blended over it; a legend below.
 
-    The image is downsampled (never enlarged) so that its longer side is at most
-    ``max_side``, keeping its aspect ratio (each side rounded to whole pixels); pixels
-    covered by windows get ``(1 - alpha) * image + alpha * colour(score)``, pixels covered
-    by none are left as they are. The colour map spans the lowest to the highest window
-    score; the legend under the image shows it with that range and ``score_label``.
-    With ``mark_top`` the top-scoring window is outlined. An optional ``title`` goes above.
-    The legend and title add to the PNG's size; ``max_side`` bounds the image area.
+    The image is downsampled (never enlarged) so that its longer side is at most ``max_side``
+    in each panel, keeping its aspect ratio (each side rounded to whole pixels). In the map,
+    pixels covered by windows get ``(1 - alpha) * image + alpha * colour(score)``, pixels
+    covered by none are left as they are. The colour map spans ``score_range``, by default the
+    lowest to the highest score; with ``threshold`` (scores that are probabilities, e.g. a
+    cell model's) it spans 0 to 1, so that a field of low scores stays dark, and every
+    instance at or over the threshold is outlined in red in both panels. With ``mark_top`` the
+    top-scoring instance is outlined in cyan. Scores that hardly differ (:func:`is_flat`) are
+    said so in the legend. An optional ``title`` goes above.
     """
     if not (isinstance(image, np.ndarray) and image.ndim == 3 and image.shape[2] == 3 and image.dtype == np.uint8):
         got = f"{image.dtype} array of shape {image.shape}" if isinstance(image, np.ndarray) else type(image).__name__
@@ -237,17 +256,26 @@ def render_overlay(
     values = score_map(box_array, score_array, (height, width), scale=factor)
     if values.shape != (img_h, img_w):  # same rounding rule on both sides; a guard, not a case
         raise RuntimeError(f"score map {values.shape} does not match the image area {(img_h, img_w)}")
-    low = float(score_array.min()) if score_array.size else 0.0
-    high = float(score_array.max()) if score_array.size else 1.0
+    if score_range is None and threshold is not None:
+        score_range = (0.0, 1.0)
+    if score_range is not None:
+        low, high = (float(v) for v in score_range)
+        if not high > low:
+            raise InputError(f"score_range must be (low, high) with high > low; got {score_range!r}")
+    else:
+        low = float(score_array.min()) if score_array.size else 0.0
+        high = float(score_array.max()) if score_array.size else 1.0
+    flat = score_range is None and is_flat(score_array)
     covered = np.isfinite(values)
     # Equal scores everywhere carry no "where": draw them mid-scale.
-    normalised = (values - low) / (high - low) if high > low else np.full_like(values, 0.5)
+    normalised = np.clip((values - low) / (high - low), 0.0, 1.0) if high > low else np.full_like(values, 0.5)
     colours = colormap(np.where(covered, normalised, 0.0), bytes=True)[..., :3].astype(np.float32)
     blended = np.where(covered[..., None], (1.0 - alpha) * pixels + alpha * colours, pixels)
     overlay = Image.fromarray(np.clip(np.rint(blended), 0, 255).astype(np.uint8))
 
-    canvas_w = max(img_w, _MIN_CANVAS_WIDTH)
-    font_size = int(np.clip(round(canvas_w / 55), 11, 32))
+    gap = max(8, img_w // 50)
+    canvas_w = max(2 * img_w + gap, _MIN_CANVAS_WIDTH)
+    font_size = int(np.clip(round(canvas_w / 70), 11, 32))
     font = _font(font_size)
     pad = max(4, font_size // 2)
     line = font_size + font_size // 3
@@ -257,20 +285,31 @@ def render_overlay(
     canvas_h = header_h + img_h + legend_h
 
     canvas = Image.new("RGB", (canvas_w, canvas_h), _BACKGROUND)
-    image_x = (canvas_w - img_w) // 2
-    canvas.paste(overlay, (image_x, header_h))
+    image_x = (canvas_w - 2 * img_w - gap) // 2
+    map_x = image_x + img_w + gap
+    canvas.paste(picture.convert("RGB"), (image_x, header_h))
+    canvas.paste(overlay, (map_x, header_h))
     draw = ImageDraw.Draw(canvas)
     if title:
         draw.text((pad, pad), title, fill=_INK, font=font)
+    sx, sy = img_w / width, img_h / height
+    line_width = max(1, round(min(img_w, img_h) / 400))
+    clipped = clip_boxes(box_array, (height, width)) if score_array.size else np.zeros((0, 4), np.int64)
+
+    def outline(index: int, colour: tuple[int, int, int]) -> None:
+        x0, y0, x1, y1 = clipped[index]
+        for panel_x in (image_x, map_x):
+            draw.rectangle((panel_x + round(x0 * sx), header_h + round(y0 * sy),
+                            panel_x + max(round(x0 * sx), round(x1 * sx) - 1),
+                            header_h + max(round(y0 * sy), round(y1 * sy) - 1)), outline=colour, width=line_width)
+
+    n_found = 0
+    if threshold is not None:
+        for index in np.flatnonzero(score_array >= threshold):
+            outline(int(index), _FOUND_COLOUR)
+            n_found += 1
     if mark_top and score_array.size:
-        top = rank_windows(score_array)[0]
-        x0, y0, x1, y1 = clip_boxes(box_array[top : top + 1], (height, width))[0]
-        sx, sy = img_w / width, img_h / height
-        rectangle = (
-            image_x + round(x0 * sx), header_h + round(y0 * sy),
-            image_x + max(round(x0 * sx), round(x1 * sx) - 1), header_h + max(round(y0 * sy), round(y1 * sy) - 1),
-        )
-        draw.rectangle(rectangle, outline=_TOP_WINDOW_COLOUR, width=max(1, round(min(img_w, img_h) / 400)))
+        outline(int(rank_windows(score_array)[0]), _TOP_WINDOW_COLOUR)
 
     legend_top = header_h + img_h
     bar_x0, bar_x1 = 2 * pad, canvas_w - 2 * pad
@@ -279,10 +318,21 @@ def render_overlay(
     ramp = colormap(np.linspace(0.0, 1.0, bar_x1 - bar_x0), bytes=True)[:, :3]
     canvas.paste(Image.fromarray(np.repeat(ramp[None], bar_h, axis=0)), (bar_x0, bar_y0))
     draw.rectangle((bar_x0 - 1, bar_y0 - 1, bar_x1, bar_y1), outline=_INK, width=1)
-    label = score_label if high > low else f"{score_label} (all windows equal)"
+    if not high > low or (score_array.size and float(score_array.max()) == float(score_array.min())):
+        label = f"{score_label} (all equal: no place stands out)"
+    elif flat:
+        label = f"{score_label}: NEARLY FLAT ({_format_score(float(score_array.min()))} to " \
+                f"{_format_score(float(score_array.max()))}), no place stands out"
+    else:
+        label = score_label
     draw.text((bar_x0, legend_top + pad), label, fill=_INK, font=font)
-    note = "cyan outline: top window"
-    if mark_top and draw.textlength(label + "    " + note, font=font) <= bar_x1 - bar_x0:
+    notes = []
+    if threshold is not None:
+        notes.append(f"red: {n_found} at or over {_format_score(threshold)}")
+    if mark_top:
+        notes.append("cyan: top")
+    note = "   ".join(notes)
+    if note and draw.textlength(label + "    " + note, font=font) <= bar_x1 - bar_x0:
         draw.text((bar_x1 - draw.textlength(note, font=font), legend_top + pad), note, fill=_INK, font=font)
     low_text, high_text = _format_score(low), _format_score(high)
     draw.text((bar_x0, bar_y1 + pad // 2), low_text, fill=_INK, font=font)
@@ -295,9 +345,11 @@ def render_overlay(
         path=destination,
         canvas_size=(canvas_w, canvas_h),
         image_box=(image_x, header_h, image_x + img_w, header_h + img_h),
+        map_box=(map_x, header_h, map_x + img_w, header_h + img_h),
         colorbar_box=(bar_x0, bar_y0, bar_x1, bar_y1),
-        scale=(img_w / width, img_h / height),
+        scale=(sx, sy),
         score_range=(low, high),
+        flat=flat,
     )
 
 
@@ -400,6 +452,7 @@ def write_heatmaps(
     top_k: int = 3,
     score_label: str = DEFAULT_SCORE_LABEL,
     max_side: int = 2048,
+    threshold: float | None = None,
 ) -> list[Path]:
     """For each predicted image write ``{stem}_heatmap.png``, ``{stem}_windows.csv`` and its
     ``top_k`` crops into ``out_dir`` (created if needed); return the files written.
@@ -428,7 +481,7 @@ def write_heatmaps(
         stem = path.stem
         title = f"{path.name}   probability {float(predictions.proba[index]):.3f}"
         render_overlay(image, boxes, scores, folder / f"{stem}_heatmap.png", max_side=max_side,
-                       title=title, score_label=score_label)
+                       title=title, score_label=score_label, threshold=threshold)
         written.append(folder / f"{stem}_heatmap.png")
         written.append(write_window_csv(folder / f"{stem}_windows.csv", boxes, scores, path.name, expected))
         written += save_top_crops(image, boxes, scores, folder, stem, k=top_k)

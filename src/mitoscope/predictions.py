@@ -28,12 +28,41 @@ from .results import (DIGITS, Predictions, Progress, Warn, prediction_rows, rows
 logger = logging.getLogger(__name__)
 
 
+def finds_cells(model: Any) -> bool:
+    """Whether the model's instances are found cells (their scores are probabilities) rather than windows."""
+    from .cells.model import HEAD_NAME
+
+    return model.head_name == HEAD_NAME
+
+
 def score_label(model: Any) -> str:
     """What the model's window scores mean (its head's, from the registry; a cell model's are its
     cells' probabilities), for heatmap legends."""
-    from .cells.model import HEAD_NAME, SCORE_LABEL
+    from .cells.model import SCORE_LABEL
 
-    return SCORE_LABEL if model.head_name == HEAD_NAME else window_score_label(model.head_name)
+    return SCORE_LABEL if finds_cells(model) else window_score_label(model.head_name)
+
+
+def write_geojson_files(out_dir: str | Path, pred: Predictions, rows: Sequence[dict[str, Any]], model: Any) -> list[Path]:
+    """One QuPath-readable ``{stem}.geojson`` per predicted image (see :mod:`mitoscope.geojson`)."""
+    from .geojson import feature_collection, write_geojson
+
+    folder = Path(out_dir)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise InputError(f"{folder}: cannot create the GeoJSON folder ({error.strerror})") from error
+    by_image = {row["Image"]: row for row in rows}
+    cells = finds_cells(model)
+    written = []
+    for index, path in enumerate(pred.paths):
+        row = by_image[str(path)]
+        collection = feature_collection(
+            pred.boxes[index], pred.window_scores[index], pred.image_sizes[index], cells=cells,
+            threshold=float(model.threshold), label=row["Label"], probability=float(pred.proba[index]),
+            count=row.get("Count"), image=str(path))
+        written.append(write_geojson(folder / f"{Path(path).stem}.geojson", collection))
+    return written
 
 
 def screen_images(model: Any, paths: Sequence[Path], skip_bad: bool = False,
@@ -82,6 +111,7 @@ def predict(
     progress: Progress | None = None,
     heatmaps_dir: str | Path | None = None,
     top_k: int = 3,
+    geojson_dir: str | Path | None = None,
     max_pixels: int | None = None,
     serve: bool = True,
     engine: str = "auto",
@@ -90,7 +120,8 @@ def predict(
     warn: Warn | None = None,
 ) -> list[dict[str, Any]]:
     """Predict images into a CSV; with ``heatmaps_dir`` also write each image's heatmap,
-    window-score CSV and top-k window crops. ``max_pixels`` replaces the model's pixel limit,
+    window-score CSV and top-k window crops, with ``geojson_dir`` a QuPath-readable
+    ``{stem}.geojson`` of its scored instances. ``max_pixels`` replaces the model's pixel limit,
     ``channels`` the source channels it reads as R, G, B. ``engine`` runs the backbone (see
     :mod:`mitoscope.engines`); ``serve=False`` (or engine torch) always uses the full
     PyTorch/scikit-learn pipeline.
@@ -121,7 +152,7 @@ def predict(
     described.limit_pixels(max_pixels)
     described.choose_channels(channels)
     paths = find_images(inputs)
-    with_scores = heatmaps_dir is not None
+    with_scores = heatmaps_dir is not None or geojson_dir is not None
     if with_scores:
         from .heatmaps import check_heatmap_names
 
@@ -133,7 +164,8 @@ def predict(
 
         if not model.gives_window_scores:  # said now, not after the features were extracted
             raise InputError(f"{model_dir}: the model ({model.head_name} head) gives no window scores, "
-                             f"so no heatmaps; --heatmaps needs a head that scores windows: {WINDOW_SCORE_HEADS}")
+                             f"so no heatmaps or GeoJSON; --heatmaps and --geojson need a head that scores "
+                             f"windows: {WINDOW_SCORE_HEADS}")
     # From the headers, before any image is decoded: can this model run these images (a served
     # fixed-grid head and an image of another size: the full pipeline resizes it, as at training)?
     model = model.for_images(sizes, on_fallback=fall_back)
@@ -163,8 +195,11 @@ def predict(
     out_csv = Path(out_csv)
     out_csv.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out_csv, rows_to_csv(rows))
-    if with_scores:
-        write_heatmaps(heatmaps_dir, pred, model.read_options, top_k=top_k, score_label=score_label(model))
+    if heatmaps_dir is not None:
+        write_heatmaps(heatmaps_dir, pred, model.read_options, top_k=top_k, score_label=score_label(model),
+                       threshold=float(model.threshold) if finds_cells(model) else None)
+    if geojson_dir is not None:
+        write_geojson_files(geojson_dir, pred, rows, model)
     for path, warning in warnings.items():
         warn(f"{path}: {warning}")
     for error in skipped.values():
