@@ -220,6 +220,7 @@ def predict(
     engine: str = ENGINE_OPTION,
     channels: Optional[str] = typer.Option(None, "--channels", help="Source channels for R,G,B, e.g. 1,0,2, instead of the model's; also accepts images whose channel count the model was not trained on."),
     skip_bad: bool = typer.Option(False, "--skip-bad", help="Go on past images that cannot be read (or are refused): each gets a row with an empty Label and the error in Note."),
+    mpp: Optional[float] = typer.Option(None, "--mpp", help="Whole slides (.svs, .ndpi, .mrxs, pyramidal TIFF): read tiles at this many microns per pixel (default: the slide's full resolution). Needs: pip install -e '.[wsi]'."),
 ) -> None:
     """Predict new images: CSV with Image, Label, Probability, Threshold, one column per head and Note.
 
@@ -227,6 +228,8 @@ def predict(
     """
     try:
         check_choice("--engine", engine, ENGINES)
+        if mpp is not None and not mpp > 0:
+            raise MitoscopeError(f"--mpp must be a positive number of microns per pixel; got {mpp}")
         card = read_model_card(model_dir)  # checked now, before heavy imports; predict reads it no more
         find_images(images)
         from .predictions import predict as run_predict
@@ -234,7 +237,8 @@ def predict(
         with progress_bars() as progress:
             rows = run_predict(card, images, out, cache_from(cache_dir, no_cache), progress,
                                heatmaps_dir=heatmaps, top_k=top_k, geojson_dir=geojson, max_pixels=max_pixels, engine=engine,
-                               channels=parse_channels(channels) if channels else None, skip_bad=skip_bad, warn=warn)
+                               channels=parse_channels(channels) if channels else None, skip_bad=skip_bad, warn=warn,
+                               mpp=mpp)
     except MitoscopeError as exc:
         fail(exc)
     n_skipped = sum(1 for row in rows if not row["Label"])

@@ -103,6 +103,34 @@ def _screen(model: Any, paths: Sequence[Path], skip_bad: bool = False,
     return good, warnings, skipped, sizes
 
 
+def _screen_slides(model: Any, paths: Sequence[Path], skip_bad: bool
+                   ) -> tuple[list[Path], dict[Path, str], dict[Path, str]]:
+    """The whole slides among ``paths``, each opened once to check it (a damaged file is said now,
+    before the model loads), those that failed (with ``skip_bad``; else InputError), and warnings:
+    a slide's tiles are 8-bit RGB, which the model's training images may not have been."""
+    from .io.reading import ImageHeader
+    from .io.slides import Slide, is_slide
+
+    slides, errors, warnings = [], {}, {}
+    for path in paths:
+        if not is_slide(path):
+            continue
+        try:
+            with Slide.open(path) as slide:
+                header = ImageHeader(path, slide.height, slide.width, 3, 8)
+            profile = model.source_profile
+            warning = profile.check(header, model.channels_chosen) if profile is not None else ""
+        except InputError as error:
+            if not skip_bad:
+                raise
+            errors[path] = str(error)
+            continue
+        slides.append(path)
+        if warning:
+            warnings[path] = warning
+    return slides, errors, warnings
+
+
 def predict(
     model_dir: "str | Path | ModelCard",
     inputs: Sequence[str | Path],
@@ -118,6 +146,7 @@ def predict(
     channels: tuple[int, int, int] | None = None,
     skip_bad: bool = False,
     warn: Warn | None = None,
+    mpp: float | None = None,
 ) -> list[dict[str, Any]]:
     """Predict images into a CSV; with ``heatmaps_dir`` also write each image's heatmap,
     window-score CSV and top-k window crops, with ``geojson_dir`` a QuPath-readable
@@ -125,6 +154,9 @@ def predict(
     ``channels`` the source channels it reads as R, G, B. ``engine`` runs the backbone (see
     :mod:`mitoscope.engines`); ``serve=False`` (or engine torch) always uses the full
     PyTorch/scikit-learn pipeline.
+
+    Whole slides (.svs, .ndpi, .mrxs, pyramidal TIFF) are predicted tile by tile over their
+    tissue (:mod:`mitoscope.wsi`), read at ``mpp`` microns per pixel (default: level 0).
 
     Every image is first checked against the kinds of image the model was trained on
     (:func:`screen_images`): a refusal or an unreadable image stops the run before anything is
@@ -157,18 +189,21 @@ def predict(
         from .heatmaps import check_heatmap_names
 
         check_heatmap_names(paths)
-    good, warnings, skipped, sizes = _screen(described, paths, skip_bad)
-    model = load_model(card, engine, max_pixels, channels, serve, on_fallback=fall_back)
+    slides, slide_errors, slide_warnings = _screen_slides(described, paths, skip_bad)
+    images = [path for path in paths if path not in slides and path not in slide_errors]
+    good, warnings, skipped, sizes = _screen(described, images, skip_bad)
+    skipped.update(slide_errors)
+    loaded = load_model(card, engine, max_pixels, channels, serve, on_fallback=fall_back)
     if with_scores:
         from .heatmaps import WINDOW_SCORE_HEADS, require_window_scores, write_heatmaps
 
-        if not model.gives_window_scores:  # said now, not after the features were extracted
-            raise InputError(f"{model_dir}: the model ({model.head_name} head) gives no window scores, "
+        if not loaded.gives_window_scores:  # said now, not after the features were extracted
+            raise InputError(f"{model_dir}: the model ({loaded.head_name} head) gives no window scores, "
                              f"so no heatmaps or GeoJSON; --heatmaps and --geojson need a head that scores "
                              f"windows: {WINDOW_SCORE_HEADS}")
     # From the headers, before any image is decoded: can this model run these images (a served
     # fixed-grid head and an image of another size: the full pipeline resizes it, as at training)?
-    model = model.for_images(sizes, on_fallback=fall_back)
+    model = loaded.for_images(sizes, on_fallback=fall_back)
     pred = Predictions(paths=[], proba=np.zeros(0), members={}, notes=[])
     if good:
         kwargs = dict(cache=cache, progress=progress, with_window_scores=with_scores, engine=engine, skip_bad=skip_bad)
@@ -183,23 +218,48 @@ def predict(
             model.choose_channels(channels)
             pred = model.predict_paths(good, **kwargs)
     skipped.update(pred.skipped)
-    if not pred.paths:
+    slide_predictions = []
+    for slide in slides:
+        from .wsi import predict_slide
+
+        try:
+            slide_predictions.append(predict_slide(loaded, slide, mpp=mpp, progress=progress, cells=finds_cells(loaded)))
+        except InputError as error:
+            if not skip_bad:
+                raise
+            skipped[slide] = str(error)
+    if not pred.paths and not slide_predictions:
         raise InputError(f"none of the {len(paths)} images could be predicted; the first: "
                          f"{next(iter(skipped.values()))}")
-    if with_scores:
+    if with_scores and pred.paths:
         require_window_scores(pred)
-    rows = prediction_rows(pred, model.classes, model.threshold, model.head_name, warnings)
-    rows += [skipped_row(path, error, list(rows[0])) for path, error in skipped.items()]
+    rows = prediction_rows(pred, model.classes, model.threshold, model.head_name, warnings) if pred.paths else []
+    if slide_predictions:
+        from .wsi import slide_row
+
+        rows += [slide_row(one, loaded.classes, float(loaded.threshold), loaded.head_name, slide_warnings.get(one.path))
+                 for one in slide_predictions]
+        warnings.update(slide_warnings)
+    columns = list(dict.fromkeys(column for row in rows for column in row))
+    rows += [skipped_row(path, error, columns) for path, error in skipped.items()]
     order = {str(path): index for index, path in enumerate(paths)}
     rows.sort(key=lambda row: order[row["Image"]])
     out_csv = Path(out_csv)
     out_csv.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out_csv, rows_to_csv(rows))
-    if heatmaps_dir is not None:
+    if heatmaps_dir is not None and pred.paths:
         write_heatmaps(heatmaps_dir, pred, model.read_options, top_k=top_k, score_label=score_label(model),
                        threshold=float(model.threshold) if finds_cells(model) else None)
-    if geojson_dir is not None:
+    if geojson_dir is not None and pred.paths:
         write_geojson_files(geojson_dir, pred, rows, model)
+    if slide_predictions and with_scores:
+        from .wsi import write_slide_outputs
+
+        labels = {row["Image"]: row["Label"] for row in rows}
+        for one in slide_predictions:
+            write_slide_outputs(one, float(loaded.threshold), finds_cells(loaded), labels[str(one.path)],
+                                Path(heatmaps_dir) if heatmaps_dir is not None else None,
+                                Path(geojson_dir) if geojson_dir is not None else None, score_label(loaded), top_k)
     for path, warning in warnings.items():
         warn(f"{path}: {warning}")
     for error in skipped.values():

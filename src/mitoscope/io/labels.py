@@ -15,19 +15,22 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import InputError
+from .slides import SLIDE_SUFFIXES
 from .tables import read_csv_table
 
 logger = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
+# What a folder given to `predict` contributes: images, and whole slides (mitoscope.io.slides).
+PREDICT_SUFFIXES = IMAGE_SUFFIXES + SLIDE_SUFFIXES
 _POSITIVE_WORD = "mitosis"
 
 
 def find_images(inputs: str | os.PathLike[str] | Iterable[str | os.PathLike[str]]) -> list[Path]:
     """Expand files and folders into a list of image paths (for prediction).
 
-    A file is taken as given; a folder contributes its images (suffixes in
-    ``IMAGE_SUFFIXES``, any case; hidden files skipped; not recursive), sorted by name.
+    A file is taken as given; a folder contributes its images and slides (suffixes in
+    ``PREDICT_SUFFIXES``, any case; hidden files skipped; not recursive), sorted by name.
     The order of ``inputs`` is kept and a path given twice is listed once.
 
     Raises
@@ -44,11 +47,11 @@ def find_images(inputs: str | os.PathLike[str] | Iterable[str | os.PathLike[str]
         if not path.exists():
             raise InputError(f"{path}: no such file or folder")
         if path.is_dir():
-            images = _images_in(path)
+            images = _images_in(path, PREDICT_SUFFIXES)
             if not images:
                 raise InputError(
                     f"{path}: folder contains no images (expected files ending in "
-                    f"{', '.join(IMAGE_SUFFIXES)})"
+                    f"{', '.join(PREDICT_SUFFIXES)})"
                 )
         else:
             images = [path]
@@ -62,11 +65,11 @@ def find_images(inputs: str | os.PathLike[str] | Iterable[str | os.PathLike[str]
     return found
 
 
-def _images_in(folder: Path) -> list[Path]:
+def _images_in(folder: Path, suffixes: Sequence[str] = IMAGE_SUFFIXES) -> list[Path]:
     return sorted(
         p
         for p in folder.iterdir()
-        if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".") and p.is_file()
+        if p.suffix.lower() in suffixes and not p.name.startswith(".") and p.is_file()
     )
 
 

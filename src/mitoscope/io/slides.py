@@ -1,0 +1,160 @@
+"""Whole-slide images (.svs, .ndpi, .mrxs, pyramidal TIFF): opened lazily, read region by region.
+
+A slide is never decoded whole: :class:`Slide` reads any level-0 rectangle at any scale from
+the pyramid level nearest to it (OpenSlide, which bundles its C library through the
+``openslide-bin`` wheel; tiffslide for the TIFF pyramids OpenSlide does not read), and
+:func:`tissue_mask` finds the tissue on a thumbnail so that background is never read at all.
+Needs the ``[wsi]`` extra.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import InputError
+
+__all__ = ["SLIDE_SUFFIXES", "Slide", "is_slide", "tissue_mask"]
+
+# Formats only slide readers open; a .tif/.tiff is a slide when it holds a pyramid.
+SLIDE_SUFFIXES = (".svs", ".ndpi", ".mrxs", ".scn", ".bif", ".vms", ".vmu", ".svslide")
+_TIFF_SUFFIXES = (".tif", ".tiff")
+_WSI_EXTRA = "pip install -e '.[wsi]'"
+
+
+def is_slide(path: str | os.PathLike[str]) -> bool:
+    """Whether ``path`` is read as a whole slide: a slide format's suffix, or a TIFF with pyramid levels."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix in SLIDE_SUFFIXES:
+        return True
+    if suffix not in _TIFF_SUFFIXES or not path.is_file():
+        return False
+    import tifffile
+
+    try:
+        with tifffile.TiffFile(path) as tif:
+            series = tif.series[0] if tif.series else None
+            return bool(series is not None and len(series.levels) > 1)
+    except Exception:  # not readable as TIFF: the image reader says what is wrong
+        return False
+
+
+def _open_handle(path: Path) -> Any:
+    errors = []
+    try:
+        import openslide
+    except ImportError:
+        openslide = None
+    if openslide is not None:
+        try:
+            return openslide.OpenSlide(str(path))
+        except openslide.OpenSlideError as error:
+            errors.append(str(error) or type(error).__name__)
+    try:
+        import tiffslide
+    except ImportError:
+        tiffslide = None
+    if tiffslide is not None:
+        try:
+            return tiffslide.TiffSlide(str(path))
+        except Exception as error:  # tifffile's errors for a file that is no TIFF
+            errors.append(str(error).splitlines()[0] if str(error) else type(error).__name__)
+    if openslide is None and tiffslide is None:
+        raise InputError(f"{path}: whole-slide images need the wsi extra: {_WSI_EXTRA}")
+    raise InputError(f"{path}: not a whole-slide image that can be read, or the file is damaged "
+                     f"({'; '.join(errors)})")
+
+
+@dataclass
+class Slide:
+    """An open slide. Coordinates are level-0 pixels (x right, y down); ``mpp`` is level 0's
+    microns per pixel, or None when the file does not say."""
+
+    path: Path
+    width: int
+    height: int
+    mpp: float | None
+    _handle: Any
+
+    @classmethod
+    def open(cls, path: str | os.PathLike[str]) -> "Slide":
+        path = Path(path)
+        if not path.is_file():
+            raise InputError(f"{path}: slide file not found")
+        handle = _open_handle(path)
+        width, height = (int(v) for v in handle.dimensions)
+        mpp = None
+        for key in ("openslide.mpp-x", "tiffslide.mpp-x"):
+            value = handle.properties.get(key)
+            try:
+                if value is not None and float(value) > 0:
+                    mpp = float(value)
+                    break
+            except (TypeError, ValueError):
+                pass
+        return cls(path, width, height, mpp, handle)
+
+    def close(self) -> None:
+        self._handle.close()
+
+    def __enter__(self) -> "Slide":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def read(self, x: int, y: int, width: int, height: int, out_size: tuple[int, int] | None = None) -> np.ndarray:
+        """The level-0 rectangle (x, y, width, height) as (H, W, 3) uint8, resampled to ``out_size``
+        (W, H) when given, from the coarsest level that still has the detail asked for. Parts past
+        the slide's edge, and transparent parts, come back white."""
+        from PIL import Image
+
+        out_w, out_h = out_size if out_size is not None else (width, height)
+        downsample = max(width / out_w, height / out_h, 1.0)
+        level = int(self._handle.get_best_level_for_downsample(downsample))
+        level_ds = float(self._handle.level_downsamples[level])
+        size = (max(1, int(np.ceil(width / level_ds))), max(1, int(np.ceil(height / level_ds))))
+        try:
+            region = self._handle.read_region((int(x), int(y)), level, size)
+        except Exception as error:  # a damaged tile deep in the file
+            raise InputError(f"{self.path}: cannot read the region at ({x}, {y}) of level {level}: "
+                             f"{str(error).splitlines()[0] if str(error) else type(error).__name__}") from None
+        region = region.convert("RGBA")
+        white = Image.new("RGBA", region.size, (255, 255, 255, 255))
+        rgb = Image.alpha_composite(white, region).convert("RGB")
+        if rgb.size != (out_w, out_h):
+            rgb = rgb.resize((out_w, out_h), Image.Resampling.LANCZOS, reducing_gap=2.0)
+        return np.asarray(rgb)
+
+    def thumbnail(self, max_side: int = 2048) -> tuple[np.ndarray, float]:
+        """The whole slide with its longer side ``max_side`` (never enlarged), and its scale
+        (thumbnail pixels per level-0 pixel)."""
+        scale = min(1.0, max_side / max(self.width, self.height))
+        size = (max(1, round(self.width * scale)), max(1, round(self.height * scale)))
+        return self.read(0, 0, self.width, self.height, size), scale
+
+
+def tissue_mask(thumbnail: np.ndarray, min_distance: float = 12.0) -> np.ndarray:
+    """Where the tissue (or any specimen) is on a thumbnail: pixels whose colour is far from the
+    background's, the background being the median colour of the thumbnail's outer frame (a
+    slide's scanned area reaches past its specimen). The threshold is Otsu's level on that
+    distance, at least ``min_distance`` grey levels; specks are removed and holes closed."""
+    from scipy import ndimage
+    from skimage.filters import threshold_otsu
+
+    pixels = thumbnail.astype(np.float32)
+    height, width = pixels.shape[:2]
+    frame = max(1, min(height, width) // 20)
+    border = np.concatenate([pixels[:frame].reshape(-1, 3), pixels[-frame:].reshape(-1, 3),
+                             pixels[:, :frame].reshape(-1, 3), pixels[:, -frame:].reshape(-1, 3)])
+    background = np.median(border, axis=0)
+    distance = ndimage.uniform_filter(np.max(np.abs(pixels - background), axis=-1), size=3)
+    level = threshold_otsu(distance) if float(distance.max()) > float(distance.min()) else np.inf
+    mask = distance > max(float(level), float(min_distance))
+    mask = ndimage.binary_opening(mask, iterations=1)
+    return ndimage.binary_closing(mask, iterations=2)

@@ -1,0 +1,314 @@
+"""Predict a whole slide with any model: tissue tiles streamed one at a time, instances gathered
+in level-0 coordinates, the mitotic count and its hotspot.
+
+The slide's tissue is found on a thumbnail (:func:`mitoscope.io.slides.tissue_mask`); tiles of
+``tile`` pixels (at ``mpp`` microns per pixel, or level 0's) overlapping by ``overlap`` cover it,
+and only tiles that touch tissue are read. Each tile is predicted as an image by the model, so
+every model kind works; an instance seen by two overlapping tiles is kept once, by the tile
+whose core (the tile less half the overlap on each side) holds its centre. Memory stays that
+of one tile whatever the slide's size.
+
+The slide's probability is its best tile's (a cell model's: its best cell on the tissue); its
+count is its cells on the tissue at or over the threshold, and with a known pixel size the **hotspot** is the square of ``hotspot_mm2`` (2 mm²,
+as pathologists count) holding the most of them.
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+from PIL import Image
+
+from .errors import InputError
+from .io.slides import Slide, tissue_mask
+
+__all__ = ["Hotspot", "SlidePrediction", "hotspot", "plan_tiles", "predict_slide"]
+
+Progress = Callable[[str, int, int], None]
+
+
+@dataclass
+class Hotspot:
+    """The square of ``area_mm2`` holding the most mitoses: its level-0 box and count."""
+
+    count: int
+    area_mm2: float
+    box: tuple[float, float, float, float]
+
+    @property
+    def per_mm2(self) -> float:
+        return self.count / self.area_mm2
+
+
+@dataclass
+class SlidePrediction:
+    path: Path
+    proba: float
+    size: tuple[int, int]  # level-0 (H, W)
+    mpp: float | None  # level 0's microns per pixel
+    read_mpp: float | None  # the tiles' (None: level 0's pixels)
+    boxes: np.ndarray  # (N, 4) instances in level-0 pixels
+    scores: np.ndarray  # (N,)
+    tile_boxes: np.ndarray  # (T, 4) the tiles read, level-0 pixels
+    tile_scores: np.ndarray  # (T,) each tile's probability
+    count: int | None  # instances at or over the threshold (cell models)
+    hotspot: Hotspot | None
+    tissue_fraction: float
+    thumbnail: np.ndarray
+    thumbnail_scale: float  # thumbnail pixels per level-0 pixel
+    notes: list[str] = field(default_factory=list)
+
+
+def plan_tiles(width: int, height: int, mask: np.ndarray, mask_scale: float, tile0: float, step0: float
+               ) -> list[tuple[int, int]]:
+    """(column, row) of the tiles that touch tissue: tile (c, r) covers level-0
+    ``[c * step0, c * step0 + tile0) x [r * step0, r * step0 + tile0)``; ``mask`` is the tissue at
+    ``mask_scale`` mask pixels per level-0 pixel."""
+    columns = max(1, math.ceil((width - tile0) / step0) + 1) if width > tile0 else 1
+    rows = max(1, math.ceil((height - tile0) / step0) + 1) if height > tile0 else 1
+    mask_h, mask_w = mask.shape
+    planned = []
+    for row in range(rows):
+        for column in range(columns):
+            x0, y0 = column * step0 * mask_scale, row * step0 * mask_scale
+            x1, y1 = x0 + tile0 * mask_scale, y0 + tile0 * mask_scale
+            window = mask[int(y0):max(int(y0) + 1, math.ceil(min(y1, mask_h))),
+                          int(x0):max(int(x0) + 1, math.ceil(min(x1, mask_w)))]
+            if window.any():
+                planned.append((column, row))
+    return planned
+
+
+def _owners(centres: np.ndarray, tile0: float, step0: float, overlap0: float, planned: set[tuple[int, int]]
+            ) -> list[tuple[int, int]]:
+    """The tile that keeps each instance: the one whose core holds its centre; where that tile was
+    not read (no tissue), the first read tile (by row, then column) that covers the centre."""
+    owners = []
+    for x, y in centres:
+        core = (max(0, int((x - overlap0 / 2) // step0)), max(0, int((y - overlap0 / 2) // step0)))
+        if core in planned:
+            owners.append(core)
+            continue
+        covering = sorted((r, c) for c in range(max(0, math.ceil((x - tile0) / step0)), int(x // step0) + 1)
+                          for r in range(max(0, math.ceil((y - tile0) / step0)), int(y // step0) + 1)
+                          if (c, r) in planned)
+        owners.append((covering[0][1], covering[0][0]) if covering else core)
+    return owners
+
+
+def _cover_glass(pixels: np.ndarray, mask: np.ndarray, mask_scale: float, x0: float, y0: float, tile0: float
+                 ) -> np.ndarray:
+    """The tile with everything off the tissue painted in the tissue's own background colour (its
+    median): cells are found against the background around them, and glass beside the tissue would
+    otherwise make the tissue itself stand out as one giant "cell"."""
+    tile = pixels.shape[0]
+    # tile pixel -> mask pixel, nearest
+    index = ((np.arange(tile) + 0.5) * tile0 / tile)
+    rows = np.clip(((y0 + index) * mask_scale).astype(int), 0, mask.shape[0] - 1)
+    columns = np.clip(((x0 + index) * mask_scale).astype(int), 0, mask.shape[1] - 1)
+    tissue = mask[np.ix_(rows, columns)]
+    if tissue.all() or not tissue.any():
+        return pixels
+    covered = pixels.copy()
+    covered[~tissue] = np.median(pixels[tissue], axis=0).astype(pixels.dtype)
+    return covered
+
+
+def hotspot(centres: np.ndarray, mpp: float, area_mm2: float = 2.0) -> Hotspot | None:
+    """The axis-aligned square of ``area_mm2`` (level-0 ``centres`` (N, 2), ``mpp`` microns per
+    pixel) holding the most centres. Some best square has a centre on its left edge and one on
+    its top edge, so those candidates are enough (exact)."""
+    if not len(centres):
+        return None
+    side = math.sqrt(area_mm2) * 1000.0 / mpp
+    points = np.asarray(centres, dtype=np.float64)[:5000]
+    best, best_box = 0, (0.0, 0.0, side, side)
+    for left in np.unique(points[:, 0]):
+        column = points[(points[:, 0] >= left) & (points[:, 0] <= left + side)]
+        for top in np.unique(column[:, 1]):
+            count = int(np.sum((column[:, 1] >= top) & (column[:, 1] <= top + side)))
+            if count > best:
+                best, best_box = count, (float(left), float(top), float(left + side), float(top + side))
+    return Hotspot(best, area_mm2, best_box)
+
+
+def predict_slide(model: Any, path: str | Path, mpp: float | None = None, tile: int = 2048, overlap: int = 128,
+                  progress: Progress | None = None, cells: bool = False, hotspot_mm2: float = 2.0,
+                  thumbnail_side: int = 2048) -> SlidePrediction:
+    """Predict one slide (see the module doc). ``mpp`` reads the tiles at that many microns per
+    pixel (the slide must say its own); ``cells``: the model's instances are cells whose scores
+    are probabilities (counted against its threshold)."""
+    if tile < 64 or not 0 <= overlap < tile // 2:
+        raise InputError(f"tiles must be at least 64 px with an overlap under half a tile; got {tile} and {overlap}")
+    with Slide.open(path) as slide:
+        if mpp is not None:
+            if slide.mpp is None:
+                raise InputError(f"{slide.path}: the slide does not say its pixel size, so --mpp cannot be used; "
+                                 f"leave it out to read level 0")
+            if mpp < slide.mpp * 0.999:
+                raise InputError(f"{slide.path}: --mpp {mpp} is finer than the slide's {slide.mpp} µm/px")
+        scale0 = (mpp / slide.mpp) if mpp is not None else 1.0  # level-0 pixels per tile pixel
+        tile0, overlap0 = tile * scale0, overlap * scale0
+        step0 = tile0 - overlap0
+        thumbnail, thumb_scale = slide.thumbnail(thumbnail_side)
+        mask = tissue_mask(thumbnail)
+        planned = plan_tiles(slide.width, slide.height, mask, thumb_scale, tile0, step0)
+        planned_set = set(planned)
+        notes = [] if planned else ["no tissue found"]
+        boxes, scores, tile_boxes, tile_scores = [], [], [], []
+        runnable = None
+        if progress:
+            progress(f"tiles of {slide.path.name}", 0, len(planned))
+        with tempfile.TemporaryDirectory(prefix="mitoscope-tile-") as folder:
+            tile_path = Path(folder) / "tile.png"
+            for done, (column, row) in enumerate(planned, start=1):
+                x0, y0 = column * step0, row * step0
+                pixels = slide.read(round(x0), round(y0), round(tile0), round(tile0), (tile, tile))
+                if cells:
+                    pixels = _cover_glass(pixels, mask, thumb_scale, x0, y0, tile0)
+                Image.fromarray(pixels).save(tile_path, compress_level=1)
+                if runnable is None:
+                    runnable = model.for_images({tile_path: (tile, tile)})
+                pred = runnable.predict_paths([tile_path], with_window_scores=runnable.gives_window_scores)
+                tile_boxes.append((x0, y0, x0 + tile0, y0 + tile0))
+                tile_scores.append(float(pred.proba[0]))
+                if pred.window_scores is not None and pred.window_scores[0] is not None and len(pred.window_scores[0]):
+                    found = np.asarray(pred.boxes[0], dtype=np.float64) * scale0 + np.array([x0, y0, x0, y0])
+                    centres = (found[:, :2] + found[:, 2:]) / 2
+                    keep = np.array([owner == (column, row)
+                                     for owner in _owners(centres, tile0, step0, overlap0, planned_set)])
+                    boxes.append(found[keep])
+                    scores.append(np.asarray(pred.window_scores[0], dtype=np.float64)[keep])
+                if progress:
+                    progress(f"tiles of {slide.path.name}", done, len(planned))
+        box_array = np.concatenate(boxes) if boxes else np.zeros((0, 4))
+        score_array = np.concatenate(scores) if scores else np.zeros(0)
+        if cells and len(box_array):  # specks of the background around the tissue are no cells
+            from scipy import ndimage
+
+            near_tissue = ndimage.binary_dilation(mask, iterations=2)
+            centres = (box_array[:, :2] + box_array[:, 2:]) / 2 * thumb_scale
+            columns = np.clip(centres[:, 0].astype(int), 0, mask.shape[1] - 1)
+            rows = np.clip(centres[:, 1].astype(int), 0, mask.shape[0] - 1)
+            on_tissue = near_tissue[rows, columns]
+            box_array, score_array = box_array[on_tissue], score_array[on_tissue]
+        threshold = float(model.threshold)
+        count = spot = None
+        if cells:
+            mitotic = score_array >= threshold
+            count = int(mitotic.sum())
+            if slide.mpp is not None:
+                centres = (box_array[mitotic, :2] + box_array[mitotic, 2:]) / 2
+                spot = hotspot(centres, slide.mpp, hotspot_mm2) or Hotspot(0, hotspot_mm2, (0.0, 0.0, 0.0, 0.0))
+            else:
+                notes.append("the slide does not say its pixel size: no mitoses per mm²")
+        return SlidePrediction(
+            path=Path(path), proba=float(score_array.max(initial=0.0)) if cells else max(tile_scores, default=0.0), size=(slide.height, slide.width), mpp=slide.mpp,
+            read_mpp=mpp, boxes=box_array, scores=score_array,
+            tile_boxes=np.asarray(tile_boxes, dtype=np.float64).reshape(-1, 4),
+            tile_scores=np.asarray(tile_scores, dtype=np.float64), count=count, hotspot=spot,
+            tissue_fraction=float(mask.mean()), thumbnail=thumbnail, thumbnail_scale=thumb_scale, notes=notes)
+
+
+def slide_row(prediction: SlidePrediction, classes: tuple[str, str], threshold: float, head_name: str,
+              warning: str | None = None) -> dict[str, Any]:
+    """The slide's CSV row: the columns of an image's, and its hotspot."""
+    from .results import written_probability
+
+    negative, positive = classes
+    row: dict[str, Any] = {
+        "Image": str(prediction.path),
+        "Label": positive if prediction.proba >= threshold else negative,
+        "Probability": written_probability(prediction.proba, threshold),
+        "Threshold": float(threshold),
+        head_name: float(f"{prediction.proba:.6g}"),
+    }
+    if prediction.count is not None:
+        row["Count"] = prediction.count
+    if prediction.hotspot is not None:
+        row["Hotspot count"] = prediction.hotspot.count
+        row["Mitoses per mm2 (hotspot)"] = round(prediction.hotspot.per_mm2, 3)
+    details = [f"slide {prediction.size[1]}x{prediction.size[0]} px",
+               f"{len(prediction.tile_scores)} tissue tiles" + (f" at {prediction.read_mpp} µm/px" if prediction.read_mpp else "")]
+    row["Note"] = "; ".join(details + prediction.notes + ([f"warning: {warning}"] if warning else []))
+    return row
+
+
+def block_scores(prediction: SlidePrediction, blocks: int = 96) -> tuple[np.ndarray, np.ndarray]:
+    """A map of the slide for its heatmap: squares of 1/``blocks`` of its longer side, over the tiles
+    read, each with the best score of the instances whose centre lies in it (0 where none)."""
+    height, width = prediction.size
+    side = max(1.0, max(height, width) / blocks)
+    n_x, n_y = math.ceil(width / side), math.ceil(height / side)
+    best = np.full((n_y, n_x), np.nan)
+    for x0, y0, x1, y1 in prediction.tile_boxes:
+        best[int(y0 // side):min(n_y, math.ceil(y1 / side)), int(x0 // side):min(n_x, math.ceil(x1 / side))] = 0.0
+    if len(prediction.scores):
+        centres = (prediction.boxes[:, :2] + prediction.boxes[:, 2:]) / 2
+        columns = np.clip((centres[:, 0] // side).astype(int), 0, n_x - 1)
+        rows = np.clip((centres[:, 1] // side).astype(int), 0, n_y - 1)
+        np.fmax.at(best, (rows, columns), prediction.scores)
+    rows, columns = np.nonzero(np.isfinite(best))
+    boxes = np.stack([columns * side, rows * side, (columns + 1) * side, (rows + 1) * side], axis=1)
+    return boxes.reshape(-1, 4), best[rows, columns]
+
+
+def write_slide_outputs(prediction: SlidePrediction, threshold: float, cells: bool, label: str,
+                        heatmaps_dir: Path | None, geojson_dir: Path | None, score_label: str, top_k: int = 3
+                        ) -> list[Path]:
+    """The slide's heatmap over its thumbnail (each tile coloured by its probability, the hotspot and
+    the tiles with a mitosis outlined), instance CSV and top crops (level 0), and GeoJSON (level 0)."""
+    from .atomic import atomic_path
+    from .heatmaps import render_overlay, write_window_csv
+
+    written: list[Path] = []
+    stem = prediction.path.stem
+    if heatmaps_dir is not None:
+        heatmaps_dir.mkdir(parents=True, exist_ok=True)
+        target = heatmaps_dir / f"{stem}_heatmap.png"
+        spot = "" if prediction.hotspot is None else (f"   hotspot {prediction.hotspot.count} in "
+                                                       f"{prediction.hotspot.area_mm2:g} mm²")
+        title = f"{prediction.path.name}   probability {prediction.proba:.3f}" + \
+            (f"   count {prediction.count}" if prediction.count is not None else "") + spot
+        if len(prediction.tile_scores):
+            boxes, scores = block_scores(prediction)
+            render_overlay(prediction.thumbnail, boxes * prediction.thumbnail_scale, scores, target, title=title,
+                           score_label=f"best {score_label} per square", threshold=threshold if cells else None)
+            written.append(target)
+        written.append(write_window_csv(heatmaps_dir / f"{stem}_windows.csv", prediction.boxes, prediction.scores,
+                                        prediction.path.name, prediction.size))
+        if top_k and len(prediction.scores):
+            order = np.argsort(-prediction.scores, kind="stable")[:top_k]
+            with Slide.open(prediction.path) as slide:
+                for rank, index in enumerate(order, start=1):
+                    x0, y0, x1, y1 = (int(round(v)) for v in prediction.boxes[index])
+                    crop = slide.read(x0, y0, max(1, x1 - x0), max(1, y1 - y0))
+                    target = heatmaps_dir / f"{stem}_top{rank}_x{x0}_y{y0}.png"
+                    with atomic_path(target) as temp:
+                        Image.fromarray(crop).save(temp, format="PNG")
+                    written.append(target)
+    if geojson_dir is not None:
+        from .geojson import feature_collection, write_geojson
+
+        geojson_dir.mkdir(parents=True, exist_ok=True)
+        collection = feature_collection(prediction.boxes, prediction.scores, prediction.size, cells=cells,
+                                        threshold=threshold, label=label, probability=prediction.proba,
+                                        count=prediction.count, image=str(prediction.path))
+        if prediction.hotspot is not None and prediction.hotspot.count:
+            x0, y0, x1, y1 = prediction.hotspot.box
+            collection["features"].append({
+                "type": "Feature", "id": "hotspot",
+                "geometry": {"type": "Polygon", "coordinates": [[[x0, y0], [x1, y0], [x1, y1], [x0, y1], [x0, y0]]]},
+                "properties": {"objectType": "annotation", "name": f"hotspot {prediction.hotspot.area_mm2:g} mm²",
+                               "measurements": {"mitoses": float(prediction.hotspot.count),
+                                                "mitoses per mm2": float(prediction.hotspot.per_mm2)}}})
+            collection["mitoscope"]["hotspot"] = {"count": prediction.hotspot.count,
+                                                  "area_mm2": prediction.hotspot.area_mm2,
+                                                  "per_mm2": prediction.hotspot.per_mm2}
+        written.append(write_geojson(geojson_dir / f"{stem}.geojson", collection))
+    return written
