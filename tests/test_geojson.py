@@ -46,7 +46,7 @@ def test_cells_at_or_over_the_threshold_are_classified_mitosis_in_pixel_coordina
     assert features[0]["geometry"]["coordinates"][0][0] == [1000.0, 2090.0]
     assert features[0]["geometry"]["coordinates"][0][2] == [1025.0, 2120.0]
     assert collection["mitoscope"] == {"image": "a.png", "label": "Mitosis", "probability": 0.9, "threshold": 0.5,
-                                       "instances": "cells", "count": 2}
+                                       "instances": "cells", "count": 2, "width": 100, "height": 120}
 
 
 def test_windows_are_tiles_and_the_top_window_of_a_mitosis_image_an_annotation():

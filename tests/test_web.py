@@ -149,6 +149,20 @@ def test_an_upload_name_is_never_a_path(served, tmp_path):
     assert display_name("") == display_name("..") == "upload"
 
 
+def test_a_whole_slide_upload_is_predicted_over_its_tissue(served, shared_data):
+    pytest.importorskip("openslide", reason="the [wsi] extra is not installed")
+    client, _, _ = served
+    slide = shared_data / "wsi" / "CMU-1-Small-Region.svs"
+    response = post(client, slide.read_bytes(), slide.name)
+    assert response.status_code == 200, response.text
+    answer = response.json()
+    assert answer["slide"] and (answer["width"], answer["height"]) == (2220, 2967)
+    assert answer["heatmap"].startswith("data:image/png;base64,") and "tissue tiles" in answer["note"]
+    assert answer["hotspot"] is not None and answer["hotspot"]["area_mm2"] == 2.0
+    broken = shared_data / "wsi" / "broken.svs"
+    assert "broken.svs: " in assert_clean_error(post(client, broken.read_bytes(), broken.name), 415)
+
+
 def test_the_gate_runs_one_at_a_time_refuses_past_its_queue_and_times_out():
     async def scenario():
         gate = PredictionGate(max_waiting=1, timeout_s=0.5)

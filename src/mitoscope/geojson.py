@@ -76,7 +76,8 @@ def feature_collection(boxes: Any, scores: Any, image_size: Sequence[int], *, ce
         top["properties"]["name"] = "top window"
         features.append(top)
     summary: dict[str, Any] = {"image": image, "label": label, "probability": float(probability),
-                               "threshold": float(threshold), "instances": "cells" if cells else "windows"}
+                               "threshold": float(threshold), "instances": "cells" if cells else "windows",
+                               "width": width, "height": height}
     if count is not None:
         summary["count"] = int(count)
     return {"type": "FeatureCollection", "features": features, "mitoscope": summary}

@@ -258,28 +258,61 @@ def block_scores(prediction: SlidePrediction, blocks: int = 96) -> tuple[np.ndar
     return boxes.reshape(-1, 4), best[rows, columns]
 
 
+def render_slide_heatmap(prediction: SlidePrediction, threshold: float, cells: bool, score_label: str,
+                         target: Path, name: str | None = None) -> Path | None:
+    """The slide's heatmap over its thumbnail: squares coloured by their best instance (those with a
+    mitosis outlined); None when no tissue was read."""
+    from .heatmaps import render_overlay
+
+    if not len(prediction.tile_scores):
+        return None
+    spot = "" if prediction.hotspot is None else (f"   hotspot {prediction.hotspot.count} in "
+                                                   f"{prediction.hotspot.area_mm2:g} mm²")
+    title = f"{name or prediction.path.name}   probability {prediction.proba:.3f}" + \
+        (f"   count {prediction.count}" if prediction.count is not None else "") + spot
+    boxes, scores = block_scores(prediction)
+    render_overlay(prediction.thumbnail, boxes * prediction.thumbnail_scale, scores, target, title=title,
+                   score_label=f"best {score_label} per square", threshold=threshold if cells else None)
+    return target
+
+
+def slide_collection(prediction: SlidePrediction, threshold: float, cells: bool, label: str,
+                     name: str | None = None) -> dict[str, Any]:
+    """The slide's GeoJSON (level 0): its instances, and the hotspot as an annotation."""
+    from .geojson import feature_collection
+
+    collection = feature_collection(prediction.boxes, prediction.scores, prediction.size, cells=cells,
+                                    threshold=threshold, label=label, probability=prediction.proba,
+                                    count=prediction.count, image=name or str(prediction.path))
+    if prediction.hotspot is not None and prediction.hotspot.count:
+        x0, y0, x1, y1 = prediction.hotspot.box
+        collection["features"].append({
+            "type": "Feature", "id": "hotspot",
+            "geometry": {"type": "Polygon", "coordinates": [[[x0, y0], [x1, y0], [x1, y1], [x0, y1], [x0, y0]]]},
+            "properties": {"objectType": "annotation", "name": f"hotspot {prediction.hotspot.area_mm2:g} mm²",
+                           "measurements": {"mitoses": float(prediction.hotspot.count),
+                                            "mitoses per mm2": float(prediction.hotspot.per_mm2)}}})
+        collection["mitoscope"]["hotspot"] = {"count": prediction.hotspot.count,
+                                              "area_mm2": prediction.hotspot.area_mm2,
+                                              "per_mm2": prediction.hotspot.per_mm2}
+    return collection
+
+
 def write_slide_outputs(prediction: SlidePrediction, threshold: float, cells: bool, label: str,
                         heatmaps_dir: Path | None, geojson_dir: Path | None, score_label: str, top_k: int = 3
                         ) -> list[Path]:
-    """The slide's heatmap over its thumbnail (each tile coloured by its probability, the hotspot and
-    the tiles with a mitosis outlined), instance CSV and top crops (level 0), and GeoJSON (level 0)."""
+    """The slide's heatmap (:func:`render_slide_heatmap`), instance CSV and top crops (level 0), and
+    GeoJSON (:func:`slide_collection`)."""
     from .atomic import atomic_path
-    from .heatmaps import render_overlay, write_window_csv
+    from .heatmaps import write_window_csv
 
     written: list[Path] = []
     stem = prediction.path.stem
     if heatmaps_dir is not None:
         heatmaps_dir.mkdir(parents=True, exist_ok=True)
-        target = heatmaps_dir / f"{stem}_heatmap.png"
-        spot = "" if prediction.hotspot is None else (f"   hotspot {prediction.hotspot.count} in "
-                                                       f"{prediction.hotspot.area_mm2:g} mm²")
-        title = f"{prediction.path.name}   probability {prediction.proba:.3f}" + \
-            (f"   count {prediction.count}" if prediction.count is not None else "") + spot
-        if len(prediction.tile_scores):
-            boxes, scores = block_scores(prediction)
-            render_overlay(prediction.thumbnail, boxes * prediction.thumbnail_scale, scores, target, title=title,
-                           score_label=f"best {score_label} per square", threshold=threshold if cells else None)
-            written.append(target)
+        heatmap = render_slide_heatmap(prediction, threshold, cells, score_label, heatmaps_dir / f"{stem}_heatmap.png")
+        if heatmap is not None:
+            written.append(heatmap)
         written.append(write_window_csv(heatmaps_dir / f"{stem}_windows.csv", prediction.boxes, prediction.scores,
                                         prediction.path.name, prediction.size))
         if top_k and len(prediction.scores):
@@ -293,22 +326,9 @@ def write_slide_outputs(prediction: SlidePrediction, threshold: float, cells: bo
                         Image.fromarray(crop).save(temp, format="PNG")
                     written.append(target)
     if geojson_dir is not None:
-        from .geojson import feature_collection, write_geojson
+        from .geojson import write_geojson
 
         geojson_dir.mkdir(parents=True, exist_ok=True)
-        collection = feature_collection(prediction.boxes, prediction.scores, prediction.size, cells=cells,
-                                        threshold=threshold, label=label, probability=prediction.proba,
-                                        count=prediction.count, image=str(prediction.path))
-        if prediction.hotspot is not None and prediction.hotspot.count:
-            x0, y0, x1, y1 = prediction.hotspot.box
-            collection["features"].append({
-                "type": "Feature", "id": "hotspot",
-                "geometry": {"type": "Polygon", "coordinates": [[[x0, y0], [x1, y0], [x1, y1], [x0, y1], [x0, y0]]]},
-                "properties": {"objectType": "annotation", "name": f"hotspot {prediction.hotspot.area_mm2:g} mm²",
-                               "measurements": {"mitoses": float(prediction.hotspot.count),
-                                                "mitoses per mm2": float(prediction.hotspot.per_mm2)}}})
-            collection["mitoscope"]["hotspot"] = {"count": prediction.hotspot.count,
-                                                  "area_mm2": prediction.hotspot.area_mm2,
-                                                  "per_mm2": prediction.hotspot.per_mm2}
-        written.append(write_geojson(geojson_dir / f"{stem}.geojson", collection))
+        written.append(write_geojson(geojson_dir / f"{stem}.geojson",
+                                     slide_collection(prediction, threshold, cells, label)))
     return written

@@ -29,7 +29,7 @@ _MAGIC = (
     (b"MM\x00+", ".tif"),
     (b"BM", ".bmp"),
 )
-SUPPORTED = "PNG, JPEG, TIFF (8/16-bit, multi-channel) or BMP"
+SUPPORTED = "PNG, JPEG, TIFF (8/16-bit, multi-channel), BMP, or a whole slide (.svs, .ndpi, pyramidal TIFF)"
 _UNSAFE = re.compile(r"[^A-Za-z0-9._ ()+-]")
 
 
@@ -76,13 +76,12 @@ def check_upload(path: Path, name: str, read_options: Any, max_pixels: int) -> t
 
 def _heatmap_uri(model: Any, path: Path, boxes: np.ndarray, scores: np.ndarray, title: str, folder: Path) -> str:
     from ..heatmaps import render_overlay
-    from ..predictions import score_label
 
     image = read_image(path, model.read_options)
     target = folder / "heatmap.png"
-    render_overlay(image, boxes, scores, target, max_side=1024, title=title, score_label=score_label(model),
+    render_overlay(image, boxes, scores, target, max_side=1024, title=title, score_label=_score_label(model),
                    threshold=float(model.threshold) if _cells(model) else None)
-    return "data:image/png;base64," + base64.b64encode(target.read_bytes()).decode("ascii")
+    return _data_uri(target)
 
 
 def _cells(model: Any) -> bool:
@@ -91,10 +90,82 @@ def _cells(model: Any) -> bool:
     return finds_cells(model)
 
 
+def upload_suffix(head: bytes, name: str) -> str | None:
+    """The suffix to save an upload under: what its first bytes say, or a slide format's when the
+    client's name has one and the bytes are TIFF (.svs, .ndpi... are TIFF inside)."""
+    from ..io.slides import SLIDE_SUFFIXES
+
+    suffix = sniff_suffix(head)
+    claimed = PurePosixPath(name).suffix.lower()
+    if suffix == ".tif" and claimed in SLIDE_SUFFIXES:
+        return claimed
+    return suffix
+
+
+def check_slide(path: Path, name: str) -> tuple[int, int]:
+    """(H, W) of an uploaded slide's level 0; InputError naming the upload if it cannot be opened."""
+    from ..io.slides import Slide
+
+    try:
+        with Slide.open(path) as slide:
+            return slide.height, slide.width
+    except InputError as error:
+        raise InputError(_scrub(str(error), path, name)) from None
+
+
+def analyse_slide(model: Any, path: Path, name: str, max_instances: int = 500) -> dict[str, Any]:
+    """Predict one uploaded whole slide, tile by tile over its tissue (:mod:`mitoscope.wsi`)."""
+    from ..results import written_probability
+    from ..wsi import predict_slide, render_slide_heatmap, slide_collection, slide_row
+
+    cells = _cells(model)
+    try:
+        prediction = predict_slide(model, path, cells=cells)
+    except InputError as error:
+        raise InputError(_scrub(str(error), path, name)) from None
+    threshold = float(model.threshold)
+    row = dict(slide_row(prediction, model.classes, threshold, model.head_name), Image=name)
+    order = np.argsort(-prediction.scores, kind="stable")[:max_instances]
+    heatmap = render_slide_heatmap(prediction, threshold, cells, _score_label(model), path.parent / "heatmap.png",
+                                   name=name)
+    hotspot = prediction.hotspot
+    return {
+        "image": name, "width": prediction.size[1], "height": prediction.size[0],
+        "label": row["Label"], "probability": written_probability(prediction.proba, threshold),
+        "threshold": threshold, "classes": list(model.classes), "count": prediction.count, "note": row["Note"],
+        "model": model.head_name, "instances_kind": "cells" if cells else "windows", "slide": True,
+        "hotspot": None if hotspot is None else {"count": hotspot.count, "area_mm2": hotspot.area_mm2,
+                                                 "per_mm2": hotspot.per_mm2, "box": list(hotspot.box)},
+        "instances": [_instance(prediction.boxes[i], prediction.scores[i], cells and prediction.scores[i] >= threshold)
+                      for i in order],
+        "heatmap": None if heatmap is None else _data_uri(heatmap),
+        "csv": rows_to_csv([row]), "geojson": slide_collection(prediction, threshold, cells, row["Label"], name),
+    }
+
+
+def _instance(box: Any, score: float, mitotic: bool) -> dict[str, Any]:
+    return {"x0": float(box[0]), "y0": float(box[1]), "x1": float(box[2]), "y1": float(box[3]),
+            "score": float(score), "mitotic": bool(mitotic)}
+
+
+def _data_uri(png: Path) -> str:
+    return "data:image/png;base64," + base64.b64encode(png.read_bytes()).decode("ascii")
+
+
+def _score_label(model: Any) -> str:
+    from ..predictions import score_label
+
+    return score_label(model)
+
+
 def analyse(model: Any, path: Path, name: str, size: tuple[int, int], max_instances: int = 500) -> dict[str, Any]:
     """Predict one saved upload; the answer as JSON-ready data (see the module doc of :mod:`mitoscope.web`)."""
     from ..geojson import feature_collection
+    from ..io.slides import is_slide
     from ..predictions import screen_images
+
+    if is_slide(path):
+        return analyse_slide(model, path, name, max_instances)
 
     try:
         _, warnings, _ = screen_images(model, [path])
@@ -110,18 +181,14 @@ def analyse(model: Any, path: Path, name: str, size: tuple[int, int], max_instan
         "image": name, "width": size[1], "height": size[0],
         "label": row["Label"], "probability": proba, "threshold": threshold,
         "classes": list(runnable.classes), "count": row.get("Count"), "note": row["Note"],
-        "model": runnable.head_name, "instances_kind": "cells" if _cells(runnable) else "windows",
-        "instances": [], "heatmap": None, "csv": rows_to_csv([row]), "geojson": None,
+        "model": runnable.head_name, "instances_kind": "cells" if _cells(runnable) else "windows", "slide": False,
+        "hotspot": None, "instances": [], "heatmap": None, "csv": rows_to_csv([row]), "geojson": None,
     }
     if pred.window_scores is not None and pred.window_scores[0] is not None:
         boxes, scores = np.asarray(pred.boxes[0], dtype=np.float64), np.asarray(pred.window_scores[0], dtype=np.float64)
         order = np.argsort(-scores, kind="stable")[:max_instances]
         cells = _cells(runnable)
-        answer["instances"] = [
-            {"x0": float(boxes[i, 0]), "y0": float(boxes[i, 1]), "x1": float(boxes[i, 2]), "y1": float(boxes[i, 3]),
-             "score": float(scores[i]), "mitotic": bool(cells and scores[i] >= threshold)}
-            for i in order
-        ]
+        answer["instances"] = [_instance(boxes[i], scores[i], cells and scores[i] >= threshold) for i in order]
         answer["geojson"] = feature_collection(boxes, scores, size, cells=cells, threshold=threshold,
                                                label=row["Label"], probability=proba, count=row.get("Count"),
                                                image=name)

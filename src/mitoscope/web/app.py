@@ -22,7 +22,8 @@ from starlette.exceptions import HTTPException
 
 from ..errors import InputError, MitoscopeError
 from ..predictions import finds_cells
-from .analysis import SUPPORTED, UploadTooLarge, analyse, check_upload, display_name, sniff_suffix
+from ..io.slides import is_slide
+from .analysis import SUPPORTED, UploadTooLarge, analyse, check_slide, check_upload, display_name, upload_suffix
 from .limits import BodyLimit, Busy, PredictionGate
 
 logger = logging.getLogger(__name__)
@@ -112,7 +113,7 @@ def create_app(model_dir: str | Path, settings: ServeSettings | None = None, mod
             head = await upload.read(16)
             if not head:
                 return error(422, f"{name}: the file is empty")
-            suffix = sniff_suffix(head)
+            suffix = upload_suffix(head, name)
             if suffix is None:
                 return error(415, f"{name}: not an image this server reads (expected {SUPPORTED})")
             path = Path(folder) / f"upload{suffix}"
@@ -122,7 +123,9 @@ def create_app(model_dir: str | Path, settings: ServeSettings | None = None, mod
                     handle.write(chunk)
             await upload.close()
             try:
-                size = check_upload(path, name, model.read_options, settings.max_pixels)
+                # a slide is read tile by tile over its tissue: its pixel count is no danger
+                size = check_slide(path, name) if is_slide(path) else check_upload(path, name, model.read_options,
+                                                                                    settings.max_pixels)
             except UploadTooLarge as exc:
                 return error(413, str(exc))
             except InputError as exc:
