@@ -68,7 +68,7 @@ def _layers(boxes: np.ndarray, scores: np.ndarray, mitotic: np.ndarray, size: tu
     edges = np.array([_MITOTIC_EDGE if flag else _OTHER_EDGE for flag in mitotic]).reshape(-1, 4)
     layers.append((_rectangles(boxes), {
         "name": f"{stem} instances", "shape_type": "rectangle", "face_color": faces, "edge_color": edges,
-        "edge_width": max(1.0, max(height, width) / 1000),
+        "edge_width": [(3.0 if flag else 1.0) * max(1.0, max(height, width) / 1000) for flag in mitotic],
         "features": {"score": scores, "mitotic": mitotic.astype(bool)}}, "shapes"))
     return layers
 
