@@ -22,10 +22,12 @@ TISSUE = (1024, 1024, 2048, 1536)  # x0, y0, x1, y1 of the "tissue" rectangle
 RED = (1500, 1300)  # the one distinctive cell, level-0 (x, y)
 
 
-def write_svs(path, decoys, red=RED, mpp=0.5, size=SIZE, tile=256):
+def write_svs(path, decoys, red=RED, mpp=0.5, size=SIZE, tile=256, tissue=TISSUE):
     """An Aperio-style pyramid (levels 1, 4, 16) written tile by tile: white glass, a rectangle of
-    the training images' background with green discs, one red disc."""
+    the training images' background with green discs, and one red disc (none if ``red`` is None)."""
     tifffile = pytest.importorskip("tifffile")
+    discs = [*((d, DECOY) for d in decoys), *([(red, TARGET)] if red is not None else [])]
+    noise = np.random.default_rng(len(decoys))
 
     def tiles(level_ds):
         n = size // level_ds
@@ -34,10 +36,13 @@ def write_svs(path, decoys, red=RED, mpp=0.5, size=SIZE, tile=256):
             for x in range(0, n, tile):
                 block = np.full((tile, tile, 3), 242, np.uint8)
                 gx, gy = (xx + x) * level_ds, (yy + y) * level_ds
-                inside = (gx >= TISSUE[0]) & (gx < TISSUE[2]) & (gy >= TISSUE[1]) & (gy < TISSUE[3])
+                inside = (gx >= tissue[0]) & (gx < tissue[2]) & (gy >= tissue[1]) & (gy < tissue[3])
                 block[inside] = BACKGROUND
-                for (cx, cy), colour in [*((d, DECOY) for d in decoys), (red, TARGET)]:
+                for (cx, cy), colour in discs:
                     block[(gx - cx) ** 2 + (gy - cy) ** 2 <= 49] = colour
+                if level_ds == 1 and inside.any():  # a camera's noise on the specimen, as in tests/bags.py
+                    noisy = block.astype(np.float32) + noise.normal(0, 3, block.shape)
+                    block = np.where(inside[..., None], np.clip(noisy, 0, 255), block).astype(np.uint8)
                 yield block
 
     description = f"Aperio Image Library v11.2.1\n{size}x{size} [0,0 {size}x{size}] ({tile}x{tile}) RGB|AppMag = 20|MPP = {mpp}"
@@ -149,3 +154,46 @@ def test_mpp_must_be_known_and_not_finer_than_the_slide(cell_model, svs):
         predict_slide(model, svs, mpp=0.25)
     prediction = predict_slide(model, svs, mpp=1.0, tile=256, overlap=32, cells=True)
     assert prediction.read_mpp == 1.0 and prediction.size == (SIZE, SIZE)
+
+
+def test_the_cell_model_trains_on_slides_from_their_labels_alone(tmp_path):
+    from mitoscope.cells.config import CellTrainConfig
+    from mitoscope.cells.workflow import train_cells
+    from mitoscope.models import load_model
+
+    def slide(name, seed, mitosis):
+        rng = np.random.default_rng(seed)
+        slots = [(x, y) for y in range(280, 740, 40) for x in range(280, 740, 40)]
+        # 13 cells either way (as tests/bags.py: the one red cell must not change its image's cell count)
+        chosen = [slots[i] for i in rng.choice(len(slots), 13, replace=False)]
+        red = chosen.pop() if mitosis else None
+        return write_svs(tmp_path / "slides" / name, chosen, red=red, size=1024, tissue=(256, 256, 768, 768))
+
+    (tmp_path / "slides").mkdir()
+    rows = ["Image,Label"]
+    for i in range(24):
+        slide(f"s{i:02d}.svs", i, i % 2 == 1)
+        rows.append(f"s{i:02d}.svs,{'Mitosis' if i % 2 else 'Normal'}")
+    (tmp_path / "slides" / "labels.csv").write_text("\n".join(rows) + "\n")
+    config = CellTrainConfig(backbone="test_efficientnet", input_size=32, validation_fraction=0.25)
+    result = train_cells(tmp_path / "slides", tmp_path / "slides" / "labels.csv", tmp_path / "model", config,
+                         pretrained=False)
+    assert result.model.config["training"]["cells_per_image"]["median"] == 13
+    assert result.cv_metrics["auc"] == 1.0, result.cv_metrics
+    model = load_model(result.model_dir)
+    for seed, mitosis in ((100, True), (101, False)):
+        path = slide(f"test{seed}.svs", seed, mitosis)
+        prediction = predict_slide(model, path, cells=True)
+        assert prediction.count == int(mitosis)
+
+
+def test_window_heads_refuse_slides_and_say_what_does_take_them(svs, tmp_path):
+    from mitoscope.io import load_labelled_images
+
+    import shutil
+
+    other = shutil.copy(svs, tmp_path / "other.svs")
+    (tmp_path / "labels.csv").write_text(f"Image,Label\n{svs},Mitosis\n{other},Normal\n")
+    data = load_labelled_images(tmp_path, tmp_path / "labels.csv")
+    with pytest.raises(InputError, match="synthetic.svs: a whole slide; the pooled head trains on images"):
+        data.refuse_slides("the pooled head")

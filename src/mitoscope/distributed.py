@@ -389,6 +389,7 @@ def extract_to_cache(
     """
     config = config.validate()
     data = load_labelled_images(data_dir, labels_csv, config.positive)
+    data.refuse_slides("extract")
     cache = FeatureCache(Path(cache_dir) if cache_dir else default_cache_dir())
     # The same seeded creation as pipeline.train: random-init weights (and so the cache keys,
     # which hold the weights hash) are the same on every rank and in a later `train`.

@@ -105,6 +105,7 @@ def train(
     build_head(config.head, config.head_params)  # bad head parameters fail before any feature is extracted
     check_out_dir(out_dir, overwrite)  # refuse now, not after the features and the fitting
     data = load_labelled_images(data_dir, labels_csv, config.positive)
+    data.refuse_slides(f"the {config.head} head")
     if config.cv and min(np.bincount(data.y, minlength=2)) < config.cv:
         raise InputError(
             f"{labels_csv or data_dir}: {config.cv}-fold cross-validation needs at least {config.cv} images of each "

@@ -108,16 +108,14 @@ def _screen_slides(model: Any, paths: Sequence[Path], skip_bad: bool
     """The whole slides among ``paths``, each opened once to check it (a damaged file is said now,
     before the model loads), those that failed (with ``skip_bad``; else InputError), and warnings:
     a slide's tiles are 8-bit RGB, which the model's training images may not have been."""
-    from .io.reading import ImageHeader
-    from .io.slides import Slide, is_slide
+    from .io.slides import is_slide, slide_header
 
     slides, errors, warnings = [], {}, {}
     for path in paths:
         if not is_slide(path):
             continue
         try:
-            with Slide.open(path) as slide:
-                header = ImageHeader(path, slide.height, slide.width, 3, 8)
+            header = slide_header(path)
             profile = model.source_profile
             warning = profile.check(header, model.channels_chosen) if profile is not None else ""
         except InputError as error:

@@ -3,7 +3,8 @@ in level-0 coordinates, the mitotic count and its hotspot.
 
 The slide's tissue is found on a thumbnail (:func:`mitoscope.io.slides.tissue_mask`); tiles of
 ``tile`` pixels (at ``mpp`` microns per pixel, or level 0's) overlapping by ``overlap`` cover it,
-and only tiles that touch tissue are read. Each tile is predicted as an image by the model, so
+and only tiles that touch tissue are read. A cell model looks for cells on each tile's tissue only (the
+glass is neither background nor cell); any other model predicts each tile as an image, so
 every model kind works; an instance seen by two overlapping tiles is kept once, by the tile
 whose core (the tile less half the overlap on each side) holds its centre. Memory stays that
 of one tile whatever the slide's size.
@@ -19,7 +20,7 @@ import math
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 from PIL import Image
@@ -27,7 +28,7 @@ from PIL import Image
 from .errors import InputError
 from .io.slides import Slide, tissue_mask
 
-__all__ = ["Hotspot", "SlidePrediction", "hotspot", "plan_tiles", "predict_slide"]
+__all__ = ["Hotspot", "SlidePrediction", "SlideTiling", "hotspot", "plan_tiles", "predict_slide", "slide_cell_crops"]
 
 Progress = Callable[[str, int, int], None]
 
@@ -101,24 +102,6 @@ def _owners(centres: np.ndarray, tile0: float, step0: float, overlap0: float, pl
     return owners
 
 
-def _cover_glass(pixels: np.ndarray, mask: np.ndarray, mask_scale: float, x0: float, y0: float, tile0: float
-                 ) -> np.ndarray:
-    """The tile with everything off the tissue painted in the tissue's own background colour (its
-    median): cells are found against the background around them, and glass beside the tissue would
-    otherwise make the tissue itself stand out as one giant "cell"."""
-    tile = pixels.shape[0]
-    # tile pixel -> mask pixel, nearest
-    index = ((np.arange(tile) + 0.5) * tile0 / tile)
-    rows = np.clip(((y0 + index) * mask_scale).astype(int), 0, mask.shape[0] - 1)
-    columns = np.clip(((x0 + index) * mask_scale).astype(int), 0, mask.shape[1] - 1)
-    tissue = mask[np.ix_(rows, columns)]
-    if tissue.all() or not tissue.any():
-        return pixels
-    covered = pixels.copy()
-    covered[~tissue] = np.median(pixels[tissue], axis=0).astype(pixels.dtype)
-    return covered
-
-
 def hotspot(centres: np.ndarray, mpp: float, area_mm2: float = 2.0) -> Hotspot | None:
     """The axis-aligned square of ``area_mm2`` (level-0 ``centres`` (N, 2), ``mpp`` microns per
     pixel) holding the most centres. Some best square has a centre on its left edge and one on
@@ -137,66 +120,134 @@ def hotspot(centres: np.ndarray, mpp: float, area_mm2: float = 2.0) -> Hotspot |
     return Hotspot(best, area_mm2, best_box)
 
 
-def predict_slide(model: Any, path: str | Path, mpp: float | None = None, tile: int = 2048, overlap: int = 128,
-                  progress: Progress | None = None, cells: bool = False, hotspot_mm2: float = 2.0,
-                  thumbnail_side: int = 2048) -> SlidePrediction:
-    """Predict one slide (see the module doc). ``mpp`` reads the tiles at that many microns per
-    pixel (the slide must say its own); ``cells``: the model's instances are cells whose scores
-    are probabilities (counted against its threshold)."""
-    if tile < 64 or not 0 <= overlap < tile // 2:
-        raise InputError(f"tiles must be at least 64 px with an overlap under half a tile; got {tile} and {overlap}")
-    with Slide.open(path) as slide:
+@dataclass
+class TileRead:
+    """One tile of a slide: its pixels (``tile`` x ``tile``), which of them are tissue, and where it
+    lies in level 0."""
+
+    pixels: np.ndarray
+    tissue: np.ndarray
+    column: int
+    row: int
+    x0: float
+    y0: float
+
+
+class SlideTiling:
+    """The tissue tiles of an open slide (see the module doc), and which instances each one keeps."""
+
+    def __init__(self, slide: Slide, mpp: float | None = None, tile: int = 2048, overlap: int = 128,
+                 thumbnail_side: int = 2048) -> None:
+        if tile < 64 or not 0 <= overlap < tile // 2:
+            raise InputError(f"tiles must be at least 64 px with an overlap under half a tile; got {tile} and {overlap}")
         if mpp is not None:
             if slide.mpp is None:
                 raise InputError(f"{slide.path}: the slide does not say its pixel size, so --mpp cannot be used; "
                                  f"leave it out to read level 0")
             if mpp < slide.mpp * 0.999:
                 raise InputError(f"{slide.path}: --mpp {mpp} is finer than the slide's {slide.mpp} µm/px")
-        scale0 = (mpp / slide.mpp) if mpp is not None else 1.0  # level-0 pixels per tile pixel
-        tile0, overlap0 = tile * scale0, overlap * scale0
-        step0 = tile0 - overlap0
-        thumbnail, thumb_scale = slide.thumbnail(thumbnail_side)
-        mask = tissue_mask(thumbnail)
-        planned = plan_tiles(slide.width, slide.height, mask, thumb_scale, tile0, step0)
-        planned_set = set(planned)
-        notes = [] if planned else ["no tissue found"]
+        self.slide, self.mpp, self.tile = slide, mpp, tile
+        self.scale0 = (mpp / slide.mpp) if mpp is not None else 1.0  # level-0 pixels per tile pixel
+        self.tile0, self.overlap0 = tile * self.scale0, overlap * self.scale0
+        self.step0 = self.tile0 - self.overlap0
+        self.thumbnail, self.thumb_scale = slide.thumbnail(thumbnail_side)
+        self.mask = tissue_mask(self.thumbnail)
+        self.planned = plan_tiles(slide.width, slide.height, self.mask, self.thumb_scale, self.tile0, self.step0)
+        self._planned_set = set(self.planned)
+        from scipy import ndimage
+
+        self._near_tissue = ndimage.binary_dilation(self.mask, iterations=2)
+        # where cells are looked for: the tissue less a thumbnail pixel at its edge, so that no sliver
+        # of glass (the mask's edge is as coarse as the thumbnail) is taken for cells
+        self._inner_tissue = ndimage.binary_erosion(self.mask, iterations=1)
+
+    def tiles(self) -> Iterator[TileRead]:
+        """The tiles that touch tissue, read one at a time, each with its tissue mask (the
+        thumbnail's, nearest pixel)."""
+        index = (np.arange(self.tile) + 0.5) * self.tile0 / self.tile
+        for column, row in self.planned:
+            x0, y0 = column * self.step0, row * self.step0
+            pixels = self.slide.read(round(x0), round(y0), round(self.tile0), round(self.tile0), (self.tile, self.tile))
+            rows = np.clip(((y0 + index) * self.thumb_scale).astype(int), 0, self.mask.shape[0] - 1)
+            columns = np.clip(((x0 + index) * self.thumb_scale).astype(int), 0, self.mask.shape[1] - 1)
+            yield TileRead(pixels, self._inner_tissue[np.ix_(rows, columns)], column, row, x0, y0)
+
+    def to_level0(self, read: TileRead, boxes: np.ndarray) -> np.ndarray:
+        """Boxes in a tile's pixels -> level-0 pixels."""
+        return np.asarray(boxes, dtype=np.float64).reshape(-1, 4) * self.scale0 + np.array([read.x0, read.y0] * 2)
+
+    def keeps(self, read: TileRead, boxes0: np.ndarray, on_tissue: bool = False) -> np.ndarray:
+        """Which of a tile's instances (level-0 boxes) this tile keeps: those whose centre its core
+        holds (each instance once across overlaps); with ``on_tissue``, only those on the tissue."""
+        centres = (boxes0[:, :2] + boxes0[:, 2:]) / 2
+        keep = np.array([owner == (read.column, read.row) for owner in
+                         _owners(centres, self.tile0, self.step0, self.overlap0, self._planned_set)], dtype=bool)
+        if on_tissue and len(centres):
+            mask = self._near_tissue
+            columns = np.clip((centres[:, 0] * self.thumb_scale).astype(int), 0, mask.shape[1] - 1)
+            rows = np.clip((centres[:, 1] * self.thumb_scale).astype(int), 0, mask.shape[0] - 1)
+            keep &= mask[rows, columns]
+        return keep.reshape(-1)
+
+
+def slide_cell_crops(path: str | Path, input_size: int, min_diameter: float = 8.0, mpp: float | None = None,
+                     tile: int = 2048, overlap: int = 128) -> np.ndarray:
+    """The crops of every cell on a slide's tissue (each once), for training a cell model on slides."""
+    from .cells.proposals import Proposals, cut_crops, find_cells
+
+    crops = [np.zeros((0, input_size, input_size, 3), dtype=np.uint8)]
+    with Slide.open(path) as slide:
+        tiling = SlideTiling(slide, mpp, tile, overlap)
+        for read in tiling.tiles():
+            proposals = find_cells(read.pixels, min_diameter, valid=read.tissue)
+            if not len(proposals):
+                continue
+            keep = tiling.keeps(read, tiling.to_level0(read, proposals.boxes()))
+            kept = Proposals(proposals.centres[keep], proposals.diameters[keep], proposals.crop_side)
+            crops.append(cut_crops(read.pixels, kept, input_size, read.tissue))
+    return np.concatenate(crops)
+
+
+def predict_slide(model: Any, path: str | Path, mpp: float | None = None, tile: int = 2048, overlap: int = 128,
+                  progress: Progress | None = None, cells: bool = False, hotspot_mm2: float = 2.0,
+                  thumbnail_side: int = 2048) -> SlidePrediction:
+    """Predict one slide (see the module doc). ``mpp`` reads the tiles at that many microns per
+    pixel (the slide must say its own); ``cells``: the model's instances are cells whose scores
+    are probabilities (counted against its threshold)."""
+    with Slide.open(path) as slide:
+        tiling = SlideTiling(slide, mpp, tile, overlap, thumbnail_side)
+        notes = [] if tiling.planned else ["no tissue found"]
         boxes, scores, tile_boxes, tile_scores = [], [], [], []
         runnable = None
         if progress:
-            progress(f"tiles of {slide.path.name}", 0, len(planned))
+            progress(f"tiles of {slide.path.name}", 0, len(tiling.planned))
         with tempfile.TemporaryDirectory(prefix="mitoscope-tile-") as folder:
             tile_path = Path(folder) / "tile.png"
-            for done, (column, row) in enumerate(planned, start=1):
-                x0, y0 = column * step0, row * step0
-                pixels = slide.read(round(x0), round(y0), round(tile0), round(tile0), (tile, tile))
-                if cells:
-                    pixels = _cover_glass(pixels, mask, thumb_scale, x0, y0, tile0)
-                Image.fromarray(pixels).save(tile_path, compress_level=1)
-                if runnable is None:
-                    runnable = model.for_images({tile_path: (tile, tile)})
-                pred = runnable.predict_paths([tile_path], with_window_scores=runnable.gives_window_scores)
-                tile_boxes.append((x0, y0, x0 + tile0, y0 + tile0))
-                tile_scores.append(float(pred.proba[0]))
-                if pred.window_scores is not None and pred.window_scores[0] is not None and len(pred.window_scores[0]):
-                    found = np.asarray(pred.boxes[0], dtype=np.float64) * scale0 + np.array([x0, y0, x0, y0])
-                    centres = (found[:, :2] + found[:, 2:]) / 2
-                    keep = np.array([owner == (column, row)
-                                     for owner in _owners(centres, tile0, step0, overlap0, planned_set)])
+            for done, read in enumerate(tiling.tiles(), start=1):
+                if cells and hasattr(model, "score_image"):
+                    # a cell model looks for cells on the tile's tissue only (the glass is no background)
+                    tile_scores_i, tile_boxes_i = model.score_image(read.pixels, read.tissue)
+                    tile_proba = float(tile_scores_i.max(initial=0.0))
+                else:  # any other model: the tile as an image file
+                    Image.fromarray(read.pixels).save(tile_path, compress_level=1)
+                    if runnable is None:
+                        runnable = model.for_images({tile_path: (tile, tile)})
+                    pred = runnable.predict_paths([tile_path], with_window_scores=runnable.gives_window_scores)
+                    tile_proba = float(pred.proba[0])
+                    has_scores = pred.window_scores is not None and pred.window_scores[0] is not None
+                    tile_scores_i = np.asarray(pred.window_scores[0], dtype=np.float64) if has_scores else np.zeros(0)
+                    tile_boxes_i = np.asarray(pred.boxes[0]) if has_scores else np.zeros((0, 4))
+                tile_boxes.append((read.x0, read.y0, read.x0 + tiling.tile0, read.y0 + tiling.tile0))
+                tile_scores.append(tile_proba)
+                if len(tile_scores_i):
+                    found = tiling.to_level0(read, tile_boxes_i)
+                    keep = tiling.keeps(read, found, on_tissue=cells)
                     boxes.append(found[keep])
-                    scores.append(np.asarray(pred.window_scores[0], dtype=np.float64)[keep])
+                    scores.append(np.asarray(tile_scores_i, dtype=np.float64)[keep])
                 if progress:
-                    progress(f"tiles of {slide.path.name}", done, len(planned))
+                    progress(f"tiles of {slide.path.name}", done, len(tiling.planned))
         box_array = np.concatenate(boxes) if boxes else np.zeros((0, 4))
         score_array = np.concatenate(scores) if scores else np.zeros(0)
-        if cells and len(box_array):  # specks of the background around the tissue are no cells
-            from scipy import ndimage
-
-            near_tissue = ndimage.binary_dilation(mask, iterations=2)
-            centres = (box_array[:, :2] + box_array[:, 2:]) / 2 * thumb_scale
-            columns = np.clip(centres[:, 0].astype(int), 0, mask.shape[1] - 1)
-            rows = np.clip(centres[:, 1].astype(int), 0, mask.shape[0] - 1)
-            on_tissue = near_tissue[rows, columns]
-            box_array, score_array = box_array[on_tissue], score_array[on_tissue]
         threshold = float(model.threshold)
         count = spot = None
         if cells:
@@ -208,11 +259,12 @@ def predict_slide(model: Any, path: str | Path, mpp: float | None = None, tile: 
             else:
                 notes.append("the slide does not say its pixel size: no mitoses per mm²")
         return SlidePrediction(
-            path=Path(path), proba=float(score_array.max(initial=0.0)) if cells else max(tile_scores, default=0.0), size=(slide.height, slide.width), mpp=slide.mpp,
-            read_mpp=mpp, boxes=box_array, scores=score_array,
+            path=Path(path), proba=float(score_array.max(initial=0.0)) if cells else max(tile_scores, default=0.0),
+            size=(slide.height, slide.width), mpp=slide.mpp, read_mpp=mpp, boxes=box_array, scores=score_array,
             tile_boxes=np.asarray(tile_boxes, dtype=np.float64).reshape(-1, 4),
             tile_scores=np.asarray(tile_scores, dtype=np.float64), count=count, hotspot=spot,
-            tissue_fraction=float(mask.mean()), thumbnail=thumbnail, thumbnail_scale=thumb_scale, notes=notes)
+            tissue_fraction=float(tiling.mask.mean()), thumbnail=tiling.thumbnail,
+            thumbnail_scale=tiling.thumb_scale, notes=notes)
 
 
 def slide_row(prediction: SlidePrediction, classes: tuple[str, str], threshold: float, head_name: str,

@@ -130,10 +130,20 @@ class CellModel(ModelDescription):
             return self.head.decision_function(output, crops)
         return output.reshape(-1).astype(np.float64)
 
+    def cells_of(self, image: np.ndarray, valid: np.ndarray | None = None) -> tuple[np.ndarray, Proposals]:
+        """The crops and proposals of an (H, W, 3) uint8 image's cells (only within ``valid``, if given)."""
+        proposals = find_cells(image, float(self.config["cells"].get("min_diameter", 8.0)), valid=valid)
+        return cut_crops(image, proposals, self.input_size, valid), proposals
+
+    def score_image(self, image: np.ndarray, valid: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(probability per cell, (n, 4) boxes) of an in-memory image, e.g. a slide's tile."""
+        crops, proposals = self.cells_of(image, valid)
+        return (sigmoid(self.score_crops(crops)) if len(crops) else np.zeros(0)), proposals.boxes()
+
     def _read(self, path: Path) -> tuple[np.ndarray, Proposals, tuple[int, int]]:
         image = read_image(path, self.read_options)
-        proposals = find_cells(image, float(self.config["cells"].get("min_diameter", 8.0)))
-        return cut_crops(image, proposals, self.input_size), proposals, image.shape[:2]
+        crops, proposals = self.cells_of(image)
+        return crops, proposals, image.shape[:2]
 
     def predict_paths(self, paths: Sequence[str | Path], cache: Any = None, progress: Progress | None = None,
                       with_window_scores: bool = False, engine: str = "auto", skip_bad: bool = False,

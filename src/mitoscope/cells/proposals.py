@@ -40,10 +40,11 @@ class Proposals:
         return np.concatenate([self.centres - half, self.centres + half], axis=1).reshape(-1, 4)
 
 
-def foreground(image: np.ndarray) -> np.ndarray:
-    """How far each pixel is from the background, in robust standard deviations (max over channels)."""
+def foreground(image: np.ndarray, valid: np.ndarray | None = None) -> np.ndarray:
+    """How far each pixel is from the background, in robust standard deviations (max over channels);
+    the background's statistics come from the ``valid`` pixels only (e.g. a slide tile's tissue)."""
     pixels = image.astype(np.float32)
-    flat = pixels.reshape(-1, pixels.shape[-1])
+    flat = pixels.reshape(-1, pixels.shape[-1]) if valid is None else pixels[valid]
     # Quantiles on a strided sample: the same answer as on all pixels, ten times faster on a 4K image.
     sample = flat[:: max(1, len(flat) // 200_000)]
     median = np.median(sample, axis=0)
@@ -52,8 +53,12 @@ def foreground(image: np.ndarray) -> np.ndarray:
     return np.max(np.abs(pixels - median) / spread, axis=-1)
 
 
-def find_cells(image: np.ndarray, min_diameter: float = 8.0, max_cells: int = 5000) -> Proposals:
-    """Propose one instance per cell of an (H, W, C) image; an empty field gives no instances."""
+def find_cells(image: np.ndarray, min_diameter: float = 8.0, max_cells: int = 5000,
+               valid: np.ndarray | None = None) -> Proposals:
+    """Propose one instance per cell of an (H, W, C) image; an empty field gives no instances.
+    With ``valid`` (an (H, W) bool mask, e.g. the tissue of a slide tile) cells are looked for, and
+    the background measured, only there: glass beside the tissue neither counts as background nor
+    makes the tissue stand out as one giant cell."""
     from scipy import ndimage as ndi
     from skimage.feature import peak_local_max
     from skimage.filters import gaussian, threshold_otsu
@@ -62,15 +67,23 @@ def find_cells(image: np.ndarray, min_diameter: float = 8.0, max_cells: int = 50
 
     if image.ndim != 3:
         raise ValueError(f"find_cells expects an (H, W, C) image, got shape {image.shape}")
-    distance_from_background = gaussian(foreground(image), sigma=2.0, preserve_range=True)
-    if float(distance_from_background.max() - distance_from_background.min()) < 1e-6:
+    if valid is not None and not valid.any():
+        return _none(min_diameter)
+    distance_from_background = foreground(image, valid)
+    if valid is not None:
+        distance_from_background[~valid] = 0.0
+    distance_from_background = gaussian(distance_from_background, sigma=2.0, preserve_range=True)
+    considered = distance_from_background if valid is None else distance_from_background[valid]
+    if float(considered.max() - considered.min()) < 1e-6:
         return _none(min_diameter)
     # Otsu's level on the logarithm of the distance: on the distance itself a few very distinct
     # cells (the mitoses) raise the level and shrink every other cell of their image, so that the
     # instances of an image would tell its label through their size.
-    level = float(np.expm1(threshold_otsu(np.log1p(distance_from_background))))
+    level = float(np.expm1(threshold_otsu(np.log1p(considered))))
     level = max(level, 3.0)
     mask = ndi.binary_fill_holes(distance_from_background > level)
+    if valid is not None:
+        mask &= valid
     labels, n = ndi.label(mask)
     if n == 0:
         return _none(min_diameter)
@@ -107,15 +120,16 @@ def _none(min_diameter: float) -> Proposals:
     return Proposals(np.zeros((0, 2)), np.zeros((0,)), int(round(CROP_DIAMETERS * min_diameter)))
 
 
-def cut_crops(image: np.ndarray, proposals: Proposals, size: int) -> np.ndarray:
+def cut_crops(image: np.ndarray, proposals: Proposals, size: int, valid: np.ndarray | None = None) -> np.ndarray:
     """The instances of an image as ``(n, size, size, C)`` uint8 crops, each centred on its cell
-    (edges padded with the image's median, i.e. background) and resized to ``size``."""
+    (edges padded with the median of the image, or of its ``valid`` pixels: the background) and
+    resized to ``size``."""
     from PIL import Image
 
     side = proposals.crop_side
     pad = side
-    fill = np.median(image.reshape(-1, image.shape[-1])[:: max(1, image.shape[0] * image.shape[1] // 100_000)],
-                     axis=0).astype(image.dtype)
+    flat = image.reshape(-1, image.shape[-1]) if valid is None or not valid.any() else image[valid]
+    fill = np.median(flat[:: max(1, len(flat) // 100_000)], axis=0).astype(image.dtype)
     padded = np.empty((image.shape[0] + 2 * pad, image.shape[1] + 2 * pad, image.shape[2]), dtype=image.dtype)
     padded[...] = fill
     padded[pad:pad + image.shape[0], pad:pad + image.shape[1]] = image

@@ -12,7 +12,8 @@ import numpy as np
 
 from ..artifacts import check_out_dir
 from ..errors import InputError
-from ..io import ReadOptions, SourceProfile, load_labelled_images, read_image
+from ..io import ReadOptions, SourceProfile, load_labelled_images, read_header, read_image
+from ..io.slides import is_slide, slide_header
 from ..results import Progress
 from .model import HEAD_NAME, KIND, CellModel
 from .proposals import CROP_DIAMETERS, cut_crops, find_cells
@@ -34,13 +35,17 @@ class CellTrainResult:
 
 def collect_bags(paths: list[Path], y: np.ndarray, read_options: ReadOptions, input_size: int,
                  min_diameter: float = 8.0, progress: Progress | None = None) -> Bags:
-    """Every image's cells as crops, one bag per image."""
+    """Every image's cells as crops, one bag per image (a whole slide's: the cells on its tissue)."""
     crops, offsets = [], [0]
     for index, path in enumerate(paths):
-        image = read_image(path, read_options)
-        proposals = find_cells(image, min_diameter)
-        crops.append(cut_crops(image, proposals, input_size))
-        offsets.append(offsets[-1] + len(proposals))
+        if is_slide(path):
+            from ..wsi import slide_cell_crops
+
+            crops.append(slide_cell_crops(path, input_size, min_diameter))
+        else:
+            image = read_image(path, read_options)
+            crops.append(cut_crops(image, find_cells(image, min_diameter), input_size))
+        offsets.append(offsets[-1] + len(crops[-1]))
         if progress:
             progress("cells: finding cells", index + 1, len(paths))
     empty = np.zeros((0, input_size, input_size, 3), dtype=np.uint8)
@@ -67,7 +72,8 @@ def train_cells(data_dir: str | Path, labels_csv: str | Path | None, out_dir: st
     if counts.min() < needed:
         raise InputError(f"{labels_csv or data_dir}: training a cell model needs at least {needed} images of each class, "
                          f"got {counts.tolist()} ({', '.join(data.classes)})")
-    sources = SourceProfile.from_paths(data.paths, read_options)
+    sources = SourceProfile.of(slide_header(path) if is_slide(path) else read_header(path, read_options)
+                               for path in data.paths)
     seconds: dict[str, float] = {}
     start = time.perf_counter()
     bags = collect_bags(data.paths, data.y, read_options, config.input_size, progress=progress)

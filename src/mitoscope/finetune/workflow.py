@@ -74,6 +74,7 @@ def finetune(
     out_dir = Path(out_dir)
     check_out_dir(out_dir, overwrite)  # the model folder's one guard: refused now, not after training
     data = load_labelled_images(data_dir, labels_csv, config.positive)
+    data.refuse_slides("finetune")
     source = str(labels_csv or data_dir)
     groups = None if data.groups is None else np.asarray(data.groups)
     counts = np.bincount(data.y, minlength=2)

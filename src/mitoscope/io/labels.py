@@ -104,6 +104,15 @@ class LabelledImages:
     def __len__(self) -> int:
         return len(self.paths)
 
+    def refuse_slides(self, who: str) -> None:
+        """InputError if any image is a whole slide: only the cell model trains on slides."""
+        from .slides import is_slide
+
+        for path in self.paths:
+            if is_slide(path):
+                raise InputError(f"{path}: a whole slide; {who} trains on images. Train the default cell model "
+                                 f"(no --head), which reads slides tile by tile, or cut the slide into images")
+
 
 def locate_labels(data_dir: str | os.PathLike[str], labels_csv: str | os.PathLike[str] | None = None) -> Path | None:
     """The labels CSV that :func:`load_labelled_images` reads (a relative ``labels_csv`` that
@@ -178,7 +187,7 @@ def load_labelled_images(
 
 def _from_class_folders(data_dir: Path) -> tuple[list[Path], list[str], None, str]:
     folders = sorted(p for p in data_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
-    class_images = {folder.name: _images_in(folder) for folder in folders}
+    class_images = {folder.name: _images_in(folder, PREDICT_SUFFIXES) for folder in folders}
     class_images = {name: images for name, images in class_images.items() if images}
     if len(class_images) != 2:
         hint = ""

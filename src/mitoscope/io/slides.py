@@ -12,13 +12,16 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from ..errors import InputError
 
-__all__ = ["SLIDE_SUFFIXES", "Slide", "is_slide", "tissue_mask"]
+if TYPE_CHECKING:
+    from .reading import ImageHeader
+
+__all__ = ["SLIDE_SUFFIXES", "Slide", "is_slide", "slide_header", "tissue_mask"]
 
 # Formats only slide readers open; a .tif/.tiff is a slide when it holds a pyramid.
 SLIDE_SUFFIXES = (".svs", ".ndpi", ".mrxs", ".scn", ".bif", ".vms", ".vmu", ".svslide")
@@ -137,6 +140,14 @@ class Slide:
         scale = min(1.0, max_side / max(self.width, self.height))
         size = (max(1, round(self.width * scale)), max(1, round(self.height * scale)))
         return self.read(0, 0, self.width, self.height, size), scale
+
+
+def slide_header(path: str | os.PathLike[str]) -> "ImageHeader":
+    """What a slide's tiles are, as an image header: level 0's size, 3 channels of 8 bits (RGB)."""
+    from .reading import ImageHeader
+
+    with Slide.open(path) as slide:
+        return ImageHeader(Path(path), slide.height, slide.width, 3, 8)
 
 
 def tissue_mask(thumbnail: np.ndarray, min_distance: float = 12.0) -> np.ndarray:
