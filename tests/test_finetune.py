@@ -756,3 +756,75 @@ def test_the_scene_recipe_learns_one_distinctive_cell_among_decoys_without_colla
     assert roc_auc_score(y, proba) > 0.95
     last = [row for row in result.history if row["phase"] == "full"][-1]
     assert last["train_loss"] < 0.5  # still learning at the end, not sitting at ln 2
+
+
+def test_a_killed_finetune_resumes_where_it_stopped_and_ends_as_an_uninterrupted_run(dataset, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    folder, labels = dataset
+    command = [sys.executable, "-m", "mitoscope", "finetune", str(folder), "--labels", str(labels),
+               "--backbone", "test_efficientnet", "--no-pretrained", "--size", str(SIZE), "--epochs-head", "2",
+               "--epochs-full", "12", "--patience", "100", "--batch-size", "4", "--accelerator", "cpu"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    whole = subprocess.run(command + ["--out", str(tmp_path / "whole")], capture_output=True, text=True, env=env)
+    assert whole.returncode == 0, whole.stderr
+
+    out, work = tmp_path / "killed", tmp_path / ".killed.finetune-work"
+    process = subprocess.Popen(command + ["--out", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               env=env)
+    last = work / "final" / "full" / "last.ckpt"
+    deadline = time.monotonic() + 300
+    while not last.is_file() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    os.kill(process.pid, signal.SIGKILL)  # mid-way through phase 2: the head phase is done, the full one is not
+    process.wait()
+    assert process.returncode == -signal.SIGKILL, "the run ended before it could be killed mid-phase"
+    assert not out.exists() and (work / "final" / "head" / "done.pt").is_file()
+
+    resumed = subprocess.run(command + ["--out", str(out)], capture_output=True, text=True, env=env)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming the interrupted run" in resumed.stderr
+    assert "main phase head: done by an earlier run" in resumed.stderr
+    assert "main phase full: resuming after epoch" in resumed.stderr
+    assert not work.exists()  # removed once the model is saved
+    # the same epochs, the same numbers: as if it had never stopped
+    assert (out / "history.csv").read_text() == (tmp_path / "whole" / "history.csv").read_text()
+    assert json.loads((out / "model.json").read_text())["threshold"] == \
+        json.loads((tmp_path / "whole" / "model.json").read_text())["threshold"]
+
+    fresh = subprocess.run(command + ["--out", str(tmp_path / "again"), "--fresh"], capture_output=True, text=True,
+                           env=env)
+    assert fresh.returncode == 0 and "resuming" not in fresh.stderr
+
+
+def test_a_phase_resumed_from_its_last_epoch_goes_on_exactly_as_if_it_had_not_stopped(arrays, tmp_path):
+    import lightning as L
+
+    images, y = arrays
+    config = tiny_config(epochs_full=4, patience=100).validate()
+    train, val = validation_split(y, None, config.val_fraction, 0, "test")
+    phase = Phase("full", 4, 1e-3, "all", head_lr=1e-3)
+
+    class Stop(L.Callback):
+        def on_train_epoch_start(self, trainer, module):
+            if trainer.current_epoch == 2:
+                raise RuntimeError("stopped")
+
+    def run(work, callbacks=()):
+        torch.manual_seed(0)
+        network, backbone = build_network(config)
+        L.seed_everything(1, verbose=False)
+        return fit_phase(network, images, y, train, val, phase, config, work, backbone.data_config["mean"],
+                         backbone.data_config["std"], callbacks=callbacks)
+
+    whole = run(tmp_path / "whole")
+    with pytest.raises(RuntimeError, match="stopped"):
+        run(tmp_path / "stopped", [Stop()])
+    assert (tmp_path / "stopped" / "last.ckpt").is_file()
+    resumed = run(tmp_path / "stopped")  # the same call: goes on from the end of epoch 2
+    assert resumed.history == whole.history  # losses, AUCs, learning rates: identical
+    assert resumed.best_epoch == whole.best_epoch

@@ -414,6 +414,7 @@ def finetune_command(
     trunk_cache_gb: float = typer.Option(8.0, "--trunk-cache-gb", help="Refuse a trunk cache larger than this many GB of memory."),
     cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="Keep resized images (and tiles) here for reruns."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing model folder."),
+    fresh: bool = typer.Option(False, "--fresh", help="Start over instead of resuming an interrupted run of the same command."),
 ) -> None:
     """Fine-tune a pretrained CNN end to end on whole images (the write-up's Round-2 model).
 
@@ -423,7 +424,8 @@ def finetune_command(
     labelled with their image's label, which is noisy for Mitosis images (most of their
     tiles show no mitosis): --negatives-only-tiles tiles Normal images only and uses
     Mitosis images whole. Writes the model, history.csv/json, training_curves.png and,
-    with --cv, metrics.json.
+    with --cv, metrics.json. Killed or crashed, the same command resumes from its last
+    finished epoch (--fresh starts over).
 
     Example: mitoscope finetune scenes/ --labels scenes/labels.csv --out model/ --size 512 --cv 5
     """
@@ -459,7 +461,7 @@ def finetune_command(
         started = time.perf_counter()
         with lightning_display(console) as progress:
             result = finetune(data_dir, labels, out, config, cache_dir, progress, overwrite,
-                              callbacks=[] if terminal else [lightning_progress(progress)])
+                              callbacks=[] if terminal else [lightning_progress(progress)], fresh=fresh)
     except MitoscopeError as exc:
         fail(exc)
     if result.model_dir is None:  # a DDP rank other than 0

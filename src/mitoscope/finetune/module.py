@@ -7,6 +7,8 @@ phase runs, so that ``import mitoscope.finetune`` stays free of Lightning.
 
 from __future__ import annotations
 
+import random
+
 from typing import Any, Sequence
 
 import lightning as L
@@ -69,6 +71,38 @@ class FineTuneModule(L.LightningModule):
                 if parameters and not any(p.requires_grad for p in parameters):
                     module.eval()
         return self
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # What a resumed phase needs to go on exactly as if it had not stopped: the epochs' history,
+        # the augmentation's batch counter and the random states (dropout; the data order, drawn
+        # from the data module's generator). Plain types and tensors only: it loads with weights_only.
+        datamodule = getattr(self.trainer, "datamodule", None)
+        checkpoint["mitoscope"] = {
+            "history": self.history, "batches_seen": self._batches_seen, "epoch": int(self.current_epoch),
+            "torch_rng": torch.get_rng_state(), "numpy_rng": _numpy_state(), "python_rng": _python_state(),
+            "data_rng": datamodule.generator.get_state() if datamodule is not None else None,
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        state = checkpoint.get("mitoscope")
+        if state is None:  # a weights-only checkpoint (the best epoch's): nothing to resume
+            return
+        self.history = list(state["history"])
+        self._batches_seen = int(state["batches_seen"])
+        # The random states are set when the next epoch starts: Lightning's restart in between
+        # (it revisits the saved epoch, and makes a loader iterator for it) draws from them.
+        self._resume_rng = state
+
+    def on_train_epoch_start(self) -> None:
+        state = getattr(self, "_resume_rng", None)
+        if state is not None and self.current_epoch == state["epoch"] + 1:
+            torch.set_rng_state(state["torch_rng"])
+            _set_numpy_state(state["numpy_rng"])
+            _set_python_state(state["python_rng"])
+            datamodule = getattr(self.trainer, "datamodule", None)
+            if datamodule is not None and state["data_rng"] is not None:
+                datamodule.generator.set_state(state["data_rng"])
+            self._resume_rng = None
 
     def on_fit_start(self) -> None:
         # NHWC: faster on tensor cores, and on CPU the backward of depthwise convolutions
@@ -148,14 +182,35 @@ class FineTuneModule(L.LightningModule):
         self._val_metrics = self._epoch_metrics("val")
         # Every rank computed the same numbers from the gathered predictions: no sync needed.
         self.log_dict({k: v for k, v in self._val_metrics.items()}, prog_bar=True)
-
-    def on_train_epoch_end(self) -> None:
+        # The epoch's history row is made here, at its end (validation runs after the epoch's last
+        # training batch): the checkpoints saved at validation end then hold it, and a run resumed
+        # from one goes on with the next epoch.
         metrics = self._epoch_metrics("train")
         self.log_dict(metrics, prog_bar=False)
         # The learning rate at the epoch's end: of the backbone when it trains, else of the head.
         lr = float(self.trainer.optimizers[0].param_groups[0]["lr"])
         self.history.append({**self.tag, "epoch": self.current_epoch + 1, "lr": lr, **metrics, **self._val_metrics})
         self._val_metrics = {}
+
+
+def _numpy_state() -> dict[str, Any]:
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return {"name": name, "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)), "pos": int(pos),
+            "has_gauss": int(has_gauss), "cached": float(cached)}
+
+
+def _set_numpy_state(state: dict[str, Any]) -> None:
+    np.random.set_state((state["name"], state["keys"].numpy().astype(np.uint32), state["pos"], state["has_gauss"],
+                         state["cached"]))
+
+
+def _python_state() -> list[Any]:
+    version, internal, gauss = random.getstate()
+    return [version, list(internal), gauss]
+
+
+def _set_python_state(state: list[Any]) -> None:
+    random.setstate((state[0], tuple(state[1]), state[2]))
 
 
 class FineTuneDataModule(L.LightningDataModule):

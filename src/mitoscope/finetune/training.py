@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import copy
 import logging
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 from .. import lightning_setup
+from ..atomic import atomic_path
 from ..errors import InputError, ModelError
 from ..features import pick_device
 from ..lightning_setup import on_gpu, quiet_lightning, resolve_precision
@@ -46,6 +47,13 @@ from .network import FineTuneNetwork, set_trainable
 from .trunk import TrunkCache, build_trunk_cache, predict_trunk_cache, resolve_trunk_split
 
 logger = logging.getLogger(__name__)
+
+LAST_CHECKPOINT = "last"
+DONE_FILE = "done.pt"
+
+
+def _checkpoint_epoch(path: Path) -> int:
+    return int(torch.load(path, map_location="cpu", weights_only=True).get("epoch", -1)) + 1
 
 
 @dataclass(frozen=True)
@@ -117,6 +125,10 @@ def fit_phase(
 
     from .module import FineTuneDataModule, FineTuneModule, PhaseBar
 
+    # Every phase starts from the network in eval mode, as a previous phase leaves it: Lightning
+    # keeps the modules' modes from the start of fit across its validation loops, so the mode the
+    # network comes in with shapes training (a phase reloaded by a resumed run must match).
+    network.train(False)
     set_trainable(network, phase.unfreeze, config.batchnorm)
     y = np.asarray(y, dtype=np.int64)
     train_y = y[train_indices]
@@ -138,13 +150,23 @@ def fit_phase(
         dirpath=work_dir, filename=f"{phase.name}-{{epoch}}", monitor=monitor, mode=MONITORS[config.monitor],
         save_top_k=1, save_weights_only=True, auto_insert_metric_name=False,
     )
-    stopper = EarlyStopping(monitor=monitor, mode=MONITORS[config.monitor], patience=config.patience)
+    # The whole state after every epoch (weights, optimizer, schedule, early stopping, history,
+    # random state), saved at the epoch's validation end: a killed run resumes from here.
+    last = ModelCheckpoint(dirpath=work_dir, filename=LAST_CHECKPOINT, save_top_k=1, monitor=None,
+                           save_on_train_epoch_end=False, save_weights_only=False, enable_version_counter=False)
+    resume_from = work_dir / f"{LAST_CHECKPOINT}.ckpt"
+    # checked at validation end, with the checkpoints: a resumed run restarts after that point
+    stopper = EarlyStopping(monitor=monitor, mode=MONITORS[config.monitor], patience=config.patience,
+                            check_on_train_epoch_end=False)
     bars = [PhaseBar(f"{(tag or {}).get('stage', '')} {phase.name}".strip())] if config.progress_bar else []
     # The progress bar (with its ETA) is a callback: it stays. The module augments the batches
     # once on the device, the data module only loads them: Lightning warns about that needlessly.
     with quiet_lightning(True, ignore=(r".*overridden `on_after_batch_transfer` in `LightningModule`.*",)):
-        trainer = make_trainer(config, phase.epochs, [checkpoint, stopper, *bars, *callbacks], work_dir)
-        trainer.fit(module, datamodule=data)
+        trainer = make_trainer(config, phase.epochs, [checkpoint, last, stopper, *bars, *callbacks], work_dir)
+        if resume_from.is_file():
+            logger.warning("%s phase %s: resuming after epoch %d (%s)", (tag or {}).get("stage", ""), phase.name,
+                           _checkpoint_epoch(resume_from), resume_from)
+        trainer.fit(module, datamodule=data, ckpt_path=resume_from if resume_from.is_file() else None)
     if not checkpoint.best_model_path:
         raise InputError(f"phase {phase.name}: no validation epoch finished, so there is no best checkpoint to keep")
     saved = torch.load(checkpoint.best_model_path, map_location="cpu", weights_only=True)
@@ -161,6 +183,15 @@ def fit_phase(
         lr=phase.lr, n_trainable=sum(p.numel() for p in network.parameters() if p.requires_grad),
         history=module.history, learning_rates=phase.learning_rates,
     )
+
+
+def _is_global_zero() -> bool:
+    # After Lightning's DDP launch every process has RANK (or SLURM_PROCID) set; alone, we are rank 0.
+    import os
+
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank() == 0
+    return int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) or 0) == 0
 
 
 class FineTuner:
@@ -214,19 +245,33 @@ class FineTuner:
         if cache is not None and cache.maps.shape[1] != len(self.images):
             raise InputError(f"{self.stage}: the trunk cache holds {cache.maps.shape[1]} images, expected "
                              f"{len(self.images)} (one per image of the store)")
-        L.seed_everything(config.seed, workers=True, verbose=False)
         network = copy.deepcopy(self.network)
         phases = [Phase("head", config.epochs_head, config.lr_head, None),
                   Phase("full", config.epochs_full, config.lr_full, config.unfreeze, head_lr=config.lr_head)]
         results = []
-        for phase in phases:
+        for index, phase in enumerate(phases):
             if phase.epochs < 1:
                 continue
-            results.append(fit_phase(
+            phase_dir = self.work_dir / phase.name
+            done = phase_dir / DONE_FILE
+            if done.is_file():  # finished by an earlier, interrupted run of the same command
+                saved = torch.load(done, map_location="cpu", weights_only=True)
+                network.load_state_dict(saved["state_dict"])
+                results.append(PhaseResult(**saved["result"]))
+                logger.warning("%s phase %s: done by an earlier run, its best epoch reloaded (%s)", self.stage,
+                               phase.name, done)
+                continue
+            # Each phase from its own seed: a resumed run's phase starts where an uninterrupted one's does.
+            L.seed_everything(config.seed + index, workers=True, verbose=False)
+            result = fit_phase(
                 network, self.images, self.y, train_indices, val_indices, phase, config,
-                self.work_dir / phase.name, self.mean, self.std, tag={"stage": self.stage}, callbacks=self.callbacks,
+                phase_dir, self.mean, self.std, tag={"stage": self.stage}, callbacks=self.callbacks,
                 trunk=cache,
-            ))
+            )
+            results.append(result)
+            if _is_global_zero():
+                with atomic_path(done) as temp:
+                    torch.save({"state_dict": network.state_dict(), "result": asdict(result)}, temp)
         set_trainable(network, None)
         network.eval()
         self.network_ = network

@@ -11,6 +11,7 @@ predictions with ``cv``.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -22,7 +23,7 @@ import numpy as np
 import torch
 
 from ..artifacts import check_out_dir
-from ..atomic import atomic_write_json, atomic_write_text
+from ..atomic import atomic_write_json, atomic_write_text, to_jsonable
 from ..errors import InputError
 from ..evaluation import best_f1_threshold, compute_metrics, cross_validate, fit_warnings, write_report
 from ..io import SourceProfile, load_labelled_images
@@ -33,7 +34,7 @@ from .data import ImageStore, _load_pretrain_set, validation_split
 from .history import _phase_summary, history_csv, plot_history
 from .model import HEAD_NAME, NETWORK_FILE, FineTunedModel
 from .network import build_network, check_input_size
-from .training import FineTuner, PhaseResult, make_trainer
+from .training import FineTuner, PhaseResult, _is_global_zero, make_trainer
 from .trunk import build_trunk_cache, check_trunk_budget, plan_trunk_views, resolve_trunk_split, trunk_map_shape
 
 logger = logging.getLogger(__name__)
@@ -55,6 +56,41 @@ def _work_dir(out_dir: Path) -> Path:
     return out_dir.parent / f".{out_dir.name}.finetune-work"
 
 
+RUN_FILE = "run.json"
+
+
+def _run_fingerprint(config: FineTuneConfig, data: Any, labels_csv: str | Path | None) -> dict[str, Any]:
+    """What makes two runs the same run: every setting that shapes training, and the training
+    files as they are now (path, size, modification time). A resumed run must match it."""
+    settings = {k: v for k, v in config.to_dict().items() if k not in ("progress_bar",)}
+    files = []
+    for path in [*data.paths, *([Path(labels_csv)] if labels_csv else [])]:
+        stat = Path(path).stat()
+        files.append([str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns])
+    return to_jsonable({"settings": settings, "labels": list(data.labels), "files": files})
+
+
+def _prepare_work_dir(work: Path, fingerprint: dict[str, Any], fresh: bool) -> bool:
+    """The work folder of checkpoints: kept when it holds an interrupted run of the same command
+    (return True: resume), else emptied. ``fresh`` always empties it."""
+    run_file = work / RUN_FILE
+    if not fresh and run_file.is_file():
+        try:
+            same = json.loads(run_file.read_text()) == fingerprint
+        except (OSError, ValueError):
+            same = False
+        if same:
+            return True
+        logger.warning("%s: an interrupted run of other settings or data; starting over", work)
+    # Checkpoints of another run must not mix with ours. Every DDP rank runs this before its first
+    # fit, and no rank writes a checkpoint before all of them have joined that fit.
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True, exist_ok=True)
+    if _is_global_zero():
+        atomic_write_json(run_file, fingerprint)
+    return False
+
+
 def finetune(
     data_dir: str | Path,
     labels_csv: str | Path | None,
@@ -64,11 +100,20 @@ def finetune(
     progress: Progress | None = None,
     overwrite: bool = False,
     callbacks: Sequence[Any] = (),
+    fresh: bool = False,
 ) -> FineTuneResult:
     """Fine-tune (optionally pre-train on tiles, optionally cross-validate) and save the model.
 
     Every check that can fail (options, labels, weights, image size, output folder) runs
     before any training. The model folder is written atomically at the end by DDP rank 0.
+
+    **Resuming.** Checkpoints go to a work folder beside ``out_dir``: every phase's state after
+    each epoch, and each finished phase's best network. A run that was killed or crashed is
+    resumed by the same call (same settings, same files): finished phases are reloaded, an
+    unfinished one goes on from its last epoch, with its optimizer, schedule, early stopping,
+    history and random state, so the result equals an uninterrupted run's (the data order and
+    dropout included; on a GPU, as far as its kernels are deterministic). ``fresh`` starts over.
+    The work folder is removed once the model is saved.
     """
     config = config.validate()
     out_dir = Path(out_dir)
@@ -90,7 +135,11 @@ def finetune(
     sources = SourceProfile.from_paths(data.paths, config.read_options)  # headers only: an unreadable one fails now
     with quiet_lightning(True):
         make_trainer(config, 1, [], Path(os.devnull))  # devices, precision: checked now, not after the images are read
-    network, backbone = build_network(config)
+    with torch.random.fork_rng(devices=[]):
+        # The new head's (and a --no-pretrained base's) first weights come from the seed: two runs
+        # of one command are the same run, and a resumed run rebuilds the network it started from.
+        torch.manual_seed(config.seed)
+        network, backbone = build_network(config)
     map_shape = check_input_size(network, config.backbone, config.size)
     mean, std = list(backbone.data_config["mean"]), list(backbone.data_config["std"])
     split = resolve_trunk_split(network, config)
@@ -101,11 +150,10 @@ def finetune(
 
     store = ImageStore(config.size, config.read_options, cache_dir)
     work = _work_dir(out_dir)
-    # Checkpoints of an interrupted run must not mix with ours. Every DDP rank runs this before
-    # its first fit, and no rank writes a checkpoint before all of them have joined that fit.
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True, exist_ok=True)
+    if _prepare_work_dir(work, _run_fingerprint(config, data, labels_csv), fresh):
+        logger.warning("resuming the interrupted run in %s (--fresh starts over)", work)
     is_zero = True
+    saved = False
     try:
         pretrain_summary = None
         stage_phases: list[tuple[str, PhaseResult]] = []
@@ -228,15 +276,11 @@ def finetune(
             return names
 
         model_dir = model.save(out_dir, extra, overwrite=overwrite)
+        saved = True
         return FineTuneResult(model, cv_result.metrics if cv_result else None, model_dir, history, validation_metrics,
                               training_warnings)
     finally:
-        if is_zero:
+        # Kept after a failure (an out-of-memory error, Ctrl+C): the same command resumes from it.
+        if is_zero and saved:
             shutil.rmtree(work, ignore_errors=True)
 
-
-def _is_global_zero() -> bool:
-    # After Lightning's DDP launch every process has RANK (or SLURM_PROCID) set; alone, we are rank 0.
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank() == 0
-    return int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) or 0) == 0
