@@ -125,10 +125,6 @@ def fit_phase(
 
     from .module import FineTuneDataModule, FineTuneModule, PhaseBar
 
-    # Every phase starts from the network in eval mode, as a previous phase leaves it: Lightning
-    # keeps the modules' modes from the start of fit across its validation loops, so the mode the
-    # network comes in with shapes training (a phase reloaded by a resumed run must match).
-    network.train(False)
     set_trainable(network, phase.unfreeze, config.batchnorm)
     y = np.asarray(y, dtype=np.int64)
     train_y = y[train_indices]
@@ -144,6 +140,12 @@ def fit_phase(
         split=None if trunk is None else trunk.split, schedule=config.schedule,
     )
     data = FineTuneDataModule(images, y, train_indices, val_indices, config, trunk)
+    # Lightning never puts the model in training mode itself: it keeps the modes the modules come in
+    # with (and restores them after each validation). So they are set here, for every phase: the
+    # parts that train in training mode (dropout, drop-path, BatchNorm with --batchnorm train), the
+    # frozen parts in eval mode (FineTuneModule.train). Before this, phase 2 inherited the eval mode
+    # phase 1 ends in, and trained without dropout; and a phase reloaded by a resumed run did not.
+    module.train(True)
 
     monitor = f"val_{config.monitor}"
     checkpoint = ModelCheckpoint(
