@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import shutil
 import sys
 import tempfile
@@ -65,6 +66,19 @@ def check_out_dir(out_dir: str | Path, overwrite: bool = False) -> Path:
     return out_dir
 
 
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # a filesystem that cannot open folders: the rename stands as it is
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 def write_model_dir(
     out_dir: str | Path,
     config: dict[str, Any],
@@ -96,6 +110,7 @@ def write_model_dir(
             shutil.rmtree(backup, ignore_errors=True)
         else:
             tmp_dir.rename(out_dir)
+        _fsync_dir(out_dir.parent)  # the rename itself survives a power cut
     except BaseException:
         shutil.rmtree(tmp_dir, ignore_errors=True)
         raise
