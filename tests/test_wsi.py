@@ -197,3 +197,18 @@ def test_window_heads_refuse_slides_and_say_what_does_take_them(svs, tmp_path):
     data = load_labelled_images(tmp_path, tmp_path / "labels.csv")
     with pytest.raises(InputError, match="synthetic.svs: a whole slide; the pooled head trains on images"):
         data.refuse_slides("the pooled head")
+
+
+def test_an_ome_tiff_pyramid_is_a_slide_with_its_pixel_size(tmp_path):
+    tifffile = pytest.importorskip("tifffile")
+    level0 = np.random.default_rng(0).integers(0, 255, (1024, 1536, 3), dtype=np.uint8)
+    path = tmp_path / "pyramid.ome.tif"
+    with tifffile.TiffWriter(path, bigtiff=True, ome=True) as tif:
+        tif.write(level0, subifds=2, tile=(256, 256), photometric="rgb",
+                  metadata={"axes": "YXS", "PhysicalSizeX": 0.5, "PhysicalSizeY": 0.5})
+        for step in (2, 4):
+            tif.write(level0[::step, ::step], subfiletype=1, tile=(256, 256), photometric="rgb")
+    assert is_slide(path) and not is_slide(tmp_path / "missing.tif")
+    with Slide.open(path) as slide:
+        assert (slide.width, slide.height, slide.mpp) == (1536, 1024, 0.5)
+        np.testing.assert_array_equal(slide.read(100, 200, 64, 32), level0[200:232, 100:164])

@@ -73,6 +73,31 @@ def _open_handle(path: Path) -> Any:
                      f"({'; '.join(errors)})")
 
 
+_UNITS_IN_MICRONS = {"µm": 1.0, "um": 1.0, "micron": 1.0, "nm": 1e-3, "mm": 1e3, "cm": 1e4, "m": 1e6}
+
+
+def _ome_mpp(path: Path) -> float | None:
+    """Microns per pixel from an OME-TIFF's OME-XML (``Pixels@PhysicalSizeX``), which neither
+    OpenSlide nor tiffslide read; None when the file does not say."""
+    import xml.etree.ElementTree as ET
+
+    import tifffile
+
+    try:
+        with tifffile.TiffFile(path) as tif:
+            xml = tif.ome_metadata if tif.is_ome else None
+        if not xml:
+            return None
+        for element in ET.fromstring(xml).iter():
+            if element.tag.endswith("Pixels") and element.get("PhysicalSizeX"):
+                unit = _UNITS_IN_MICRONS.get(element.get("PhysicalSizeXUnit", "µm"))
+                value = float(element.get("PhysicalSizeX")) * unit if unit else None
+                return value if value and value > 0 else None
+    except Exception:  # unreadable metadata: the pixel size stays unknown, as the file's readers say
+        return None
+    return None
+
+
 @dataclass
 class Slide:
     """An open slide. Coordinates are level-0 pixels (x right, y down); ``mpp`` is level 0's
@@ -100,6 +125,8 @@ class Slide:
                     break
             except (TypeError, ValueError):
                 pass
+        if mpp is None:
+            mpp = _ome_mpp(path)  # OME-TIFF: its pyramid is read, its pixel size is in the OME-XML
         return cls(path, width, height, mpp, handle)
 
     def close(self) -> None:
