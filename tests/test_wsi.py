@@ -14,8 +14,8 @@ pytest.importorskip("openslide", reason="the [wsi] extra is not installed")
 
 from bags import BACKGROUND, DECOY, TARGET  # noqa: E402
 from mitoscope.errors import InputError  # noqa: E402
-from mitoscope.io.slides import Slide, is_slide, tissue_mask  # noqa: E402
-from mitoscope.wsi import hotspot, plan_tiles, predict_slide  # noqa: E402
+from mitoscope.io.slides import Slide, is_slide, plan_tiles, tissue_mask  # noqa: E402
+from mitoscope.wsi import hotspot, predict_slide  # noqa: E402
 
 SIZE = 4096
 TISSUE = (1024, 1024, 2048, 1536)  # x0, y0, x1, y1 of the "tissue" rectangle

@@ -13,10 +13,10 @@ import numpy as np
 from ..artifacts import check_out_dir
 from ..errors import InputError
 from ..io import ReadOptions, SourceProfile, load_labelled_images, read_header, read_image
-from ..io.slides import is_slide, slide_header
+from ..io.slides import Slide, SlideTiling, is_slide, slide_header
 from ..results import Progress
 from .model import HEAD_NAME, KIND, CellModel
-from .proposals import CROP_DIAMETERS, cut_crops, find_cells
+from .proposals import CROP_DIAMETERS, Proposals, cut_crops, find_cells
 from .config import CellTrainConfig
 from .training import Bags, train_instances, train_linear
 
@@ -33,14 +33,28 @@ class CellTrainResult:
     seconds: dict[str, float] = field(default_factory=dict)
 
 
+def slide_cell_crops(path: str | Path, input_size: int, min_diameter: float = 8.0, mpp: float | None = None,
+                     tile: int = 2048, overlap: int = 128) -> np.ndarray:
+    """The crops of every cell on a slide's tissue (each once), for training a cell model on slides."""
+    crops = [np.zeros((0, input_size, input_size, 3), dtype=np.uint8)]
+    with Slide.open(path) as slide:
+        tiling = SlideTiling(slide, mpp, tile, overlap)
+        for read in tiling.tiles():
+            proposals = find_cells(read.pixels, min_diameter, valid=read.tissue)
+            if not len(proposals):
+                continue
+            keep = tiling.keeps(read, tiling.to_level0(read, proposals.boxes()))
+            kept = Proposals(proposals.centres[keep], proposals.diameters[keep], proposals.crop_side)
+            crops.append(cut_crops(read.pixels, kept, input_size, read.tissue))
+    return np.concatenate(crops)
+
+
 def collect_bags(paths: list[Path], y: np.ndarray, read_options: ReadOptions, input_size: int,
                  min_diameter: float = 8.0, progress: Progress | None = None) -> Bags:
     """Every image's cells as crops, one bag per image (a whole slide's: the cells on its tissue)."""
     crops, offsets = [], [0]
     for index, path in enumerate(paths):
         if is_slide(path):
-            from ..wsi import slide_cell_crops
-
             crops.append(slide_cell_crops(path, input_size, min_diameter))
         else:
             image = read_image(path, read_options)

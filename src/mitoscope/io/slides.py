@@ -12,7 +12,8 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+import math
+from typing import TYPE_CHECKING, Any, Iterator
 
 import numpy as np
 
@@ -21,7 +22,7 @@ from ..errors import InputError
 if TYPE_CHECKING:
     from .reading import ImageHeader
 
-__all__ = ["SLIDE_SUFFIXES", "Slide", "is_slide", "slide_header", "tissue_mask"]
+__all__ = ["SLIDE_SUFFIXES", "Slide", "SlideTiling", "TileRead", "is_slide", "plan_tiles", "slide_header", "tissue_mask"]
 
 # Formats only slide readers open; a .tif/.tiff is a slide when it holds a pyramid.
 SLIDE_SUFFIXES = (".svs", ".ndpi", ".mrxs", ".scn", ".bif", ".vms", ".vmu", ".svslide")
@@ -196,3 +197,113 @@ def tissue_mask(thumbnail: np.ndarray, min_distance: float = 12.0) -> np.ndarray
     mask = distance > max(float(level), float(min_distance))
     mask = ndimage.binary_opening(mask, iterations=1)
     return ndimage.binary_closing(mask, iterations=2)
+
+
+# --------------------------------------------------------------------------- tiles of the tissue
+
+
+def plan_tiles(width: int, height: int, mask: np.ndarray, mask_scale: float, tile0: float, step0: float
+               ) -> list[tuple[int, int]]:
+    """(column, row) of the tiles that touch tissue: tile (c, r) covers level-0
+    ``[c * step0, c * step0 + tile0) x [r * step0, r * step0 + tile0)``; ``mask`` is the tissue at
+    ``mask_scale`` mask pixels per level-0 pixel."""
+    columns = max(1, math.ceil((width - tile0) / step0) + 1) if width > tile0 else 1
+    rows = max(1, math.ceil((height - tile0) / step0) + 1) if height > tile0 else 1
+    mask_h, mask_w = mask.shape
+    planned = []
+    for row in range(rows):
+        for column in range(columns):
+            x0, y0 = column * step0 * mask_scale, row * step0 * mask_scale
+            x1, y1 = x0 + tile0 * mask_scale, y0 + tile0 * mask_scale
+            window = mask[int(y0):max(int(y0) + 1, math.ceil(min(y1, mask_h))),
+                          int(x0):max(int(x0) + 1, math.ceil(min(x1, mask_w)))]
+            if window.any():
+                planned.append((column, row))
+    return planned
+
+
+def _owners(centres: np.ndarray, tile0: float, step0: float, overlap0: float, planned: set[tuple[int, int]]
+            ) -> list[tuple[int, int]]:
+    """The tile that keeps each instance: the one whose core holds its centre; where that tile was
+    not read (no tissue), the first read tile (by row, then column) that covers the centre."""
+    owners = []
+    for x, y in centres:
+        core = (max(0, int((x - overlap0 / 2) // step0)), max(0, int((y - overlap0 / 2) // step0)))
+        if core in planned:
+            owners.append(core)
+            continue
+        covering = sorted((r, c) for c in range(max(0, math.ceil((x - tile0) / step0)), int(x // step0) + 1)
+                          for r in range(max(0, math.ceil((y - tile0) / step0)), int(y // step0) + 1)
+                          if (c, r) in planned)
+        owners.append((covering[0][1], covering[0][0]) if covering else core)
+    return owners
+
+
+@dataclass
+class TileRead:
+    """One tile of a slide: its pixels (``tile`` x ``tile``), which of them are tissue, and where it
+    lies in level 0."""
+
+    pixels: np.ndarray
+    tissue: np.ndarray
+    column: int
+    row: int
+    x0: float
+    y0: float
+
+
+class SlideTiling:
+    """The tissue tiles of an open slide (see the module doc), and which instances each one keeps."""
+
+    def __init__(self, slide: Slide, mpp: float | None = None, tile: int = 2048, overlap: int = 128,
+                 thumbnail_side: int = 2048) -> None:
+        if tile < 64 or not 0 <= overlap < tile // 2:
+            raise InputError(f"tiles must be at least 64 px with an overlap under half a tile; got {tile} and {overlap}")
+        if mpp is not None:
+            if slide.mpp is None:
+                raise InputError(f"{slide.path}: the slide does not say its pixel size, so --mpp cannot be used; "
+                                 f"leave it out to read level 0")
+            if mpp < slide.mpp * 0.999:
+                raise InputError(f"{slide.path}: --mpp {mpp} is finer than the slide's {slide.mpp} µm/px")
+        self.slide, self.mpp, self.tile = slide, mpp, tile
+        self.scale0 = (mpp / slide.mpp) if mpp is not None else 1.0  # level-0 pixels per tile pixel
+        self.tile0, self.overlap0 = tile * self.scale0, overlap * self.scale0
+        self.step0 = self.tile0 - self.overlap0
+        self.thumbnail, self.thumb_scale = slide.thumbnail(thumbnail_side)
+        self.mask = tissue_mask(self.thumbnail)
+        self.planned = plan_tiles(slide.width, slide.height, self.mask, self.thumb_scale, self.tile0, self.step0)
+        self._planned_set = set(self.planned)
+        from scipy import ndimage
+
+        self._near_tissue = ndimage.binary_dilation(self.mask, iterations=2)
+        # where cells are looked for: the tissue less a thumbnail pixel at its edge, so that no sliver
+        # of glass (the mask's edge is as coarse as the thumbnail) is taken for cells
+        self._inner_tissue = ndimage.binary_erosion(self.mask, iterations=1)
+
+    def tiles(self) -> Iterator[TileRead]:
+        """The tiles that touch tissue, read one at a time, each with its tissue mask (the
+        thumbnail's, nearest pixel)."""
+        index = (np.arange(self.tile) + 0.5) * self.tile0 / self.tile
+        for column, row in self.planned:
+            x0, y0 = column * self.step0, row * self.step0
+            pixels = self.slide.read(round(x0), round(y0), round(self.tile0), round(self.tile0), (self.tile, self.tile))
+            rows = np.clip(((y0 + index) * self.thumb_scale).astype(int), 0, self.mask.shape[0] - 1)
+            columns = np.clip(((x0 + index) * self.thumb_scale).astype(int), 0, self.mask.shape[1] - 1)
+            yield TileRead(pixels, self._inner_tissue[np.ix_(rows, columns)], column, row, x0, y0)
+
+    def to_level0(self, read: TileRead, boxes: np.ndarray) -> np.ndarray:
+        """Boxes in a tile's pixels -> level-0 pixels."""
+        return np.asarray(boxes, dtype=np.float64).reshape(-1, 4) * self.scale0 + np.array([read.x0, read.y0] * 2)
+
+    def keeps(self, read: TileRead, boxes0: np.ndarray, on_tissue: bool = False) -> np.ndarray:
+        """Which of a tile's instances (level-0 boxes) this tile keeps: those whose centre its core
+        holds (each instance once across overlaps); with ``on_tissue``, only those on the tissue."""
+        centres = (boxes0[:, :2] + boxes0[:, 2:]) / 2
+        keep = np.array([owner == (read.column, read.row) for owner in
+                         _owners(centres, self.tile0, self.step0, self.overlap0, self._planned_set)], dtype=bool)
+        if on_tissue and len(centres):
+            mask = self._near_tissue
+            columns = np.clip((centres[:, 0] * self.thumb_scale).astype(int), 0, mask.shape[1] - 1)
+            rows = np.clip((centres[:, 1] * self.thumb_scale).astype(int), 0, mask.shape[0] - 1)
+            keep &= mask[rows, columns]
+        return keep.reshape(-1)
