@@ -200,7 +200,7 @@ def _train_cells(data_dir: Path, labels: Optional[Path], out: Path, backbone: st
     except MitoscopeError as exc:
         fail(exc)
     if result.cv_metrics:
-        console.print(metrics_table("held-out validation images (cells)", result.cv_metrics))
+        console.print(metrics_table("training images, held out (cells: see metrics.json)", result.cv_metrics))
     for message in result.warnings:
         warn(message)
     console.print(f"model written to [bold]{result.model_dir}[/bold] in {time.perf_counter() - started:.0f} s")

@@ -32,6 +32,10 @@ class CellTrainConfig:
     refresh_every: int = 4
     dropout: float = 0.2
     validation_fraction: float = 0.2
+    # The linear scorer: its threshold and reported metrics from the out-of-fold best-cell scores of
+    # a k-fold cross-validation over every training image, then one fit on all of them (0: a held-out
+    # share of validation_fraction instead, as the fine-tuned scorer does).
+    cv_folds: int = 5
     # "last": the network after the last epoch (a held-out share of a hundred images is too few to
     # pick an epoch by); "val_loss": the epoch of least held-out loss.
     keep: str = "last"
@@ -43,6 +47,7 @@ class CellTrainConfig:
                   ("learning_rate", self.learning_rate > 0, "positive"),
                   ("top_learning_rate", self.top_learning_rate >= 0, "zero or positive"),
                   ("validation_fraction", 0 <= self.validation_fraction < 0.5, "in [0, 0.5)"),
+                  ("cv_folds", self.cv_folds == 0 or self.cv_folds >= 2, "0 or at least 2"),
                   ("trained_stages", self.trained_stages >= 1, "at least 1"),
                   ("keep", self.keep in ("last", "val_loss"), "last or val_loss"),
                   ("scorer", self.scorer in ("linear", "finetuned"), "linear or finetuned")]

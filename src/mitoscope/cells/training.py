@@ -164,26 +164,42 @@ def crop_features(network: CellNetwork, crops: np.ndarray, mean: Sequence[float]
 def train_linear(network: CellNetwork, bags: Bags, config: CellTrainConfig, mean: Sequence[float],
                  std: Sequence[float], progress: Progress | None = None) -> dict[str, Any]:
     """The linear scorer (:class:`~mitoscope.cells.bootstrap.LinearInstanceHead`) on the frozen
-    network's features, fitted on the training share of the bags; the held-out share's bag
-    probabilities come back for the threshold."""
+    network's features. With ``config.cv_folds`` it is cross-validated over every image (the
+    out-of-fold bag probabilities come back, for the threshold and the metrics) and then fitted
+    on all of them; else fitted on the training share, the held-out share's probabilities back."""
+    from sklearn.model_selection import StratifiedKFold
+
     from .bootstrap import LinearInstanceHead
 
     labels = np.asarray(bags.labels)
     if len(np.unique(labels)) < 2:
         raise InputError(f"training needs images of both classes, got only {sorted(set(labels.tolist()))}")
     features = crop_features(network, bags.crops, mean, std, progress)
-    train_idx, val_idx = (_split_validation(labels, config.validation_fraction, config.seed)
-                          if config.validation_fraction > 0 else (np.arange(len(labels)), np.zeros(0, dtype=int)))
-    index, offsets = _subset(bags.offsets, train_idx)
-    head = LinearInstanceHead(seed=config.seed).fit(features[index], bags.crops[index], offsets, labels[train_idx])
-    val_proba = np.zeros(0)
-    if len(val_idx):
-        index, offsets = _subset(bags.offsets, val_idx)
+
+    def fit(images: np.ndarray) -> LinearInstanceHead:
+        index, offsets = _subset(bags.offsets, images)
+        return LinearInstanceHead(seed=config.seed).fit(features[index], bags.crops[index], offsets, labels[images])
+
+    def bag_proba(head: LinearInstanceHead, images: np.ndarray) -> np.ndarray:
+        index, offsets = _subset(bags.offsets, images)
         logits = head.decision_function(features[index], bags.crops[index])
         bag = np.array([logits[offsets[i]:offsets[i + 1]].max() if offsets[i + 1] > offsets[i] else -60.0
-                        for i in range(len(val_idx))])
-        val_proba = 1 / (1 + np.exp(-bag))
-    return {"history": [], "best_epoch": None, "val_proba": val_proba, "head": head,
+                        for i in range(len(images))])
+        return 1 / (1 + np.exp(-bag))
+
+    folds = min(config.cv_folds, int(np.bincount(labels, minlength=2).min()))
+    if config.cv_folds and folds >= 2:
+        oof = np.zeros(len(labels))
+        splitter = StratifiedKFold(folds, shuffle=True, random_state=config.seed)
+        for train_idx, test_idx in splitter.split(labels, labels):
+            oof[test_idx] = bag_proba(fit(train_idx), test_idx)
+        return {"history": [], "best_epoch": None, "val_proba": oof, "val_labels": labels,
+                "head": fit(np.arange(len(labels))), "evaluation": f"{folds}-fold cross-validation (out-of-fold)"}
+    train_idx, val_idx = (_split_validation(labels, config.validation_fraction, config.seed)
+                          if config.validation_fraction > 0 else (np.arange(len(labels)), np.zeros(0, dtype=int)))
+    head = fit(train_idx)
+    return {"history": [], "best_epoch": None, "head": head,
+            "val_proba": bag_proba(head, val_idx) if len(val_idx) else np.zeros(0),
             "val_labels": labels[val_idx] if len(val_idx) else np.zeros(0, dtype=int)}
 
 

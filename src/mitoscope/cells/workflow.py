@@ -106,7 +106,8 @@ def train_cells(data_dir: str | Path, labels_csv: str | Path | None, out_dir: st
     y_val, p_val = fit["val_labels"], fit["val_proba"]
     held_out = len(y_val) > 0 and len(np.unique(y_val)) == 2
     threshold = float(best_f1_threshold(y_val, p_val)) if held_out else 0.5
-    source = f"held-out validation images ({len(y_val)})"
+    source = (f"{fit['evaluation']} over the {len(y_val)} training images" if "evaluation" in fit
+              else f"held-out validation images ({len(y_val)})")
     warnings = fit_warnings(y_val if held_out else None, p_val if held_out else None, threshold if held_out else None,
                             data.classes, source,
                             epochs=[("cell network", fit["best_epoch"], config.epochs)] if fit["history"] else [])
