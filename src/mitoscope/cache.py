@@ -25,7 +25,7 @@ from . import __version__
 from .atomic import atomic_path, sha256_file as file_sha256
 from .defaults import cache_home
 from .errors import InputError, MitoscopeError
-from .io import ReadOptions, read_image
+from .io import ReadOptions, present_images, read_image
 from .readahead import ReadAhead
 from .tiling import make_grid
 
@@ -216,9 +216,12 @@ def extract_dataset(
             raise error
         skipped[path] = str(error)
 
+    # a missing file is said before any work (or, with skipped, listed there)
+    _, missing = present_images(paths, skip_bad=skipped is not None)
+    if skipped is not None:
+        skipped.update(missing)
     for index, path in enumerate(paths):
-        if not path.is_file():
-            skip(path, InputError(f"{path}: image file not found"))
+        if path in missing:
             continue
         key = FeatureCache.key(file_sha256(path), settings) if cache else None
         cached = cache.load(key) if cache and key else None

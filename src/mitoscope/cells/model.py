@@ -17,7 +17,7 @@ import numpy as np
 from ..artifacts import ModelDescription
 from ..atomic import atomic_path
 from ..errors import InputError, ModelError, one_line
-from ..io import read_image
+from ..io import present_images, read_image
 from ..readahead import ReadAhead
 from ..results import Predictions, Progress, prediction_rows
 from .proposals import Proposals, cut_crops, find_cells
@@ -150,14 +150,7 @@ class CellModel(ModelDescription):
                       **_: Any) -> Predictions:
         """Predict image files of any size. ``cache`` is unused (no window features here); every
         found cell's box and probability come back as the window scores."""
-        skipped: dict[Path, str] = {}
-        paths = [Path(p) for p in paths]
-        for path in paths:
-            if not path.is_file():
-                if not skip_bad:
-                    raise InputError(f"{path}: image file not found")
-                skipped[path] = f"{path}: image file not found"
-        paths = [path for path in paths if path not in skipped]
+        paths, skipped = present_images(paths, skip_bad)
         kept: list[Path] = []
         proba, counts, scores, boxes, sizes, notes = [], [], [], [], [], []
         threshold = self.threshold

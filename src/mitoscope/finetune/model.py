@@ -13,7 +13,7 @@ from ..atomic import atomic_path
 from ..backbones import create_backbone
 from ..errors import InputError, ModelError, one_line
 from ..features import pick_device, resize_image
-from ..io import read_image
+from ..io import present_images, read_image
 from ..readahead import ReadAhead
 from ..results import Predictions, prediction_rows
 from ..progress import Progress
@@ -85,11 +85,8 @@ class FineTunedModel(ModelDescription):
                 raise error
             skipped[path] = str(error)
 
-        paths = [Path(p) for p in paths]
-        for path in paths:
-            if not path.is_file():
-                skip(path, InputError(f"{path}: image file not found"))
-        paths = [path for path in paths if path not in skipped]
+        paths, missing = present_images(paths, skip_bad)
+        skipped.update(missing)
         use_tta = self.tta if tta is None else bool(tta)
         torch_device = pick_device(device)
         self.network.to(torch_device)

@@ -18,7 +18,7 @@
 from __future__ import annotations
 
 from .images import read_header, read_image
-from .labels import IMAGE_SUFFIXES, LabelledImages, find_images, load_labelled_images, locate_labels
+from .labels import IMAGE_SUFFIXES, LabelledImages, find_images, load_labelled_images, locate_labels, present_images
 from .reading import DEFAULT_MAX_PIXELS, DEFAULT_PERCENTILES, ImageHeader, ReadOptions, parse_channels
 from .source_profile import SourceProfile
 from .tables import CsvTable, read_csv_table
@@ -27,6 +27,7 @@ __all__ = [
     "DEFAULT_MAX_PIXELS",
     "DEFAULT_PERCENTILES",
     "IMAGE_SUFFIXES",
+    "present_images",
     "CsvTable",
     "ImageHeader",
     "LabelledImages",

@@ -65,6 +65,24 @@ def find_images(inputs: str | os.PathLike[str] | Iterable[str | os.PathLike[str]
     return found
 
 
+def present_images(paths: Iterable[str | os.PathLike[str]], skip_bad: bool = False
+                   ) -> tuple[list[Path], dict[Path, str]]:
+    """The image files among ``paths`` that exist, in order, and those that do not (path -> error).
+    Without ``skip_bad`` a missing one raises InputError (``PATH: image file not found``)."""
+    present: list[Path] = []
+    missing: dict[Path, str] = {}
+    for item in paths:
+        path = Path(item)
+        if path.is_file():
+            present.append(path)
+            continue
+        error = f"{path}: image file not found"
+        if not skip_bad:
+            raise InputError(error)
+        missing[path] = error
+    return present, missing
+
+
 def _images_in(folder: Path, suffixes: Sequence[str] = IMAGE_SUFFIXES) -> list[Path]:
     return sorted(
         p
