@@ -127,18 +127,23 @@ def cut_crops(image: np.ndarray, proposals: Proposals, size: int, valid: np.ndar
     from PIL import Image
 
     side = proposals.crop_side
-    pad = side
     flat = image.reshape(-1, image.shape[-1]) if valid is None or not valid.any() else image[valid]
     fill = np.median(flat[:: max(1, len(flat) // 100_000)], axis=0).astype(image.dtype)
-    padded = np.empty((image.shape[0] + 2 * pad, image.shape[1] + 2 * pad, image.shape[2]), dtype=image.dtype)
-    padded[...] = fill
-    padded[pad:pad + image.shape[0], pad:pad + image.shape[1]] = image
+    height, width = image.shape[:2]
     out = np.empty((len(proposals), size, size, image.shape[2]), dtype=np.uint8)
+    window = np.empty((side, side, image.shape[2]), dtype=image.dtype)
     for i, (x, y) in enumerate(proposals.centres):
-        x0 = int(round(x - side / 2)) + pad
-        y0 = int(round(y - side / 2)) + pad
-        crop = padded[y0:y0 + side, x0:x0 + side]
+        x0, y0 = int(round(x - side / 2)), int(round(y - side / 2))
+        # the part of the crop inside the image, the rest background (no padded copy of the image)
+        ix0, iy0, ix1, iy1 = max(0, x0), max(0, y0), min(width, x0 + side), min(height, y0 + side)
+        if ix0 == x0 and iy0 == y0 and ix1 == x0 + side and iy1 == y0 + side:
+            crop = image[y0:y0 + side, x0:x0 + side]
+        else:
+            window[...] = fill
+            if ix1 > ix0 and iy1 > iy0:
+                window[iy0 - y0:iy1 - y0, ix0 - x0:ix1 - x0] = image[iy0:iy1, ix0:ix1]
+            crop = window
         if side != size:
-            crop = np.asarray(Image.fromarray(crop).resize((size, size), Image.BILINEAR))
+            crop = np.asarray(Image.fromarray(np.ascontiguousarray(crop)).resize((size, size), Image.BILINEAR))
         out[i] = crop
     return out
