@@ -217,9 +217,9 @@ def predict(
             pred = model.predict_paths(good, **kwargs)
     skipped.update(pred.skipped)
     slide_predictions = []
-    for slide in slides:
+    if slides:
         from .wsi import predict_slide
-
+    for slide in slides:
         try:
             slide_predictions.append(predict_slide(loaded, slide, mpp=mpp, progress=progress, cells=finds_cells(loaded)))
         except InputError as error:

@@ -143,25 +143,20 @@ def predict_slide(model: Any, path: str | Path, mpp: float | None = None, tile: 
 
 def slide_row(prediction: SlidePrediction, classes: tuple[str, str], threshold: float, head_name: str,
               warning: str | None = None) -> dict[str, Any]:
-    """The slide's CSV row: the columns of an image's, and its hotspot."""
-    from .results import written_probability
+    """The slide's CSV row: an image's row (:func:`mitoscope.results.prediction_rows`), and its hotspot."""
+    from .results import Predictions, prediction_rows
 
-    negative, positive = classes
-    row: dict[str, Any] = {
-        "Image": str(prediction.path),
-        "Label": positive if prediction.proba >= threshold else negative,
-        "Probability": written_probability(prediction.proba, threshold),
-        "Threshold": float(threshold),
-        head_name: float(f"{prediction.proba:.6g}"),
-    }
-    if prediction.count is not None:
-        row["Count"] = prediction.count
+    details = [f"slide {prediction.size[1]}x{prediction.size[0]} px",
+               f"{len(prediction.tile_scores)} tissue tiles" + (f" at {prediction.read_mpp} µm/px" if prediction.read_mpp else "")]
+    as_image = Predictions(paths=[prediction.path], proba=np.array([prediction.proba]), members={},
+                           notes=["; ".join(details + prediction.notes)],
+                           counts=None if prediction.count is None else [prediction.count])
+    row = prediction_rows(as_image, classes, threshold, head_name, {prediction.path: warning} if warning else None)[0]
+    note = row.pop("Note")
     if prediction.hotspot is not None:
         row["Hotspot count"] = prediction.hotspot.count
         row["Mitoses per mm2 (hotspot)"] = round(prediction.hotspot.per_mm2, 3)
-    details = [f"slide {prediction.size[1]}x{prediction.size[0]} px",
-               f"{len(prediction.tile_scores)} tissue tiles" + (f" at {prediction.read_mpp} µm/px" if prediction.read_mpp else "")]
-    row["Note"] = "; ".join(details + prediction.notes + ([f"warning: {warning}"] if warning else []))
+    row["Note"] = note
     return row
 
 

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -189,8 +190,6 @@ def fit_phase(
 
 def _is_global_zero() -> bool:
     # After Lightning's DDP launch every process has RANK (or SLURM_PROCID) set; alone, we are rank 0.
-    import os
-
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_rank() == 0
     return int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) or 0) == 0

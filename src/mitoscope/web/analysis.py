@@ -17,6 +17,7 @@ import numpy as np
 
 from ..errors import InputError
 from ..io import read_header, read_image
+from ..predictions import finds_cells, score_label
 from ..results import prediction_rows, rows_to_csv
 
 # First bytes -> the suffix the readers expect (TIFF is recognised by its bytes anyway).
@@ -79,15 +80,9 @@ def _heatmap_uri(model: Any, path: Path, boxes: np.ndarray, scores: np.ndarray, 
 
     image = read_image(path, model.read_options)
     target = folder / "heatmap.png"
-    render_overlay(image, boxes, scores, target, max_side=1024, title=title, score_label=_score_label(model),
-                   threshold=float(model.threshold) if _cells(model) else None)
+    render_overlay(image, boxes, scores, target, max_side=1024, title=title, score_label=score_label(model),
+                   threshold=float(model.threshold) if finds_cells(model) else None)
     return _data_uri(target)
-
-
-def _cells(model: Any) -> bool:
-    from ..predictions import finds_cells
-
-    return finds_cells(model)
 
 
 def upload_suffix(head: bytes, name: str) -> str | None:
@@ -118,7 +113,7 @@ def analyse_slide(model: Any, path: Path, name: str, max_instances: int = 500) -
     from ..results import written_probability
     from ..wsi import predict_slide, render_slide_heatmap, slide_collection, slide_row
 
-    cells = _cells(model)
+    cells = finds_cells(model)
     try:
         prediction = predict_slide(model, path, cells=cells)
     except InputError as error:
@@ -126,7 +121,7 @@ def analyse_slide(model: Any, path: Path, name: str, max_instances: int = 500) -
     threshold = float(model.threshold)
     row = dict(slide_row(prediction, model.classes, threshold, model.head_name), Image=name)
     order = np.argsort(-prediction.scores, kind="stable")[:max_instances]
-    heatmap = render_slide_heatmap(prediction, threshold, cells, _score_label(model), path.parent / "heatmap.png",
+    heatmap = render_slide_heatmap(prediction, threshold, cells, score_label(model), path.parent / "heatmap.png",
                                    name=name)
     hotspot = prediction.hotspot
     return {
@@ -152,12 +147,6 @@ def _data_uri(png: Path) -> str:
     return "data:image/png;base64," + base64.b64encode(png.read_bytes()).decode("ascii")
 
 
-def _score_label(model: Any) -> str:
-    from ..predictions import score_label
-
-    return score_label(model)
-
-
 def analyse(model: Any, path: Path, name: str, size: tuple[int, int], max_instances: int = 500) -> dict[str, Any]:
     """Predict one saved upload; the answer as JSON-ready data (see the module doc of :mod:`mitoscope.web`)."""
     from ..geojson import feature_collection
@@ -181,13 +170,13 @@ def analyse(model: Any, path: Path, name: str, size: tuple[int, int], max_instan
         "image": name, "width": size[1], "height": size[0],
         "label": row["Label"], "probability": proba, "threshold": threshold,
         "classes": list(runnable.classes), "count": row.get("Count"), "note": row["Note"],
-        "model": runnable.head_name, "instances_kind": "cells" if _cells(runnable) else "windows", "slide": False,
+        "model": runnable.head_name, "instances_kind": "cells" if finds_cells(runnable) else "windows", "slide": False,
         "hotspot": None, "instances": [], "heatmap": None, "csv": rows_to_csv([row]), "geojson": None,
     }
     if pred.window_scores is not None and pred.window_scores[0] is not None:
         boxes, scores = np.asarray(pred.boxes[0], dtype=np.float64), np.asarray(pred.window_scores[0], dtype=np.float64)
         order = np.argsort(-scores, kind="stable")[:max_instances]
-        cells = _cells(runnable)
+        cells = finds_cells(runnable)
         answer["instances"] = [_instance(boxes[i], scores[i], cells and scores[i] >= threshold) for i in order]
         answer["geojson"] = feature_collection(boxes, scores, size, cells=cells, threshold=threshold,
                                                label=row["Label"], probability=proba, count=row.get("Count"),
