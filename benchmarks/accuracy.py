@@ -219,11 +219,12 @@ def cells_once(args: argparse.Namespace, set_name: str, seed: int) -> dict:
     from mitoscope.localization import localization_report
     from mitoscope.models import load_model
 
-    record: dict = {"set": set_name, "model": "cells", "seed": seed}
+    config = CellTrainConfig(seed=seed, **({"scorer": args.scorer} if args.scorer else {}))
+    record: dict = {"set": set_name, "model": "cells", "scorer": config.scorer, "seed": seed}
     train_dir, test_dir = scene_pair(args.work, set_name)
-    model_dir = args.work / "models" / f"{set_name}-cells-seed{seed}"
+    model_dir = args.work / "models" / f"{set_name}-cells-{config.scorer}-seed{seed}"
     with timed(record, "train_s"):
-        result = train_cells(train_dir, train_dir / "labels.csv", model_dir, CellTrainConfig(seed=seed), overwrite=True)
+        result = train_cells(train_dir, train_dir / "labels.csv", model_dir, config, overwrite=True)
     record["train_seconds"] = result.seconds
     record["validation"] = {k: (result.cv_metrics or {}).get(k) for k in KEYS}
     record["warnings"] = result.warnings
@@ -238,7 +239,9 @@ def cells_once(args: argparse.Namespace, set_name: str, seed: int) -> dict:
     record["localization"] = {k: where.get(k) for k in ("pointing_game", "pointing_game_centre", "window_auc",
                                                          "mean_image_window_auc")}
     record["count"] = count_errors(pred, test_dir / "boxes.csv")
-    record["commands"] = [f"mitoscope train {train_dir} --labels {train_dir}/labels.csv --out {model_dir} --seed {seed}",
+    scorer = f" --head-param scorer={config.scorer}" if args.scorer else ""
+    record["commands"] = [f"mitoscope train {train_dir} --labels {train_dir}/labels.csv --out {model_dir} --seed {seed}"
+                          + scorer,
                           f"mitoscope evaluate {model_dir} {test_dir} --labels {test_dir}/labels.csv --out REPORT"]
     record["history"] = (model_dir / "history.csv").read_text() if (model_dir / "history.csv").is_file() else None
     print(json.dumps({k: v for k, v in record.items() if k != "history"}), flush=True)
@@ -275,6 +278,8 @@ def main() -> None:
     m.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     m.add_argument("--work", type=Path, default=Path("/tmp/mitoscope-bench"))
     m.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "cells.json")
+    m.add_argument("--scorer", choices=["linear", "finetuned"], default=None,
+                   help="the cell scorer (default: the product's default)")
     args = parser.parse_args()
     require_shared()
     args.work.mkdir(parents=True, exist_ok=True)

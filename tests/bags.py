@@ -52,12 +52,13 @@ def write_bags(folder: Path, n_images=32, cells=9, seed=0):
     return folder, targets
 
 
-def train_cell_model(folder: Path, out: Path, scorer: str = "linear"):
-    """A cell model trained on ``write_bags(folder)`` with a tiny random-weight backbone (seconds)."""
+def train_cell_model(folder: Path, out: Path, scorer: str = "linear", **settings):
+    """A cell model trained on ``write_bags(folder)`` with a tiny random-weight backbone (seconds);
+    ``settings`` override the :class:`CellTrainConfig` used."""
     from mitoscope.cells.config import CellTrainConfig
     from mitoscope.cells.workflow import train_cells
 
-    config = CellTrainConfig(backbone="test_efficientnet", input_size=32, scorer=scorer, trained_stages=3,
-                             views=2, epochs=12, bags_per_step=4, learning_rate=3e-3, top_learning_rate=3e-3,
-                             validation_fraction=0.25)
+    config = CellTrainConfig(**{**dict(backbone="test_efficientnet", input_size=32, scorer=scorer, trained_stages=3,
+                                       views=2, epochs=12, learning_rate=3e-3, top_learning_rate=3e-3,
+                                       validation_fraction=0.25), **settings})
     return train_cells(folder, folder / "labels.csv", out, config, pretrained=False)

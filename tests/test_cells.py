@@ -148,3 +148,56 @@ def test_cli_says_which_window_options_the_cell_model_does_not_use(tmp_path):
     assert run.returncode == 0, run.stderr
     assert "warning: --window, --cv set the window heads" in " ".join(run.stderr.split())
     assert (tmp_path / "m" / "model.json").is_file()
+
+
+def test_crop_views_are_the_eight_symmetries_that_training_applies_to_tensors():
+    import torch
+
+    from mitoscope.augment import dihedral
+    from mitoscope.cells.views import VIEWS, crop_views
+
+    crops = np.random.default_rng(0).integers(0, 256, (3, 7, 7, 3), dtype=np.uint8)
+    seen = set()
+    for view, (turns, flip) in enumerate(VIEWS):
+        expected = dihedral(torch.from_numpy(crops).permute(0, 3, 1, 2), turns, flip).permute(0, 2, 3, 1).numpy()
+        np.testing.assert_array_equal(crop_views(crops, view), expected)
+        seen.add(crop_views(crops, view).tobytes())
+    assert len(seen) == 8  # eight different poses, none repeated
+
+
+def test_features_averaged_over_all_eight_views_do_not_depend_on_the_pose_of_the_cell():
+    import torch
+
+    from mitoscope.cells.network import build_cell_network
+    from mitoscope.cells.training import crop_features
+
+    torch.manual_seed(0)
+    network, backbone = build_cell_network("test_efficientnet", pretrained=False)
+    mean, std = backbone.data_config["mean"], backbone.data_config["std"]
+    crops = np.random.default_rng(1).integers(0, 256, (5, 32, 32, 3), dtype=np.uint8)
+    turned = np.ascontiguousarray(np.rot90(crops, 1, axes=(1, 2))[:, :, ::-1])
+    one = crop_features(network, crops, mean, std)
+    np.testing.assert_allclose(crop_features(network, crops, mean, std, views=8),
+                               crop_features(network, turned, mean, std, views=8), rtol=1e-4, atol=1e-5)
+    assert np.abs(one - crop_features(network, turned, mean, std)).max() > 1e-3  # one view is not invariant
+
+
+def test_a_model_with_feature_views_serves_and_saves_them(tmp_path):
+    pytest.importorskip("onnx")
+    import json
+
+    from mitoscope.cells.model import CellModel
+    from mitoscope.models import load_model
+
+    folder, targets = write_bags(tmp_path / "bags")
+    result = train_cell_model(folder, tmp_path / "model", feature_views=4)
+    assert json.loads((result.model_dir / "model.json").read_text())["cells"]["views"] == 4
+    torch_model, served = CellModel.load(result.model_dir), load_model(result.model_dir, engine="auto")
+    assert torch_model.views == served.views == 4 and served.network is None
+    paths = sorted((folder / "images").glob("*.png"))[:6]
+    a, b = torch_model.predict_paths(paths), served.predict_paths(paths)
+    np.testing.assert_allclose(a.proba, b.proba, atol=1e-4)
+    assert a.counts == b.counts == [0 if targets[p.name] is None else 1 for p in a.paths]
+    # a model saved before views existed has none in its description: one view, as it was trained
+    config = dict(torch_model.config, cells={k: v for k, v in torch_model.config["cells"].items() if k != "views"})
+    assert CellModel(config).views == 1

@@ -21,6 +21,7 @@ from ..io import present_images, read_image
 from ..readahead import ReadAhead
 from ..results import Predictions, Progress, prediction_rows
 from .proposals import Proposals, cut_crops, find_cells
+from .views import crop_views
 
 NETWORK_FILE = "network.safetensors"
 EXPORT_FILE = "network.onnx"
@@ -33,23 +34,23 @@ KIND = "cells"
 
 
 def network_outputs(network: Any, crops: np.ndarray, mean: Sequence[float], std: Sequence[float], scorer: str,
-                    batch: int = 256) -> np.ndarray:
-    """What the network gives for (n, s, s, 3) uint8 crops in PyTorch: pooled features for the
-    linear scorer, one logit per crop for a fine-tuned network."""
+                    batch: int = 256, views: int = 1) -> np.ndarray:
+    """What the network gives for (n, s, s, 3) uint8 crops in PyTorch, averaged over ``views``:
+    pooled features for the linear scorer, one logit per crop for a fine-tuned network."""
     import torch
 
-    from .training import normalise
+    from .training import crop_features, normalise
 
+    if scorer == "linear":
+        return crop_features(network, crops, mean, std, batch=batch, views=views)
     network.eval()
-    out = []
+    total = np.zeros(len(crops), dtype=np.float64)
     with torch.no_grad():
-        for start in range(0, len(crops), batch):
-            x = normalise(crops[start:start + batch], mean, std)
-            if scorer == "linear":
-                out.append(network.backbone.forward_features(x).mean(dim=(-2, -1)).float().numpy())
-            else:
-                out.append(network(x).float().numpy())
-    return np.concatenate(out) if out else np.zeros(0, dtype=np.float32)
+        for view in range(views):
+            for start in range(0, len(crops), batch):
+                x = normalise(crop_views(crops[start:start + batch], view), mean, std)
+                total[start:start + len(x)] += network(x).double().numpy()
+    return total / views
 
 
 def probe_crops(size: int, n: int = 4) -> np.ndarray:
@@ -114,6 +115,12 @@ class CellModel(ModelDescription):
         return str(self.config["cells"].get("scorer", "finetuned"))
 
     @property
+    def views(self) -> int:
+        """How many flipped/turned views of a cell its score averages over (features for the
+        linear scorer, logits for a fine-tuned network); models saved before views: 1."""
+        return int(self.config["cells"].get("views", 1))
+
+    @property
     def gives_window_scores(self) -> bool:
         return True  # one score per found cell
 
@@ -123,9 +130,12 @@ class CellModel(ModelDescription):
             return np.zeros(0, dtype=np.float64)
         backbone = self.config["backbone"]
         if self._runner is not None:
-            output = np.asarray(self._runner(normalised_array(crops, backbone["mean"], backbone["std"])))
+            output = np.mean([np.asarray(self._runner(normalised_array(crop_views(crops, view), backbone["mean"],
+                                                                       backbone["std"])), dtype=np.float64)
+                              for view in range(self.views)], axis=0)
         else:
-            output = network_outputs(self.network, crops, backbone["mean"], backbone["std"], self.scorer)
+            output = network_outputs(self.network, crops, backbone["mean"], backbone["std"], self.scorer,
+                                     views=self.views)
         if self.scorer == "linear":
             return self.head.decision_function(output, crops)
         return output.reshape(-1).astype(np.float64)

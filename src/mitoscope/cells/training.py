@@ -1,12 +1,11 @@
-"""Multiple-instance fine-tuning of the instance network from image labels alone.
+"""Training the cell scorers from image labels alone (see :mod:`mitoscope.cells`).
 
-An image is a bag of cell crops; it is Mitosis when its best-scoring cell is mitotic, so the
-bag logit is the maximum of its instance logits. Every cell of a Normal image is a known
-negative, so beside the bag loss every instance of a Normal bag is pushed down (hard-negative
-emphasis: the highest-scoring interphase cells get the largest gradients). The frozen trunk
-runs once per crop and view (a flip/quarter turn of the crop) before training; the epochs train
-the top stages and the head on the cached maps. The epoch kept and the threshold come from a
-held-out share of the images.
+An image is a bag of cell crops; it is Mitosis when its best-scoring cell is mitotic. The linear
+scorer (:func:`train_linear`) is a multiple-instance model on few frozen features. The fine-tuned
+scorer (:func:`train_instances`) is self-trained: that linear model's best cell of each Mitosis
+image is a pseudo-positive, every cell of a Normal image a known negative, and the network's
+top stages learn them as a plain cell classifier, on cached frozen-trunk maps of flipped/turned
+views. Fine-tuning on the max-pooled bag loss instead memorised the training cells (README).
 """
 
 from __future__ import annotations
@@ -24,6 +23,7 @@ from ..augment import dihedral
 from ..errors import InputError
 from .config import CellTrainConfig
 from .network import CellNetwork, freeze_for_training, set_batchnorm_eval, split_for
+from .views import VIEWS, crop_views
 
 logger = logging.getLogger(__name__)
 Progress = Callable[[str, int, int], None]
@@ -53,9 +53,6 @@ def normalise(crops: np.ndarray, mean: Sequence[float], std: Sequence[float]) ->
     return (x - m) / s
 
 
-VIEWS = [(0, False), (1, False), (2, True), (3, True), (2, False), (1, True), (3, False), (0, True)]
-
-
 def trunk_maps(network: CellNetwork, split: Any, crops: np.ndarray, views: int, mean: Sequence[float],
                std: Sequence[float], progress: Progress | None = None, batch: int = 256) -> torch.Tensor:
     """(views, N, C, h, w) float16 trunk maps of every crop under each view."""
@@ -77,25 +74,6 @@ def trunk_maps(network: CellNetwork, split: Any, crops: np.ndarray, views: int, 
                     progress("cells: frozen trunk", done, total)
     assert out is not None
     return out
-
-
-def bag_loss(logits: torch.Tensor, sizes: Sequence[int], labels: torch.Tensor, negative_weight: float,
-             pseudo: Sequence[int] | None = None, positive_weight: float = 0.0) -> torch.Tensor:
-    """Max-pooled bag BCE, plus the BCE of every instance of a Normal bag against 0 and, with
-    ``pseudo`` (each bag's pseudo-positive instance, -1 for none), of those instances against 1."""
-    parts = torch.split(logits, list(sizes))
-    bag_logits = torch.stack([p.max() for p in parts])
-    loss = F.binary_cross_entropy_with_logits(bag_logits, labels.float())
-    negatives = [p for p, y in zip(parts, labels.tolist()) if y == 0]
-    if negatives and negative_weight > 0:
-        instances = torch.cat(negatives)
-        loss = loss + negative_weight * F.binary_cross_entropy_with_logits(instances, torch.zeros_like(instances))
-    if pseudo is not None and positive_weight > 0:
-        chosen = [p[j] for p, j in zip(parts, pseudo) if j >= 0]
-        if chosen:
-            positives = torch.stack(chosen)
-            loss = loss + positive_weight * F.binary_cross_entropy_with_logits(positives, torch.ones_like(positives))
-    return loss
 
 
 def pooled_features(network: CellNetwork, split: Any, maps: torch.Tensor, batch: int = 512) -> np.ndarray:
@@ -127,38 +105,20 @@ def _split_validation(labels: np.ndarray, fraction: float, seed: int) -> tuple[n
     return np.flatnonzero(~val_mask), np.flatnonzero(val_mask)
 
 
-def bag_scores(network: CellNetwork, split: Any, maps: torch.Tensor, offsets: np.ndarray,
-               images: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
-    """Bag logits (max over instances, mean over the cached views) and instance logits of ``images``."""
-    network.eval()
-    bag, instances = [], []
-    with torch.no_grad():
-        for i in images:
-            lo, hi = offsets[i], offsets[i + 1]
-            if hi == lo:
-                bag.append(-20.0)
-                instances.append(np.zeros(0, dtype=np.float32))
-                continue
-            per_view = [network.logits_from_features(split.top(network.backbone, maps[v, lo:hi].float()))
-                        for v in range(maps.shape[0])]
-            logit = torch.stack(per_view).mean(0).numpy()
-            instances.append(logit)
-            bag.append(float(logit.max()))
-    return np.asarray(bag), instances
-
-
 def crop_features(network: CellNetwork, crops: np.ndarray, mean: Sequence[float], std: Sequence[float],
-                  progress: Progress | None = None, batch: int = 256) -> np.ndarray:
-    """The network's pooled features of (n, s, s, 3) uint8 crops (before its head)."""
+                  progress: Progress | None = None, batch: int = 256, views: int = 1) -> np.ndarray:
+    """The network's pooled features of (n, s, s, 3) uint8 crops (before its head), averaged over
+    the first ``views`` of :data:`VIEWS` (a cell has no orientation)."""
     network.eval()
-    out = []
+    total = np.zeros((len(crops), network.head.in_features), dtype=np.float64)
     with torch.no_grad():
-        for start in range(0, len(crops), batch):
-            maps = network.backbone.forward_features(normalise(crops[start:start + batch], mean, std))
-            out.append(maps.mean(dim=(-2, -1)).float().numpy())
-            if progress:
-                progress("cells: features", min(start + batch, len(crops)), len(crops))
-    return np.concatenate(out) if out else np.zeros((0, network.head.in_features), dtype=np.float32)
+        for view in range(views):
+            for start in range(0, len(crops), batch):
+                x = normalise(crop_views(crops[start:start + batch], view), mean, std)
+                total[start:start + len(x)] += network.backbone.forward_features(x).mean(dim=(-2, -1)).double().numpy()
+                if progress:
+                    progress("cells: features", view * len(crops) + min(start + batch, len(crops)), views * len(crops))
+    return (total / views).astype(np.float32)
 
 
 def train_linear(network: CellNetwork, bags: Bags, config: CellTrainConfig, mean: Sequence[float],
@@ -174,7 +134,7 @@ def train_linear(network: CellNetwork, bags: Bags, config: CellTrainConfig, mean
     labels = np.asarray(bags.labels)
     if len(np.unique(labels)) < 2:
         raise InputError(f"training needs images of both classes, got only {sorted(set(labels.tolist()))}")
-    features = crop_features(network, bags.crops, mean, std, progress)
+    features = crop_features(network, bags.crops, mean, std, progress, views=config.feature_views)
 
     def fit(images: np.ndarray) -> LinearInstanceHead:
         index, offsets = _subset(bags.offsets, images)
@@ -203,96 +163,138 @@ def train_linear(network: CellNetwork, bags: Bags, config: CellTrainConfig, mean
             "val_labels": labels[val_idx] if len(val_idx) else np.zeros(0, dtype=int)}
 
 
-def train_instances(network: CellNetwork, bags: Bags, config: CellTrainConfig, mean: Sequence[float],
-                    std: Sequence[float], progress: Progress | None = None) -> dict[str, Any]:
-    """Fine-tune ``network`` on ``bags`` in place; returns the history, the held-out bag
-    probabilities and labels (for the threshold) and the epoch kept."""
-    torch.manual_seed(config.seed)
-    labels = np.asarray(bags.labels)
-    if len(np.unique(labels)) < 2:
-        raise InputError(f"training needs images of both classes, got only {sorted(set(labels.tolist()))}")
-    split = split_for(network, config.trained_stages)
-    trained = freeze_for_training(network, split)
-    maps = trunk_maps(network, split, bags.crops, config.views, mean, std, progress)
-    train_idx, val_idx = (_split_validation(labels, config.validation_fraction, config.seed)
-                          if config.validation_fraction > 0 else (np.arange(len(labels)), np.zeros(0, dtype=int)))
-    pseudo = np.full(len(labels), -1, dtype=np.int64)  # local index of each bag's pseudo-positive
-    if config.positive_weight > 0:
-        from .bootstrap import pseudo_positives
+def cell_logits(network: CellNetwork, split: Any, maps: torch.Tensor, index: np.ndarray,
+                batch: int = 512) -> np.ndarray:
+    """The network's logit of each crop in ``index``, the mean over the cached views."""
+    network.eval()
+    total = np.zeros(len(index), dtype=np.float64)
+    with torch.no_grad():
+        for view in range(maps.shape[0]):
+            for start in range(0, len(index), batch):
+                x = maps[view, index[start:start + batch]].float()
+                total[start:start + len(x)] += network.logits_from_features(split.top(network.backbone, x)).double().numpy()
+    return total / maps.shape[0]
 
-        index, sub_offsets = _subset(bags.offsets, train_idx)
-        found = pseudo_positives(pooled_features(network, split, maps)[index], bags.crops[index], sub_offsets,
-                                 labels[train_idx], config.seed)
-        for i, scores in zip(train_idx, np.split(found["scores"], sub_offsets[1:-1])):
-            if labels[i] == 1 and len(scores):
-                pseudo[i] = int(np.argmax(scores))
+
+def pseudo_labels(frozen: np.ndarray, bags: Bags, images: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(positives, negatives): global crop indices. The best cell of each Mitosis image under the
+    linear multiple-instance model on frozen features (:mod:`.bootstrap`), and every cell of
+    each Normal image; the other cells of Mitosis images get no label."""
+    from .bootstrap import LinearInstanceHead
+
+    labels = np.asarray(bags.labels)
+    index, offsets = _subset(bags.offsets, images)
+    teacher = LinearInstanceHead(seed=seed).fit(frozen[index], bags.crops[index], offsets, labels[images])
+    scores = teacher.decision_function(frozen[index], bags.crops[index])
+    positives, negatives = [], []
+    for k, image in enumerate(images):
+        lo, hi = offsets[k], offsets[k + 1]
+        if hi == lo:
+            continue
+        if labels[image] == 1:
+            positives.append(index[lo + int(np.argmax(scores[lo:hi]))])
+        else:
+            negatives.extend(index[lo:hi].tolist())
+    return np.asarray(positives, dtype=np.int64), np.asarray(negatives, dtype=np.int64)
+
+
+def fit_cell_classifier(network: CellNetwork, split: Any, trained: list[torch.nn.Parameter], maps: torch.Tensor,
+                        positives: np.ndarray, negatives: np.ndarray, config: CellTrainConfig,
+                        seed: int) -> list[dict[str, float]]:
+    """Train the top stages and the head as a plain cell classifier on pseudo-labelled cells:
+    batches of ``config.negatives_per_step`` known negatives and ``config.positives_per_step``
+    pseudo-positives (drawn with replacement: they are few), each under a random cached view;
+    warm-up over the first epoch, then cosine; frozen BatchNorm; gradients clipped to norm 1."""
+    if not len(positives) or not len(negatives):
+        raise InputError(f"self-training needs pseudo-positive and negative cells, got {len(positives)} and "
+                         f"{len(negatives)} (images without any found cell?)")
+    rng = np.random.default_rng(seed)
+    torch.manual_seed(seed)
     head_ids = {id(p) for p in network.head.parameters()}
-    groups = [{"params": [p for p in trained if id(p) in head_ids], "lr": config.learning_rate},
-              {"params": [p for p in trained if id(p) not in head_ids], "lr": config.top_learning_rate}]
-    optimiser = torch.optim.AdamW(groups, weight_decay=config.weight_decay)
-    steps_per_epoch = math.ceil(len(train_idx) / config.bags_per_step)
-    total_steps = steps_per_epoch * config.epochs
-    warmup = steps_per_epoch
-    peak = [g["lr"] for g in optimiser.param_groups]
-    rng = np.random.default_rng(config.seed)
-    history: list[dict[str, float]] = []
-    best: tuple[float, int, dict[str, torch.Tensor]] | None = None
-    step = 0
+    optimiser = torch.optim.AdamW([{"params": [p for p in trained if id(p) in head_ids], "lr": config.learning_rate},
+                                   {"params": [p for p in trained if id(p) not in head_ids],
+                                    "lr": config.top_learning_rate}], weight_decay=config.weight_decay)
+    peak = [group["lr"] for group in optimiser.param_groups]
+    steps_per_epoch = max(1, len(negatives) // config.negatives_per_step)
+    total = steps_per_epoch * config.epochs
+    target = torch.cat([torch.ones(config.positives_per_step), torch.zeros(config.negatives_per_step)])
+    history, step = [], 0
     for epoch in range(1, config.epochs + 1):
         network.train()
         set_batchnorm_eval(network)
-        order = rng.permutation(train_idx)
+        order = rng.permutation(negatives)
         losses = []
-        for start in range(0, len(order), config.bags_per_step):
-            chosen = order[start:start + config.bags_per_step]
-            chosen = chosen[bags.sizes()[chosen] > 0]
-            if len(chosen) == 0:
-                continue
-            scale = min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, step / total_steps)))
+        for s in range(steps_per_epoch):
+            negative = order[s * config.negatives_per_step:(s + 1) * config.negatives_per_step]
+            if len(negative) < config.negatives_per_step:  # fewer negatives than one batch: drawn again
+                negative = rng.choice(negatives, config.negatives_per_step)
+            chosen = np.concatenate([rng.choice(positives, config.positives_per_step), negative])
+            views = rng.integers(0, maps.shape[0], len(chosen))
+            scale = min(1.0, (step + 1) / steps_per_epoch) * 0.5 * (1 + math.cos(math.pi * step / total))
             for group, lr in zip(optimiser.param_groups, peak):
                 group["lr"] = lr * scale
-            view = rng.integers(0, config.views, size=len(chosen))
-            x = torch.cat([maps[v, bags.offsets[i]:bags.offsets[i + 1]] for i, v in zip(chosen, view)]).float()
-            logits = network.logits_from_features(split.top(network.backbone, x))
-            loss = bag_loss(logits, bags.sizes()[chosen].tolist(), torch.from_numpy(labels[chosen]),
-                            config.negative_weight, pseudo[chosen].tolist(), config.positive_weight)
+            logits = network.logits_from_features(split.top(network.backbone, maps[views, chosen].float()))
+            loss = F.binary_cross_entropy_with_logits(logits, target)
             optimiser.zero_grad()
             loss.backward()
             torch.nn.utils.clip_grad_norm_(trained, 1.0)
             optimiser.step()
             losses.append(float(loss.detach()))
             step += 1
-        row = {"epoch": epoch, "train_loss": float(np.mean(losses)) if losses else float("nan")}
-        if config.positive_weight > 0 and config.refresh_every and epoch % config.refresh_every == 0 \
-                and epoch < config.epochs:
-            positives = train_idx[labels[train_idx] == 1]
-            _, own = bag_scores(network, split, maps, bags.offsets, positives)
-            for i, scores in zip(positives, own):
-                if len(scores):
-                    pseudo[i] = int(np.argmax(scores))
-        if len(val_idx):
-            logits_val, _ = bag_scores(network, split, maps, bags.offsets, val_idx)
-            y = labels[val_idx]
-            row["val_loss"] = float(F.binary_cross_entropy_with_logits(torch.from_numpy(logits_val).float(),
-                                                                       torch.from_numpy(y).float()))
-            row["val_auc"] = _auc(y, logits_val)
-            score = row["val_loss"]
-            if config.keep == "val_loss" and (best is None or score < best[0]):  # a copy only when kept
-                best = (score, epoch, {k: v.detach().clone() for k, v in network.state_dict().items()})
-        history.append(row)
-        if progress:
-            progress("cells: epochs", epoch, config.epochs)
-        logger.info("cells epoch %d: %s", epoch, row)
-    kept = config.epochs
-    val_proba = np.zeros(0)
-    if best is not None:
-        network.load_state_dict(best[2])
-        kept = best[1]
-    if len(val_idx):
-        logits_val, _ = bag_scores(network, split, maps, bags.offsets, val_idx)
-        val_proba = 1 / (1 + np.exp(-logits_val))
+        history.append({"epoch": epoch, "train_loss": float(np.mean(losses))})
     network.eval()
-    return {"history": history, "best_epoch": kept, "val_proba": val_proba, "pseudo": pseudo,
+    return history
+
+
+def train_instances(network: CellNetwork, bags: Bags, config: CellTrainConfig, mean: Sequence[float],
+                    std: Sequence[float], progress: Progress | None = None) -> dict[str, Any]:
+    """The fine-tuned scorer, by self-training from image labels (see :mod:`mitoscope.cells`):
+    the frozen trunk runs once per crop and view; a linear multiple-instance teacher on the frozen
+    features names each Mitosis image's best cell; the network's top stages learn those cells
+    against every cell of the Normal images. With ``config.cv_folds`` the whole procedure is
+    cross-validated over the images (out-of-fold bag probabilities back, for the threshold and
+    the metrics) and then run on all of them. ``network`` ends trained on all images."""
+    from sklearn.model_selection import StratifiedKFold
+
+    labels = np.asarray(bags.labels)
+    if len(np.unique(labels)) < 2:
+        raise InputError(f"training needs images of both classes, got only {sorted(set(labels.tolist()))}")
+    split = split_for(network, config.trained_stages)
+    trained = freeze_for_training(network, split)
+    maps = trunk_maps(network, split, bags.crops, config.views, mean, std, progress)
+    frozen = pooled_features(network, split, maps)
+    start = {k: v.detach().clone() for k, v in network.state_dict().items()}
+
+    def fit(images: np.ndarray, seed: int) -> list[dict[str, float]]:
+        network.load_state_dict(start)
+        positives, negatives = pseudo_labels(frozen, bags, images, seed)
+        return fit_cell_classifier(network, split, trained, maps, positives, negatives, config, seed)
+
+    def bag_proba(images: np.ndarray) -> np.ndarray:
+        index, offsets = _subset(bags.offsets, images)
+        logits = cell_logits(network, split, maps, index)
+        bag = np.array([logits[offsets[k]:offsets[k + 1]].max() if offsets[k + 1] > offsets[k] else -60.0
+                        for k in range(len(images))])
+        return 1 / (1 + np.exp(-bag))
+
+    folds = min(config.cv_folds, int(np.bincount(labels, minlength=2).min()))
+    rounds = (folds if config.cv_folds and folds >= 2 else 0) + 1
+    if rounds > 1:
+        oof = np.zeros(len(labels))
+        splitter = StratifiedKFold(folds, shuffle=True, random_state=config.seed)
+        for fold, (train_idx, test_idx) in enumerate(splitter.split(labels, labels)):
+            fit(train_idx, config.seed * 100 + fold + 1)
+            oof[test_idx] = bag_proba(test_idx)
+            if progress:
+                progress("cells: cross-validation", fold + 1, folds)
+        history = fit(np.arange(len(labels)), config.seed * 100)
+        return {"history": history, "best_epoch": config.epochs, "val_proba": oof, "val_labels": labels,
+                "evaluation": f"{folds}-fold cross-validation (out-of-fold)"}
+    train_idx, val_idx = (_split_validation(labels, config.validation_fraction, config.seed)
+                          if config.validation_fraction > 0 else (np.arange(len(labels)), np.zeros(0, dtype=int)))
+    history = fit(train_idx, config.seed * 100)
+    return {"history": history, "best_epoch": config.epochs,
+            "val_proba": bag_proba(val_idx) if len(val_idx) else np.zeros(0),
             "val_labels": labels[val_idx] if len(val_idx) else np.zeros(0, dtype=int)}
 
 
