@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common import REPO, machine, require_shared, save_results, scene_pair
+from common import REPO, best_cell_cv_auc, machine, require_shared, save_results, scene_pair
 
 
 def main() -> None:
@@ -30,10 +30,7 @@ def main() -> None:
     args = parser.parse_args()
     require_shared()
     import torch
-    from sklearn.metrics import roc_auc_score
-    from sklearn.model_selection import StratifiedKFold
 
-    from mitoscope.cells.bootstrap import LinearInstanceHead
     from mitoscope.cells.network import build_cell_network
     from mitoscope.cells.training import crop_features
     from mitoscope.cells.workflow import collect_bags
@@ -53,20 +50,7 @@ def main() -> None:
             features = crop_features(network, bags.crops, backbone.data_config["mean"], backbone.data_config["std"])
             seconds = time.perf_counter() - started
 
-            def rows(images):
-                index = np.concatenate([np.arange(offsets[i], offsets[i + 1]) for i in images])
-                return index, np.concatenate([[0], np.cumsum([offsets[i + 1] - offsets[i] for i in images])])
-
-            aucs = []
-            for shuffle in (0, 1):
-                oof = np.zeros(len(y))
-                for train, test in StratifiedKFold(5, shuffle=True, random_state=shuffle).split(y, y):
-                    i, o = rows(train)
-                    j, p = rows(test)
-                    head = LinearInstanceHead(seed=shuffle).fit(features[i], bags.crops[i], o, y[train])
-                    scores = head.decision_function(features[j], bags.crops[j])
-                    oof[test] = [scores[p[k]:p[k + 1]].max() if p[k + 1] > p[k] else -1e9 for k in range(len(test))]
-                aucs.append(round(float(roc_auc_score(y, oof)), 4))
+            aucs = best_cell_cv_auc(features, bags.crops, offsets, y, (0, 1))
             run = {"set": set_name, "backbone": name, "cv_auc": aucs, "mean": round(float(np.mean(aucs)), 4),
                    "cells": int(len(bags.crops)), "features_s": round(seconds, 1)}
             print(run, flush=True)

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common import REPO, machine, require_shared, save_results, scene_pair
+from common import REPO, best_cell_cv_auc, machine, require_shared, save_results, scene_pair
 
 
 def main() -> None:
@@ -33,13 +33,10 @@ def main() -> None:
     args = parser.parse_args()
     require_shared()
     import torch
-    from sklearn.metrics import roc_auc_score
-    from sklearn.model_selection import StratifiedKFold
 
-    from mitoscope.augment import dihedral
-    from mitoscope.cells.bootstrap import LinearInstanceHead
     from mitoscope.cells.network import build_cell_network
-    from mitoscope.cells.training import VIEWS, normalise
+    from mitoscope.cells.training import crop_features
+    from mitoscope.cells.views import crop_views
     from mitoscope.cells.workflow import collect_bags
     from mitoscope.io import ReadOptions, load_labelled_images
 
@@ -55,32 +52,12 @@ def main() -> None:
         bags = collect_bags(data.paths, data.y, ReadOptions(), 96)
         y, offsets = np.asarray(data.y), bags.offsets
         started = time.perf_counter()
-        per_view = []
-        with torch.no_grad():
-            for turns, flip in VIEWS[:max(args.views)]:
-                out = []
-                for start in range(0, len(bags.crops), 256):
-                    x = dihedral(normalise(bags.crops[start:start + 256], mean, std), turns, flip)
-                    out.append(network.backbone.forward_features(x).mean(dim=(-2, -1)).numpy())
-                per_view.append(np.concatenate(out))
+        # each view once (crop_features averages the first k; the means for every k come from these)
+        per_view = [crop_features(network, crop_views(bags.crops, view), mean, std) for view in range(max(args.views))]
         seconds = time.perf_counter() - started
-
-        def rows(images):
-            index = np.concatenate([np.arange(offsets[i], offsets[i + 1]) for i in images])
-            return index, np.concatenate([[0], np.cumsum([offsets[i + 1] - offsets[i] for i in images])])
-
         for k in args.views:
             features = np.mean(per_view[:k], axis=0)
-            aucs = []
-            for shuffle in (0, 1, 2):
-                oof = np.zeros(len(y))
-                for train, test in StratifiedKFold(5, shuffle=True, random_state=shuffle).split(y, y):
-                    i, o = rows(train)
-                    j, p = rows(test)
-                    head = LinearInstanceHead(seed=shuffle).fit(features[i], bags.crops[i], o, y[train])
-                    scores = head.decision_function(features[j], bags.crops[j])
-                    oof[test] = [scores[p[m]:p[m + 1]].max() if p[m + 1] > p[m] else -1e9 for m in range(len(test))]
-                aucs.append(round(float(roc_auc_score(y, oof)), 4))
+            aucs = best_cell_cv_auc(features, bags.crops, offsets, y, (0, 1, 2))
             run = {"set": set_name, "views": k, "cv_auc": aucs, "mean": round(float(np.mean(aucs)), 4),
                    "cells": int(len(bags.crops)), "features_s_all_views": round(seconds, 1)}
             print(run, flush=True)
