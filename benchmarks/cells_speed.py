@@ -62,12 +62,10 @@ def untrained_model(work: Path) -> Path:
 
 
 def plain_loop(model_dir: Path, image_path: Path) -> dict:
-    """The cells scored one crop at a time in PyTorch: what a user would write around the network."""
-    import torch
-
-    from mitoscope.cells.model import CellModel
+    """The cells scored one crop at a time in PyTorch (each under the model's views): what a user
+    would write around the network."""
+    from mitoscope.cells.model import CellModel, sigmoid
     from mitoscope.cells.proposals import cut_crops, find_cells
-    from mitoscope.cells.training import normalise
     from mitoscope.io import read_image
 
     start = time.perf_counter()
@@ -75,11 +73,7 @@ def plain_loop(model_dir: Path, image_path: Path) -> dict:
     image = read_image(image_path)
     proposals = find_cells(image)
     crops = cut_crops(image, proposals, model.input_size)
-    mean, std = model.config["backbone"]["mean"], model.config["backbone"]["std"]
-    scores = []
-    with torch.no_grad():
-        for crop in crops:
-            scores.append(float(torch.sigmoid(model.network(normalise(crop[None], mean, std)))[0]))
+    scores = [float(sigmoid(model.score_crops(crop[None]))[0]) for crop in crops]
     return {"wall_s": round(time.perf_counter() - start, 2), "cells": len(proposals), "max_probability": max(scores)}
 
 
