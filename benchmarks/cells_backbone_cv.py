@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common import REPO, best_cell_cv_auc, machine, require_shared, save_results, scene_pair
+from common import REPO, best_cell_cv_auc, machine, require_shared, save_results, training_bags
 
 
 def main() -> None:
@@ -33,16 +33,12 @@ def main() -> None:
 
     from mitoscope.cells.network import build_cell_network
     from mitoscope.cells.training import crop_features
-    from mitoscope.cells.workflow import collect_bags
-    from mitoscope.io import ReadOptions, load_labelled_images
 
     results = {"machine": machine(), "protocol": "5-fold stratified CV (shuffles 0, 1) on the training scenes only",
                "runs": []}
     for set_name in args.sets:
-        train_dir, _ = scene_pair(args.work, set_name)
-        data = load_labelled_images(train_dir, train_dir / "labels.csv")
-        bags = collect_bags(data.paths, data.y, ReadOptions(), 96)
-        y, offsets = np.asarray(data.y), bags.offsets
+        bags, y = training_bags(args.work, set_name)
+        offsets = bags.offsets
         for name in args.backbones:
             torch.manual_seed(0)
             network, backbone = build_cell_network(name, pretrained=True)

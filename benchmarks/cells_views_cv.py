@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common import REPO, best_cell_cv_auc, machine, require_shared, save_results, scene_pair
+from common import REPO, best_cell_cv_auc, machine, require_shared, save_results, training_bags
 
 
 def main() -> None:
@@ -37,8 +37,6 @@ def main() -> None:
     from mitoscope.cells.network import build_cell_network
     from mitoscope.cells.training import crop_features
     from mitoscope.cells.views import crop_views
-    from mitoscope.cells.workflow import collect_bags
-    from mitoscope.io import ReadOptions, load_labelled_images
 
     results = {"machine": machine(), "protocol": "5-fold stratified CV (shuffles 0, 1, 2) on the training scenes only",
                "runs": []}
@@ -47,10 +45,8 @@ def main() -> None:
     network.eval()
     mean, std = backbone.data_config["mean"], backbone.data_config["std"]
     for set_name in args.sets:
-        train_dir, _ = scene_pair(args.work, set_name)
-        data = load_labelled_images(train_dir, train_dir / "labels.csv")
-        bags = collect_bags(data.paths, data.y, ReadOptions(), 96)
-        y, offsets = np.asarray(data.y), bags.offsets
+        bags, y = training_bags(args.work, set_name)
+        offsets = bags.offsets
         started = time.perf_counter()
         # each view once (crop_features averages the first k; the means for every k come from these)
         per_view = [crop_features(network, crop_views(bags.crops, view), mean, std) for view in range(max(args.views))]

@@ -112,3 +112,16 @@ def best_cell_cv_auc(features: Any, crops: Any, offsets: Any, y: Any, shuffles: 
             oof[test] = [scores[p[k]:p[k + 1]].max() if p[k + 1] > p[k] else -1e9 for k in range(len(test))]
         aucs.append(round(float(roc_auc_score(y, oof)), 4))
     return aucs
+
+
+def training_bags(work: Path, set_name: str) -> tuple[Any, Any]:
+    """The cells of a set's training scenes as the product finds and cuts them (96 px), and the
+    image labels: (Bags, labels)."""
+    import numpy as np
+
+    from mitoscope.cells.workflow import collect_bags
+    from mitoscope.io import ReadOptions, load_labelled_images
+
+    train_dir, _ = scene_pair(work, set_name)
+    data = load_labelled_images(train_dir, train_dir / "labels.csv")
+    return collect_bags(data.paths, data.y, ReadOptions(), 96), np.asarray(data.y)

@@ -13,8 +13,6 @@ Results), so this linear model is what the cell model scores with unless asked o
 
 from __future__ import annotations
 
-from typing import Any
-
 import numpy as np
 
 # Principal components of the frozen features the linear multiple-instance model sees.
@@ -136,14 +134,3 @@ def _linear_mil(x_np: np.ndarray, offsets: np.ndarray, labels: np.ndarray, seed:
             loss.backward()
             optimiser.step()
     return head.weight.detach().double().numpy().reshape(-1), float(head.bias.detach())
-
-
-def pseudo_positives(cnn_features: np.ndarray, crops: np.ndarray, offsets: np.ndarray, labels: np.ndarray,
-                     seed: int = 0) -> dict[str, Any]:
-    """The best instance of each positive bag under :class:`LinearInstanceHead`:
-    ``{"index": global instance indices, "scores": every instance's score}``."""
-    scores = LinearInstanceHead(seed=seed).fit(cnn_features, crops, offsets, labels).decision_function(
-        cnn_features, crops)
-    best = [int(offsets[i] + np.argmax(scores[offsets[i]:offsets[i + 1]]))
-            for i in range(len(labels)) if labels[i] == 1 and offsets[i + 1] > offsets[i]]
-    return {"index": np.asarray(best, dtype=np.int64), "scores": scores}

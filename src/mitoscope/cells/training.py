@@ -10,7 +10,6 @@ views. Fine-tuning on the max-pooled bag loss instead memorised the training cel
 
 from __future__ import annotations
 
-import logging
 import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
@@ -25,7 +24,6 @@ from .config import CellTrainConfig
 from .network import CellNetwork, freeze_for_training, set_batchnorm_eval, split_for
 from .views import VIEWS, crop_views
 
-logger = logging.getLogger(__name__)
 Progress = Callable[[str, int, int], None]
 
 
@@ -127,8 +125,6 @@ def train_linear(network: CellNetwork, bags: Bags, config: CellTrainConfig, mean
     network's features. With ``config.cv_folds`` it is cross-validated over every image (the
     out-of-fold bag probabilities come back, for the threshold and the metrics) and then fitted
     on all of them; else fitted on the training share, the held-out share's probabilities back."""
-    from sklearn.model_selection import StratifiedKFold
-
     from .bootstrap import LinearInstanceHead
 
     labels = np.asarray(bags.labels)
@@ -136,31 +132,18 @@ def train_linear(network: CellNetwork, bags: Bags, config: CellTrainConfig, mean
         raise InputError(f"training needs images of both classes, got only {sorted(set(labels.tolist()))}")
     features = crop_features(network, bags.crops, mean, std, progress, views=config.feature_views)
 
-    def fit(images: np.ndarray) -> LinearInstanceHead:
+    def fit(images: np.ndarray, fold: int | None) -> tuple[LinearInstanceHead, Callable[[np.ndarray], np.ndarray]]:
         index, offsets = _subset(bags.offsets, images)
-        return LinearInstanceHead(seed=config.seed).fit(features[index], bags.crops[index], offsets, labels[images])
+        head = LinearInstanceHead(seed=config.seed).fit(features[index], bags.crops[index], offsets, labels[images])
 
-    def bag_proba(head: LinearInstanceHead, images: np.ndarray) -> np.ndarray:
-        index, offsets = _subset(bags.offsets, images)
-        logits = head.decision_function(features[index], bags.crops[index])
-        bag = np.array([logits[offsets[i]:offsets[i + 1]].max() if offsets[i + 1] > offsets[i] else -60.0
-                        for i in range(len(images))])
-        return 1 / (1 + np.exp(-bag))
+        def proba(held: np.ndarray) -> np.ndarray:
+            index, offsets = _subset(bags.offsets, held)
+            return best_cell_proba(head.decision_function(features[index], bags.crops[index]), offsets)
+        return head, proba
 
-    folds = min(config.cv_folds, int(np.bincount(labels, minlength=2).min()))
-    if config.cv_folds and folds >= 2:
-        oof = np.zeros(len(labels))
-        splitter = StratifiedKFold(folds, shuffle=True, random_state=config.seed)
-        for train_idx, test_idx in splitter.split(labels, labels):
-            oof[test_idx] = bag_proba(fit(train_idx), test_idx)
-        return {"history": [], "best_epoch": None, "val_proba": oof, "val_labels": labels,
-                "head": fit(np.arange(len(labels))), "evaluation": f"{folds}-fold cross-validation (out-of-fold)"}
-    train_idx, val_idx = (_split_validation(labels, config.validation_fraction, config.seed)
-                          if config.validation_fraction > 0 else (np.arange(len(labels)), np.zeros(0, dtype=int)))
-    head = fit(train_idx)
-    return {"history": [], "best_epoch": None, "head": head,
-            "val_proba": bag_proba(head, val_idx) if len(val_idx) else np.zeros(0),
-            "val_labels": labels[val_idx] if len(val_idx) else np.zeros(0, dtype=int)}
+    out = cross_fit(labels, config, fit)
+    head = out.pop("fitted")
+    return {**out, "history": [], "best_epoch": None, "head": head}
 
 
 def cell_logits(network: CellNetwork, split: Any, maps: torch.Tensor, index: np.ndarray,
@@ -254,8 +237,6 @@ def train_instances(network: CellNetwork, bags: Bags, config: CellTrainConfig, m
     against every cell of the Normal images. With ``config.cv_folds`` the whole procedure is
     cross-validated over the images (out-of-fold bag probabilities back, for the threshold and
     the metrics) and then run on all of them. ``network`` ends trained on all images."""
-    from sklearn.model_selection import StratifiedKFold
-
     labels = np.asarray(bags.labels)
     if len(np.unique(labels)) < 2:
         raise InputError(f"training needs images of both classes, got only {sorted(set(labels.tolist()))}")
@@ -265,42 +246,50 @@ def train_instances(network: CellNetwork, bags: Bags, config: CellTrainConfig, m
     frozen = pooled_features(network, split, maps)
     start = {k: v.detach().clone() for k, v in network.state_dict().items()}
 
-    def fit(images: np.ndarray, seed: int) -> list[dict[str, float]]:
+    def fit(images: np.ndarray, fold: int | None) -> tuple[list[dict[str, float]], Callable[[np.ndarray], np.ndarray]]:
+        seed = config.seed * 100 + (0 if fold is None else fold + 1)
         network.load_state_dict(start)
         positives, negatives = pseudo_labels(frozen, bags, images, seed)
-        return fit_cell_classifier(network, split, trained, maps, positives, negatives, config, seed)
+        history = fit_cell_classifier(network, split, trained, maps, positives, negatives, config, seed)
 
-    def bag_proba(images: np.ndarray) -> np.ndarray:
-        index, offsets = _subset(bags.offsets, images)
-        logits = cell_logits(network, split, maps, index)
-        bag = np.array([logits[offsets[k]:offsets[k + 1]].max() if offsets[k + 1] > offsets[k] else -60.0
-                        for k in range(len(images))])
-        return 1 / (1 + np.exp(-bag))
+        def proba(held: np.ndarray) -> np.ndarray:
+            index, offsets = _subset(bags.offsets, held)
+            return best_cell_proba(cell_logits(network, split, maps, index), offsets)
+        return history, proba
+
+    out = cross_fit(labels, config, fit, progress)
+    history = out.pop("fitted")
+    return {**out, "history": history, "best_epoch": config.epochs}
+
+
+def best_cell_proba(logits: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+    """Each bag's probability: the sigmoid of its best cell's logit (0 for a bag without cells)."""
+    bag = np.array([logits[offsets[k]:offsets[k + 1]].max() if offsets[k + 1] > offsets[k] else -60.0
+                    for k in range(len(offsets) - 1)])
+    return 1 / (1 + np.exp(-bag))
+
+
+def cross_fit(labels: np.ndarray, config: CellTrainConfig, fit: Callable[[np.ndarray, int | None], tuple[Any, Any]],
+              progress: Progress | None = None) -> dict[str, Any]:
+    """How either scorer is evaluated and fitted. ``fit(images, fold)`` trains on ``images`` (fold
+    None: the final fit) and returns (what it fitted, a function giving held-out images' bag
+    probabilities). With ``config.cv_folds``: k-fold cross-validation over every image (the
+    out-of-fold probabilities come back, for the threshold and the metrics), then one fit on all;
+    else one fit on a training share, the held-out share's probabilities back."""
+    from sklearn.model_selection import StratifiedKFold
 
     folds = min(config.cv_folds, int(np.bincount(labels, minlength=2).min()))
-    rounds = (folds if config.cv_folds and folds >= 2 else 0) + 1
-    if rounds > 1:
+    if config.cv_folds and folds >= 2:
         oof = np.zeros(len(labels))
         splitter = StratifiedKFold(folds, shuffle=True, random_state=config.seed)
         for fold, (train_idx, test_idx) in enumerate(splitter.split(labels, labels)):
-            fit(train_idx, config.seed * 100 + fold + 1)
-            oof[test_idx] = bag_proba(test_idx)
+            oof[test_idx] = fit(train_idx, fold)[1](test_idx)
             if progress:
                 progress("cells: cross-validation", fold + 1, folds)
-        history = fit(np.arange(len(labels)), config.seed * 100)
-        return {"history": history, "best_epoch": config.epochs, "val_proba": oof, "val_labels": labels,
+        return {"fitted": fit(np.arange(len(labels)), None)[0], "val_proba": oof, "val_labels": labels,
                 "evaluation": f"{folds}-fold cross-validation (out-of-fold)"}
     train_idx, val_idx = (_split_validation(labels, config.validation_fraction, config.seed)
                           if config.validation_fraction > 0 else (np.arange(len(labels)), np.zeros(0, dtype=int)))
-    history = fit(train_idx, config.seed * 100)
-    return {"history": history, "best_epoch": config.epochs,
-            "val_proba": bag_proba(val_idx) if len(val_idx) else np.zeros(0),
+    fitted, proba = fit(train_idx, None)
+    return {"fitted": fitted, "val_proba": proba(val_idx) if len(val_idx) else np.zeros(0),
             "val_labels": labels[val_idx] if len(val_idx) else np.zeros(0, dtype=int)}
-
-
-def _auc(y: np.ndarray, score: np.ndarray) -> float:
-    if len(np.unique(y)) < 2:
-        return float("nan")
-    from sklearn.metrics import roc_auc_score
-
-    return float(roc_auc_score(y, score))
