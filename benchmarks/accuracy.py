@@ -132,9 +132,12 @@ def finetuned(args: argparse.Namespace) -> dict:
     once per seed in ``args.seeds``; the record holds every run and their mean ± sd."""
     results = {}
     for set_name in args.sets:
-        runs = [finetuned_once(args, set_name, seed) for seed in args.seeds]
-        results[f"{set_name}/finetuned"] = {"set": set_name, "model": "finetuned", "seeds": list(args.seeds),
-                                            "summary": summary(runs), "runs": runs}
+        runs = []
+        for seed in args.seeds:  # saved after every run: one seed can take the better part of an hour on a CPU
+            runs.append(finetuned_once(args, set_name, seed))
+            results[f"{set_name}/finetuned"] = {"set": set_name, "model": "finetuned", "seeds": list(args.seeds),
+                                                "summary": summary(runs), "runs": runs}
+            save_results(args.out, {"machine": machine(), "results": results})
         print(json.dumps(results[f"{set_name}/finetuned"]["summary"]), flush=True)
     return results
 

@@ -1,6 +1,6 @@
 """4K predict with the cell model (the default of ``train``), against the plain way, in one run.
 
-    python benchmarks/cells_speed.py [--model MODEL_DIR] [--repeats 3]
+    python benchmarks/cells_speed.py [--model MODEL_DIR] [--repeats 3] [--before OLD_CHECKOUT/src]
 
 The image: one crowded 3840x2160 field composed from the real Jurkat cells
 (``compose_scenes.py --size 3840x2160 --cell-scale 1.5,2 --cells 400,500 --seed 3 --part test``:
@@ -12,6 +12,9 @@ Measured: ``mitoscope predict MODEL IMAGE --out x.csv`` as a subprocess (wall ti
 start included, and peak resident memory), served by the exported network (OpenVINO); the
 same prediction in PyTorch (``serve=False``); and the plain loop a user would write: the same
 cells scored one crop at a time in PyTorch under ``torch.no_grad``. Targets: < 6 s, < 3 GB.
+With ``--before``, the served command also runs on an older checkout's code (e.g. a
+``git worktree`` of the commit before a speed change), in turn with the current one, so that
+the ratio holds even when the machine's speed drifts during the run.
 """
 
 from __future__ import annotations
@@ -83,27 +86,42 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "mitoscope-cells-speed")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "cells_speed.json")
+    parser.add_argument("--before", type=Path, default=None,
+                        help="an older checkout's src/: also time its predict, in turn with this one's")
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     image = compose_image(args.work)
     model_dir = args.model or untrained_model(args.work)
     env = dict(os.environ)
     results: dict = {"machine": machine(), "image": str(image), "model": str(model_dir)}
-    for variant in ("served", "torch"):
-        out_csv = args.work / f"predict-{variant}.csv"
-        if variant == "served":
-            command = [*mitoscope_command(), "predict", str(model_dir), str(image), "--out", str(out_csv)]
-            shown = f"mitoscope predict {model_dir} {image} --out {out_csv}"
-        else:
-            shown = (f"from mitoscope.predictions import predict; predict({str(model_dir)!r}, [{str(image)!r}], "
-                     f"{str(out_csv)!r}, serve=False)")
-            command = [sys.executable, "-c", shown]
-        run_measured(command, env)  # warm-up: the file cache and OpenVINO's compiled-model cache
-        runs = [run_measured(command, env) for _ in range(args.repeats)]
-        results[variant] = {"wall_s": statistics.median([r[0] for r in runs]), "wall_runs": [r[0] for r in runs],
-                            "peak_rss_mb": max(r[1] for r in runs), "command": shown,
-                            "csv_row": out_csv.read_text().splitlines()[1]}
+    commands: dict[str, tuple[list[str], str, dict[str, str]]] = {}
+    out_csv = {variant: args.work / f"predict-{variant}.csv" for variant in ("served", "before", "torch")}
+    commands["served"] = ([*mitoscope_command(), "predict", str(model_dir), str(image), "--out", str(out_csv["served"])],
+                          f"mitoscope predict {model_dir} {image} --out {out_csv['served']}", env)
+    if args.before:  # the same command on an older checkout's code, its runs taken in turn with the served ones
+        commands["before"] = ([sys.executable, "-m", "mitoscope", "predict", str(model_dir), str(image), "--out",
+                               str(out_csv["before"])], f"PYTHONPATH={args.before} python -m mitoscope predict ...",
+                              {**env, "PYTHONPATH": str(args.before)})
+    shown = (f"from mitoscope.predictions import predict; predict({str(model_dir)!r}, [{str(image)!r}], "
+             f"{str(out_csv['torch'])!r}, serve=False)")
+    commands["torch"] = ([sys.executable, "-c", shown], shown, env)
+    runs: dict[str, list] = {variant: [] for variant in commands}
+    for variant, (command, _, variant_env) in commands.items():
+        run_measured(command, variant_env)  # warm-up: the file cache and OpenVINO's compiled-model cache
+    for _ in range(args.repeats):
+        for variant, (command, _, variant_env) in commands.items():
+            runs[variant].append(run_measured(command, variant_env))
+    for variant, (_, shown, _) in commands.items():
+        results[variant] = {"wall_s": statistics.median([r[0] for r in runs[variant]]),
+                            "wall_runs": [r[0] for r in runs[variant]],
+                            "peak_rss_mb": max(r[1] for r in runs[variant]), "command": shown,
+                            "csv_row": out_csv[variant].read_text().splitlines()[1]}
         print(variant, results[variant], flush=True)
+    if args.before:
+        found = subprocess.run(["git", "-C", str(args.before), "rev-parse", "--short", "HEAD"], capture_output=True,
+                               text=True)
+        results["before"]["commit"] = found.stdout.strip() or None
+        results["speedup_served_vs_before"] = round(results["before"]["wall_s"] / results["served"]["wall_s"], 2)
     results["plain_loop"] = plain_loop(model_dir, image)
     results["speedup_served_vs_plain"] = round(results["plain_loop"]["wall_s"] / results["served"]["wall_s"], 2)
     results["targets"] = {"under_6_s": results["served"]["wall_s"] < 6, "under_3_gb": results["served"]["peak_rss_mb"] < 3072}

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from bags import BACKGROUND, DECOY, TARGET, disc_image, grid_centres, train_cell_model, write_bags
-from mitoscope.cells.proposals import Proposals, cut_crops, find_cells
+from mitoscope.cells.proposals import Proposals, cut_crops, distance_inside, fill_holes, find_cells, foreground
 
 
 def test_find_cells_finds_every_disc_once():
@@ -30,6 +30,55 @@ def test_find_cells_splits_touching_cells_and_ignores_an_empty_field():
     assert len(find_cells(np.full((64, 64, 3), 120, np.uint8))) == 0
     with pytest.raises(ValueError, match="expects an"):
         find_cells(np.zeros((8, 8), np.uint8))
+
+
+def _foreground_per_pixel(image, valid=None):
+    """The definition, pixel by pixel in float32: |value - median| / (1.4826 MAD), max over channels."""
+    pixels = image.astype(np.float32)
+    flat = pixels.reshape(-1, pixels.shape[-1]) if valid is None else pixels[valid]
+    sample = flat[:: max(1, len(flat) // 200_000)]
+    median = np.median(sample, axis=0)
+    spread = np.maximum(np.median(np.abs(sample - median), axis=0) * 1.4826, 1.0)
+    return np.max(np.abs(pixels - median) / spread, axis=-1)
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16, np.float32])
+def test_foreground_by_table_is_exactly_the_per_pixel_definition(dtype):
+    rng = np.random.default_rng(1)
+    top = 255 if dtype == np.uint8 else 65535
+    image = rng.normal(top * 0.3, top * 0.05, (150, 110, 3)).clip(0, top).astype(dtype)
+    image[40:60, 30:50] = top  # a bright cell
+    valid = rng.random(image.shape[:2]) > 0.3
+    np.testing.assert_array_equal(foreground(image), _foreground_per_pixel(image))
+    np.testing.assert_array_equal(foreground(image, valid), _foreground_per_pixel(image, valid))
+
+
+def test_fill_holes_fills_what_scipy_fills():
+    from scipy import ndimage as ndi
+
+    ring = np.zeros((20, 20), bool)
+    ring[5:15, 5:15] = True
+    ring[8:12, 8:12] = False  # a hole
+    assert fill_holes(ring)[8:12, 8:12].all() and not fill_holes(ring)[0, 0]
+    ring[5:8, 9:11] = False  # a channel to the outside: no longer a hole
+    np.testing.assert_array_equal(fill_holes(ring), ring)
+    for seed in range(4):
+        mask = np.random.default_rng(seed).random((90, 70)) > 0.45
+        np.testing.assert_array_equal(fill_holes(mask), ndi.binary_fill_holes(mask))
+    for constant in (np.zeros((6, 6), bool), np.ones((6, 6), bool)):
+        np.testing.assert_array_equal(fill_holes(constant), constant)
+
+
+def test_distance_inside_each_region_is_the_distance_transform_of_the_whole_mask():
+    from scipy import ndimage as ndi
+
+    for seed in range(4):  # random blobs: many touching the image's edges, some diagonal neighbours
+        mask = ndi.gaussian_filter(np.random.default_rng(seed).random((120, 90)), 2) > 0.52
+        labels, _ = ndi.label(mask)
+        np.testing.assert_array_equal(distance_inside(labels), ndi.distance_transform_edt(mask))
+    whole = np.ones((7, 5), np.int32)  # one region, no background anywhere
+    np.testing.assert_array_equal(distance_inside(whole), ndi.distance_transform_edt(whole > 0))
+    np.testing.assert_array_equal(distance_inside(np.zeros((4, 4), np.int32)), np.zeros((4, 4)))
 
 
 def test_crops_are_centred_on_the_cell_and_padded_with_background_at_edges():

@@ -21,17 +21,21 @@ COMPONENTS = 8
 RESTARTS = 5
 
 
-def intensity_features(crops: np.ndarray) -> np.ndarray:
+def intensity_features(crops: np.ndarray, chunk: int = 512) -> np.ndarray:
     """(n, 6 x channels) log statistics of each crop's centre disc and rim: mean, spread, 90th
-    percentile, maximum of the disc; mean and spread of the rim."""
-    pixels = crops.astype(np.float32)
+    percentile, maximum of the disc; mean and spread of the rim. ``chunk`` crops at a time, so
+    that the float copy stays small whatever the number of cells (a slide's can be millions)."""
     size = crops.shape[1]
     yy, xx = np.mgrid[:size, :size]
     radius = np.hypot(yy - (size - 1) / 2, xx - (size - 1) / 2)
-    inner = pixels[:, radius < size * 0.3]
-    rim = pixels[:, (radius >= size * 0.3) & (radius < size * 0.45)]
-    stats = [inner.mean(1), inner.std(1), np.percentile(inner, 90, axis=1), inner.max(1), rim.mean(1), rim.std(1)]
-    return np.log1p(np.concatenate(stats, axis=1))
+    disc, ring = radius < size * 0.3, (radius >= size * 0.3) & (radius < size * 0.45)
+    out = []
+    for start in range(0, len(crops), chunk):
+        pixels = np.asarray(crops[start:start + chunk]).astype(np.float32)
+        inner, rim = pixels[:, disc], pixels[:, ring]
+        stats = [inner.mean(1), inner.std(1), np.percentile(inner, 90, axis=1), inner.max(1), rim.mean(1), rim.std(1)]
+        out.append(np.log1p(np.concatenate(stats, axis=1)))
+    return np.concatenate(out) if out else np.zeros((0, 6 * crops.shape[-1]), dtype=np.float32)
 
 
 class LinearInstanceHead:

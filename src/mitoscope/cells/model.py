@@ -59,9 +59,14 @@ def probe_crops(size: int, n: int = 4) -> np.ndarray:
 
 
 def normalised_array(crops: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
-    """(n, s, s, 3) uint8 -> (n, 3, s, s) float32, in numpy (the served path imports no PyTorch)."""
-    x = crops.astype(np.float32).transpose(0, 3, 1, 2) / 255.0
-    return (x - np.asarray(mean, np.float32).reshape(1, 3, 1, 1)) / np.asarray(std, np.float32).reshape(1, 3, 1, 1)
+    """(n, s, s, 3) uint8 -> (n, 3, s, s) float32, in numpy (the served path imports no PyTorch):
+    (value / 255 - mean) / std, in float32, looked up in a table of the 256 values per channel."""
+    values = np.arange(256, dtype=np.float32) / 255.0
+    out = np.empty((crops.shape[0], crops.shape[3], *crops.shape[1:3]), dtype=np.float32)
+    for channel in range(crops.shape[3]):
+        table = (values - np.float32(mean[channel])) / np.float32(std[channel])
+        out[:, channel] = table[crops[..., channel]]
+    return out
 
 
 def export_network(network: Any, size: int, path: Path, scorer: str) -> None:
@@ -130,8 +135,9 @@ class CellModel(ModelDescription):
             return np.zeros(0, dtype=np.float64)
         backbone = self.config["backbone"]
         if self._runner is not None:
-            output = np.mean([np.asarray(self._runner(normalised_array(crop_views(crops, view), backbone["mean"],
-                                                                       backbone["std"])), dtype=np.float64)
+            # views of the normalised crops: the same numbers as normalising each view (a permutation)
+            normalised = normalised_array(crops, backbone["mean"], backbone["std"])
+            output = np.mean([np.asarray(self._runner(crop_views(normalised, view, axes=(2, 3))), dtype=np.float64)
                               for view in range(self.views)], axis=0)
         else:
             output = network_outputs(self.network, crops, backbone["mean"], backbone["std"], self.scorer,

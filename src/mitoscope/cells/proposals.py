@@ -43,14 +43,61 @@ class Proposals:
 def foreground(image: np.ndarray, valid: np.ndarray | None = None) -> np.ndarray:
     """How far each pixel is from the background, in robust standard deviations (max over channels);
     the background's statistics come from the ``valid`` pixels only (e.g. a slide tile's tissue)."""
-    pixels = image.astype(np.float32)
-    flat = pixels.reshape(-1, pixels.shape[-1]) if valid is None else pixels[valid]
+    flat = image.reshape(-1, image.shape[-1]) if valid is None else image[valid]
     # Quantiles on a strided sample: the same answer as on all pixels, ten times faster on a 4K image.
-    sample = flat[:: max(1, len(flat) // 200_000)]
+    sample = flat[:: max(1, len(flat) // 200_000)].astype(np.float32)
     median = np.median(sample, axis=0)
     spread = np.median(np.abs(sample - median), axis=0) * 1.4826
     spread = np.maximum(spread, 1.0)
+    if image.dtype in (np.uint8, np.uint16):
+        # A table per channel, indexed by the pixel value: the same float32 arithmetic once per
+        # possible value instead of once per pixel (a 4K RGB image: 0.8 s -> 0.1 s).
+        values = np.arange(np.iinfo(image.dtype).max + 1, dtype=np.float32)
+        out = np.abs(values - median[0]) / spread[0]
+        out = out[image[..., 0]]
+        for channel in range(1, image.shape[-1]):
+            np.maximum(out, (np.abs(values - median[channel]) / spread[channel])[image[..., channel]], out=out)
+        return out
+    pixels = image.astype(np.float32)
     return np.max(np.abs(pixels - median) / spread, axis=-1)
+
+
+def fill_holes(mask: np.ndarray) -> np.ndarray:
+    """``mask`` with every hole filled: background not 4-connected to the image border. The answer of
+    ``scipy.ndimage.binary_fill_holes``, by one labelling instead of repeated dilations (4x faster)."""
+    from scipy import ndimage as ndi
+
+    background, _ = ndi.label(~mask)
+    border = np.unique(np.concatenate([background[0], background[-1], background[:, 0], background[:, -1]]))
+    outside = np.zeros(int(background.max()) + 1, dtype=bool)
+    outside[border] = True
+    outside[0] = False  # label 0 is the mask itself
+    return ~outside[background]
+
+
+def distance_inside(labels: np.ndarray) -> np.ndarray:
+    """Each labelled pixel's Euclidean distance to the nearest unlabelled pixel (0 outside the
+    regions): ``scipy.ndimage.distance_transform_edt(labels > 0)``, exactly, region by region
+    within its box and a one-pixel rim, so that a field mostly of background costs its cells only.
+
+    Exact because the regions are 4-connected components: the nearest pixel outside a region is
+    background (a mask pixel 4-adjacent to the region would belong to it, and a step towards the
+    region from any other pixel gets strictly closer), and it lies within the rim-padded box
+    (stepping towards the region from outside crosses the rim first)."""
+    from scipy import ndimage as ndi
+
+    out = np.zeros(labels.shape, dtype=np.float64)
+    height, width = labels.shape
+    for index, box in enumerate(ndi.find_objects(labels), start=1):
+        if box is None:
+            continue
+        y0, y1 = max(box[0].start - 1, 0), min(box[0].stop + 1, height)
+        x0, x1 = max(box[1].start - 1, 0), min(box[1].stop + 1, width)
+        region = labels[y0:y1, x0:x1] == index
+        if region.all():  # no pixel outside it within the image's edge: the global transform decides
+            return ndi.distance_transform_edt(labels > 0)
+        out[y0:y1, x0:x1][region] = ndi.distance_transform_edt(region)[region]
+    return out
 
 
 def find_cells(image: np.ndarray, min_diameter: float = 8.0, max_cells: int = 5000,
@@ -81,7 +128,7 @@ def find_cells(image: np.ndarray, min_diameter: float = 8.0, max_cells: int = 50
     # instances of an image would tell its label through their size.
     level = float(np.expm1(threshold_otsu(np.log1p(considered))))
     level = max(level, 3.0)
-    mask = ndi.binary_fill_holes(distance_from_background > level)
+    mask = fill_holes(distance_from_background > level)
     if valid is not None:
         mask &= valid
     labels, n = ndi.label(mask)
@@ -93,7 +140,7 @@ def find_cells(image: np.ndarray, min_diameter: float = 8.0, max_cells: int = 50
     typical = float(np.median(large_enough)) if len(large_enough) else float(smallest)
     radius = max(min_diameter / 2, float(np.sqrt(typical / np.pi)))
     # Split touching cells: one seed per distance-transform peak, a cell radius apart.
-    distance = ndi.distance_transform_edt(mask)
+    distance = distance_inside(labels)
     peaks = peak_local_max(distance, min_distance=max(2, int(radius * 0.8)), labels=labels,
                            threshold_abs=radius * 0.35, exclude_border=False)
     markers = np.zeros(labels.shape, dtype=np.int32)

@@ -9,8 +9,9 @@ import numpy as np
 VIEWS = [(0, False), (1, False), (2, True), (3, True), (2, False), (1, True), (3, False), (0, True)]
 
 
-def crop_views(crops: np.ndarray, view: int) -> np.ndarray:
-    """(n, s, s, c) crops under view ``view`` of :data:`VIEWS`."""
+def crop_views(crops: np.ndarray, view: int, axes: tuple[int, int] = (1, 2)) -> np.ndarray:
+    """(n, s, s, c) crops under view ``view`` of :data:`VIEWS`; ``axes``: the rows and columns
+    axes, e.g. (2, 3) for (n, c, s, s) arrays."""
     turns, flip = VIEWS[view]
-    out = crops[:, :, ::-1] if flip else crops
-    return np.ascontiguousarray(np.rot90(out, turns, axes=(1, 2)) if turns % 4 else out)
+    out = np.flip(crops, axis=axes[1]) if flip else crops
+    return np.ascontiguousarray(np.rot90(out, turns, axes=axes) if turns % 4 else out)
