@@ -95,7 +95,9 @@ def best_cell_cv_auc(features: Any, crops: Any, offsets: Any, y: Any, shuffles: 
     from sklearn.metrics import roc_auc_score
     from sklearn.model_selection import StratifiedKFold
 
-    from mitoscope.cells.bootstrap import LinearInstanceHead
+    from mitoscope.cells.bootstrap import LinearInstanceHead, intensity_features
+
+    stats = intensity_features(crops)
 
     def rows(images):
         index = np.concatenate([np.arange(offsets[i], offsets[i + 1]) for i in images])
@@ -107,8 +109,8 @@ def best_cell_cv_auc(features: Any, crops: Any, offsets: Any, y: Any, shuffles: 
         for train, test in StratifiedKFold(5, shuffle=True, random_state=shuffle).split(y, y):
             i, o = rows(train)
             j, p = rows(test)
-            head = LinearInstanceHead(seed=shuffle).fit(features[i], crops[i], o, y[train])
-            scores = head.decision_function(features[j], crops[j])
+            head = LinearInstanceHead(seed=shuffle).fit(features[i], stats[i], o, y[train])
+            scores = head.decision_function(features[j], stats[j])
             oof[test] = [scores[p[k]:p[k + 1]].max() if p[k + 1] > p[k] else -1e9 for k in range(len(test))]
         aucs.append(round(float(roc_auc_score(y, oof)), 4))
     return aucs

@@ -250,3 +250,41 @@ def test_a_model_with_feature_views_serves_and_saves_them(tmp_path):
     # a model saved before views existed has none in its description: one view, as it was trained
     config = dict(torch_model.config, cells={k: v for k, v in torch_model.config["cells"].items() if k != "views"})
     assert CellModel(config).views == 1
+
+
+def test_crops_stored_on_disk_come_back_memory_mapped_and_equal_to_those_in_memory(tmp_path):
+    from mitoscope.cells.workflow import CropStore, collect_bags
+    from mitoscope.io import ReadOptions
+
+    folder, _ = write_bags(tmp_path / "bags", n_images=4)
+    paths = sorted((folder / "images").glob("*.png"))
+    in_memory = collect_bags(paths, np.array([0, 1, 0, 1]), ReadOptions(), 32)
+    (tmp_path / "store").mkdir()
+    on_disk = collect_bags(paths, np.array([0, 1, 0, 1]), ReadOptions(), 32, store_dir=tmp_path / "store")
+    assert isinstance(on_disk.crops, np.memmap) and not isinstance(in_memory.crops, np.memmap)
+    np.testing.assert_array_equal(on_disk.crops, in_memory.crops)
+    np.testing.assert_array_equal(on_disk.offsets, in_memory.offsets)
+    assert on_disk.offsets[-1] == 4 * 9  # every disc of every image
+    with pytest.raises(ValueError, match=r"expected uint8 crops of shape \(n, 32, 32, 3\), got float32"):
+        CropStore(32).append(np.zeros((1, 32, 32, 3), np.float32))
+
+
+def test_training_leaves_no_temporary_crops_behind(tmp_path, monkeypatch):
+    import tempfile
+
+    from mitoscope.cells import workflow
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    stored = []
+    original = workflow.CropStore.__init__
+
+    def spy(self, size, folder=None):
+        original(self, size, folder)
+        stored.append(self.path)
+
+    monkeypatch.setattr(workflow.CropStore, "__init__", spy)
+    folder, _ = write_bags(tmp_path / "bags", n_images=8)
+    train_cell_model(folder, tmp_path / "model", cv_folds=0)
+    assert stored and stored[0] is not None and stored[0].parent.parent == tmp_path / "tmp"  # on disk, in the temp folder
+    assert [p.name for p in (tmp_path / "tmp").iterdir() if p.name.startswith("mitoscope-")] == []

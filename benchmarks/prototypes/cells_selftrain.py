@@ -17,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from common import scene_pair
 from cells_ceiling import mitotic_flags
 from sklearn.metrics import roc_auc_score
-from mitoscope.cells.bootstrap import LinearInstanceHead
+from mitoscope.cells.bootstrap import LinearInstanceHead, intensity_features
 from mitoscope.cells.network import build_cell_network, split_for, freeze_for_training, set_batchnorm_eval
 from mitoscope.cells.training import trunk_maps, crop_features, _subset
 from mitoscope.cells.proposals import cut_crops, find_cells
@@ -38,6 +38,7 @@ for p in data.paths:
     pr = find_cells(image)
     crops.append(cut_crops(image, pr, 96)); centres.append(pr.centres); offsets.append(offsets[-1] + len(pr))
 crops = np.concatenate(crops); offsets = np.asarray(offsets); y = np.asarray(data.y)
+stats = intensity_features(crops)
 flags = mitotic_flags(train_dir, [p.name for p in data.paths], offsets, centres)
 rng = np.random.default_rng(0)
 held = np.concatenate([rng.permutation(np.flatnonzero(y == c))[:int(round(0.25 * np.sum(y == c)))] for c in (0, 1)])
@@ -58,8 +59,8 @@ def report(name, held_scores):
          "held_cell_auc": round(float(roc_auc_score(flags[hi], held_scores)), 4)}
     print(r, flush=True); return r
 
-linear = LinearInstanceHead(seed=0).fit(frozen[fi], crops[fi], fo, y[fit])
-a_fit, a_held = linear.decision_function(frozen[fi], crops[fi]), linear.decision_function(frozen[hi], crops[hi])
+linear = LinearInstanceHead(seed=0).fit(frozen[fi], stats[fi], fo, y[fit])
+a_fit, a_held = linear.decision_function(frozen[fi], stats[fi]), linear.decision_function(frozen[hi], stats[hi])
 results = [report("linear-frozen", a_held)]
 pseudo = []
 for k, i in enumerate(fit):
@@ -108,8 +109,8 @@ results.append(r)
 with torch.no_grad():
     tuned = np.mean([np.concatenate([split.top(network.backbone, maps[v, j:j + 512].float()).mean(dim=(-2, -1)).numpy()
                                      for j in range(0, len(crops), 512)]) for v in range(VIEWS)], axis=0)
-refit = LinearInstanceHead(seed=0).fit(tuned[fi], crops[fi], fo, y[fit])
-results.append(report("linear-on-finetuned", refit.decision_function(tuned[hi], crops[hi])))
+refit = LinearInstanceHead(seed=0).fit(tuned[fi], stats[fi], fo, y[fit])
+results.append(report("linear-on-finetuned", refit.decision_function(tuned[hi], stats[hi])))
 z = lambda s: (s - s.mean()) / (s.std() + 1e-9)
 results.append(report("mean-linear-finetuned", z(a_held) + z(b_held)))
 out = Path(f"/tmp/runs/selftrain_{SET}_{EPOCHS}_{STAGES}_{LR}.json")

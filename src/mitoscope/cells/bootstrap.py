@@ -42,7 +42,8 @@ class LinearInstanceHead:
     """A linear instance scorer on few features, trained from bag labels (multiple-instance).
 
     Features of a crop: the frozen network's pooled features reduced to ``components`` whitened
-    principal components, and :func:`intensity_features`; standardised, then one linear layer.
+    principal components, and its :func:`intensity_features` (``stats``, computed once per crop by
+    the caller); standardised, then one linear layer.
     Trained with max pooling over each bag plus every instance of a negative bag against 0, from
     ``restarts`` random starts whose weights are averaged.
     The learned state (``*_`` arrays) is plain numpy: it serves without PyTorch or scikit-learn.
@@ -56,24 +57,27 @@ class LinearInstanceHead:
         self.negative_weight = negative_weight
         self.seed = seed
 
-    def _features(self, cnn_features: np.ndarray, crops: np.ndarray) -> np.ndarray:
+    def _features(self, cnn_features: np.ndarray, stats: np.ndarray) -> np.ndarray:
         reduced = (cnn_features - self.pca_mean_) @ self.pca_components_.T / self.pca_scale_
-        raw = np.concatenate([reduced, intensity_features(crops)], axis=1)
+        raw = np.concatenate([reduced, stats], axis=1)
         return ((raw - self.mean_) / self.scale_).astype(np.float32)
 
-    def fit(self, cnn_features: np.ndarray, crops: np.ndarray, offsets: np.ndarray,
+    def fit(self, cnn_features: np.ndarray, stats: np.ndarray, offsets: np.ndarray,
             labels: np.ndarray) -> "LinearInstanceHead":
+        """``cnn_features`` (n, d) and ``stats`` (n, k) (:func:`intensity_features`) of the n crops of
+        every bag, one bag after the other (``offsets``, as :class:`~mitoscope.cells.training.Bags`)."""
         from sklearn.decomposition import PCA
 
-        if len(cnn_features) != len(crops):
-            raise ValueError(f"expected one feature row per crop, got {len(cnn_features)} rows for {len(crops)} crops")
+        if len(cnn_features) != len(stats):
+            raise ValueError(f"expected one row of intensity statistics per feature row, got {len(stats)} for "
+                             f"{len(cnn_features)}")
         components = min(self.components, cnn_features.shape[1], max(1, len(cnn_features) - 1))
         pca = PCA(components, random_state=self.seed).fit(cnn_features)
         self.pca_mean_ = pca.mean_.astype(np.float64)
         self.pca_components_ = pca.components_.astype(np.float64)
         self.pca_scale_ = np.sqrt(np.maximum(pca.explained_variance_, 1e-12))
         reduced = (cnn_features - self.pca_mean_) @ self.pca_components_.T / self.pca_scale_
-        raw = np.concatenate([reduced, intensity_features(crops)], axis=1)
+        raw = np.concatenate([reduced, stats], axis=1)
         self.mean_, self.scale_ = raw.mean(0), raw.std(0) + 1e-6
         x = ((raw - self.mean_) / self.scale_).astype(np.float32)
         # The average of linear models is the linear model of the averaged weights.
@@ -83,11 +87,11 @@ class LinearInstanceHead:
         self.bias_ = float(np.mean([b for _, b in fits]))
         return self
 
-    def decision_function(self, cnn_features: np.ndarray, crops: np.ndarray) -> np.ndarray:
-        """One logit per crop."""
-        if not len(crops):
+    def decision_function(self, cnn_features: np.ndarray, stats: np.ndarray) -> np.ndarray:
+        """One logit per crop, from its features and :func:`intensity_features`."""
+        if not len(stats):
             return np.zeros(0, dtype=np.float64)
-        return self._features(cnn_features, crops).astype(np.float64) @ self.weight_ + self.bias_
+        return self._features(cnn_features, stats).astype(np.float64) @ self.weight_ + self.bias_
 
     def arrays(self) -> dict[str, np.ndarray]:
         return {name: np.ascontiguousarray(getattr(self, name), dtype=np.float64) for name in ARRAYS}

@@ -20,6 +20,7 @@ from ..errors import InputError, ModelError, one_line
 from ..io import present_images, read_image
 from ..readahead import ReadAhead
 from ..results import Predictions, Progress, prediction_rows
+from .bootstrap import intensity_features
 from .proposals import Proposals, cut_crops, find_cells
 from .views import crop_views
 
@@ -143,7 +144,7 @@ class CellModel(ModelDescription):
             output = network_outputs(self.network, crops, backbone["mean"], backbone["std"], self.scorer,
                                      views=self.views)
         if self.scorer == "linear":
-            return self.head.decision_function(output, crops)
+            return self.head.decision_function(output, intensity_features(crops))
         return output.reshape(-1).astype(np.float64)
 
     def cells_of(self, image: np.ndarray, valid: np.ndarray | None = None) -> tuple[np.ndarray, Proposals]:

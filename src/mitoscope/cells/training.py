@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from ..augment import dihedral
 from ..errors import InputError
+from .bootstrap import intensity_features
 from .config import CellTrainConfig
 from .network import CellNetwork, freeze_for_training, set_batchnorm_eval, split_for
 from .views import VIEWS, crop_views
@@ -45,7 +46,10 @@ class Bags:
 
 def normalise(crops: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
     """(n, s, s, 3) uint8 -> (n, 3, s, s) float, as the backbone was trained on."""
-    x = torch.from_numpy(np.ascontiguousarray(crops)).permute(0, 3, 1, 2).float().div_(255.0)
+    array = np.ascontiguousarray(crops)
+    if not array.flags.writeable:  # e.g. memory-mapped crops (torch wants arrays it may write)
+        array = array.copy()
+    x = torch.from_numpy(array).permute(0, 3, 1, 2).float().div_(255.0)
     m = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
     s = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
     return (x - m) / s
@@ -108,15 +112,18 @@ def crop_features(network: CellNetwork, crops: np.ndarray, mean: Sequence[float]
     """The network's pooled features of (n, s, s, 3) uint8 crops (before its head), averaged over
     the first ``views`` of :data:`VIEWS` (a cell has no orientation)."""
     network.eval()
-    total = np.zeros((len(crops), network.head.in_features), dtype=np.float64)
+    out = np.zeros((len(crops), network.head.in_features), dtype=np.float32)
     with torch.no_grad():
-        for view in range(views):
-            for start in range(0, len(crops), batch):
-                x = normalise(crop_views(crops[start:start + batch], view), mean, std)
-                total[start:start + len(x)] += network.backbone.forward_features(x).mean(dim=(-2, -1)).double().numpy()
-                if progress:
-                    progress("cells: features", view * len(crops) + min(start + batch, len(crops)), views * len(crops))
-    return (total / views).astype(np.float32)
+        for start in range(0, len(crops), batch):  # batch by batch: memory for one batch, however many cells
+            chunk = np.asarray(crops[start:start + batch])
+            total = np.zeros((len(chunk), network.head.in_features), dtype=np.float64)
+            for view in range(views):
+                x = normalise(crop_views(chunk, view), mean, std)
+                total += network.backbone.forward_features(x).mean(dim=(-2, -1)).double().numpy()
+            out[start:start + len(chunk)] = total / views
+            if progress:
+                progress("cells: features", min(start + batch, len(crops)), len(crops))
+    return out
 
 
 def train_linear(network: CellNetwork, bags: Bags, config: CellTrainConfig, mean: Sequence[float],
@@ -131,14 +138,15 @@ def train_linear(network: CellNetwork, bags: Bags, config: CellTrainConfig, mean
     if len(np.unique(labels)) < 2:
         raise InputError(f"training needs images of both classes, got only {sorted(set(labels.tolist()))}")
     features = crop_features(network, bags.crops, mean, std, progress, views=config.feature_views)
+    stats = intensity_features(bags.crops)
 
     def fit(images: np.ndarray, fold: int | None) -> tuple[LinearInstanceHead, Callable[[np.ndarray], np.ndarray]]:
         index, offsets = _subset(bags.offsets, images)
-        head = LinearInstanceHead(seed=config.seed).fit(features[index], bags.crops[index], offsets, labels[images])
+        head = LinearInstanceHead(seed=config.seed).fit(features[index], stats[index], offsets, labels[images])
 
         def proba(held: np.ndarray) -> np.ndarray:
             index, offsets = _subset(bags.offsets, held)
-            return best_cell_proba(head.decision_function(features[index], bags.crops[index]), offsets)
+            return best_cell_proba(head.decision_function(features[index], stats[index]), offsets)
         return head, proba
 
     out = cross_fit(labels, config, fit)
@@ -159,16 +167,17 @@ def cell_logits(network: CellNetwork, split: Any, maps: torch.Tensor, index: np.
     return total / maps.shape[0]
 
 
-def pseudo_labels(frozen: np.ndarray, bags: Bags, images: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
+def pseudo_labels(frozen: np.ndarray, stats: np.ndarray, bags: Bags, images: np.ndarray,
+                  seed: int) -> tuple[np.ndarray, np.ndarray]:
     """(positives, negatives): global crop indices. The best cell of each Mitosis image under the
-    linear multiple-instance model on frozen features (:mod:`.bootstrap`), and every cell of
-    each Normal image; the other cells of Mitosis images get no label."""
+    linear multiple-instance model on frozen features and intensity statistics (:mod:`.bootstrap`),
+    and every cell of each Normal image; the other cells of Mitosis images get no label."""
     from .bootstrap import LinearInstanceHead
 
     labels = np.asarray(bags.labels)
     index, offsets = _subset(bags.offsets, images)
-    teacher = LinearInstanceHead(seed=seed).fit(frozen[index], bags.crops[index], offsets, labels[images])
-    scores = teacher.decision_function(frozen[index], bags.crops[index])
+    teacher = LinearInstanceHead(seed=seed).fit(frozen[index], stats[index], offsets, labels[images])
+    scores = teacher.decision_function(frozen[index], stats[index])
     positives, negatives = [], []
     for k, image in enumerate(images):
         lo, hi = offsets[k], offsets[k + 1]
@@ -244,12 +253,13 @@ def train_instances(network: CellNetwork, bags: Bags, config: CellTrainConfig, m
     trained = freeze_for_training(network, split)
     maps = trunk_maps(network, split, bags.crops, config.views, mean, std, progress)
     frozen = pooled_features(network, split, maps)
+    stats = intensity_features(bags.crops)
     start = {k: v.detach().clone() for k, v in network.state_dict().items()}
 
     def fit(images: np.ndarray, fold: int | None) -> tuple[list[dict[str, float]], Callable[[np.ndarray], np.ndarray]]:
         seed = config.seed * 100 + (0 if fold is None else fold + 1)
         network.load_state_dict(start)
-        positives, negatives = pseudo_labels(frozen, bags, images, seed)
+        positives, negatives = pseudo_labels(frozen, stats, bags, images, seed)
         history = fit_cell_classifier(network, split, trained, maps, positives, negatives, config, seed)
 
         def proba(held: np.ndarray) -> np.ndarray:

@@ -4,9 +4,10 @@ the instance network from the image labels, choose the threshold on held-out ima
 from __future__ import annotations
 
 import logging
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 
@@ -33,10 +34,10 @@ class CellTrainResult:
     seconds: dict[str, float] = field(default_factory=dict)
 
 
-def slide_cell_crops(path: str | Path, input_size: int, min_diameter: float = 8.0, mpp: float | None = None,
-                     tile: int = 2048, overlap: int = 128) -> np.ndarray:
-    """The crops of every cell on a slide's tissue (each once), for training a cell model on slides."""
-    crops = [np.zeros((0, input_size, input_size, 3), dtype=np.uint8)]
+def slide_cell_crop_tiles(path: str | Path, input_size: int, min_diameter: float = 8.0, mpp: float | None = None,
+                          tile: int = 2048, overlap: int = 128) -> Iterator[np.ndarray]:
+    """The crops of the cells on a slide's tissue, tile by tile (each cell once): one tile's crops
+    in memory at a time, however large the slide."""
     with Slide.open(path) as slide:
         tiling = SlideTiling(slide, mpp, tile, overlap)
         for read in tiling.tiles():
@@ -45,25 +46,77 @@ def slide_cell_crops(path: str | Path, input_size: int, min_diameter: float = 8.
                 continue
             keep = tiling.keeps(read, tiling.to_level0(read, proposals.boxes()))
             kept = Proposals(proposals.centres[keep], proposals.diameters[keep], proposals.crop_side)
-            crops.append(cut_crops(read.pixels, kept, input_size, read.tissue))
-    return np.concatenate(crops)
+            yield cut_crops(read.pixels, kept, input_size, read.tissue)
+
+
+def slide_cell_crops(path: str | Path, input_size: int, min_diameter: float = 8.0, mpp: float | None = None,
+                     tile: int = 2048, overlap: int = 128) -> np.ndarray:
+    """The crops of every cell on a slide's tissue (each once), in memory."""
+    empty = np.zeros((0, input_size, input_size, 3), dtype=np.uint8)
+    return np.concatenate([empty, *slide_cell_crop_tiles(path, input_size, min_diameter, mpp, tile, overlap)])
+
+
+class CropStore:
+    """Crops appended as they are cut, then read back as one (N, s, s, 3) uint8 array. With a
+    ``folder`` they go to a file there and come back memory-mapped, so that training on many
+    cells (a slide holds hundreds of thousands) keeps a tile's crops in memory, not all of them;
+    without one they stay in memory."""
+
+    FILE = "crops.uint8"
+
+    def __init__(self, size: int, folder: str | Path | None = None) -> None:
+        self.size = int(size)
+        self.count = 0
+        self._parts: list[np.ndarray] = []
+        self.path = Path(folder) / self.FILE if folder is not None else None
+        self._file = open(self.path, "wb") if self.path is not None else None
+
+    def append(self, crops: np.ndarray) -> None:
+        if crops.shape[1:] != (self.size, self.size, 3) or crops.dtype != np.uint8:
+            raise ValueError(f"expected uint8 crops of shape (n, {self.size}, {self.size}, 3), got {crops.dtype} "
+                             f"{crops.shape}")
+        if self._file is not None:
+            self._file.write(np.ascontiguousarray(crops).tobytes())
+        else:
+            self._parts.append(crops)
+        self.count += len(crops)
+
+    def array(self) -> np.ndarray:
+        """Every crop appended so far, in order (read-only when memory-mapped)."""
+        shape = (self.count, self.size, self.size, 3)
+        if self._file is None or self.count == 0:
+            return np.concatenate([np.zeros((0, *shape[1:]), dtype=np.uint8), *self._parts])
+        self._file.flush()
+        return np.memmap(self.path, dtype=np.uint8, mode="r", shape=shape)
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
 
 
 def collect_bags(paths: list[Path], y: np.ndarray, read_options: ReadOptions, input_size: int,
-                 min_diameter: float = 8.0, progress: Progress | None = None) -> Bags:
-    """Every image's cells as crops, one bag per image (a whole slide's: the cells on its tissue)."""
-    crops, offsets = [], [0]
-    for index, path in enumerate(paths):
-        if is_slide(path):
-            crops.append(slide_cell_crops(path, input_size, min_diameter))
-        else:
-            image = read_image(path, read_options)
-            crops.append(cut_crops(image, find_cells(image, min_diameter), input_size))
-        offsets.append(offsets[-1] + len(crops[-1]))
-        if progress:
-            progress("cells: finding cells", index + 1, len(paths))
-    empty = np.zeros((0, input_size, input_size, 3), dtype=np.uint8)
-    return Bags(np.concatenate(crops) if crops else empty, np.asarray(offsets), np.asarray(y, dtype=np.int64))
+                 min_diameter: float = 8.0, progress: Progress | None = None,
+                 store_dir: str | Path | None = None) -> Bags:
+    """Every image's cells as crops, one bag per image (a whole slide's: the cells on its tissue).
+    With ``store_dir`` the crops are written there as they are cut and come back memory-mapped
+    (see :class:`CropStore`); the caller removes the folder when done with the bags."""
+    store = CropStore(input_size, store_dir)
+    offsets = [0]
+    try:
+        for index, path in enumerate(paths):
+            if is_slide(path):
+                for crops in slide_cell_crop_tiles(path, input_size, min_diameter):
+                    store.append(crops)
+            else:
+                image = read_image(path, read_options)
+                store.append(cut_crops(image, find_cells(image, min_diameter), input_size))
+            offsets.append(store.count)
+            if progress:
+                progress("cells: finding cells", index + 1, len(paths))
+        crops = store.array()
+    finally:
+        store.close()
+    return Bags(crops, np.asarray(offsets), np.asarray(y, dtype=np.int64))
 
 
 def train_cells(data_dir: str | Path, labels_csv: str | Path | None, out_dir: str | Path,
@@ -89,20 +142,25 @@ def train_cells(data_dir: str | Path, labels_csv: str | Path | None, out_dir: st
     sources = SourceProfile.of(slide_header(path) if is_slide(path) else read_header(path, read_options)
                                for path in data.paths)
     seconds: dict[str, float] = {}
-    start = time.perf_counter()
-    bags = collect_bags(data.paths, data.y, read_options, config.input_size, progress=progress)
-    seconds["find_cells"] = round(time.perf_counter() - start, 1)
-    if len(bags.crops) == 0:
-        raise InputError(f"{data_dir}: no cells were found in any of the {len(data.paths)} images "
-                         "(are they fields of cells on a background?)")
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(config.seed)
-        network, backbone = build_cell_network(config.backbone, pretrained=pretrained, weights=weights,
-                                               dropout=config.dropout)
+    # The crops go to a temporary file (memory-mapped back), removed when training ends.
+    with tempfile.TemporaryDirectory(prefix="mitoscope-cells-") as crops_dir:
         start = time.perf_counter()
-        fit = (train_linear if config.scorer == "linear" else train_instances)(
-            network, bags, config, backbone.data_config["mean"], backbone.data_config["std"], progress)
-        seconds["training"] = round(time.perf_counter() - start, 1)
+        bags = collect_bags(data.paths, data.y, read_options, config.input_size, progress=progress,
+                            store_dir=crops_dir)
+        seconds["find_cells"] = round(time.perf_counter() - start, 1)
+        if len(bags.crops) == 0:
+            raise InputError(f"{data_dir}: no cells were found in any of the {len(data.paths)} images "
+                             "(are they fields of cells on a background?)")
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(config.seed)
+            network, backbone = build_cell_network(config.backbone, pretrained=pretrained, weights=weights,
+                                                   dropout=config.dropout)
+            start = time.perf_counter()
+            fit = (train_linear if config.scorer == "linear" else train_instances)(
+                network, bags, config, backbone.data_config["mean"], backbone.data_config["std"], progress)
+            seconds["training"] = round(time.perf_counter() - start, 1)
+        cells_per_image = bags.sizes()
+        del bags  # the memory map, before its file goes
     y_val, p_val = fit["val_labels"], fit["val_proba"]
     held_out = len(y_val) > 0 and len(np.unique(y_val)) == 2
     threshold = float(best_f1_threshold(y_val, p_val)) if held_out else 0.5
@@ -129,8 +187,8 @@ def train_cells(data_dir: str | Path, labels_csv: str | Path | None, out_dir: st
         "training": {
             "n_images": len(data.paths),
             "n_per_class": dict(zip(data.classes, counts.tolist())),
-            "cells_per_image": {"median": float(np.median(bags.sizes())), "min": int(bags.sizes().min()),
-                                "max": int(bags.sizes().max())},
+            "cells_per_image": {"median": float(np.median(cells_per_image)), "min": int(cells_per_image.min()),
+                                "max": int(cells_per_image.max())},
             "best_epoch": fit["best_epoch"],
             "seed": config.seed,
             "labels": str(labels_csv) if labels_csv else None,
