@@ -288,3 +288,39 @@ def test_training_leaves_no_temporary_crops_behind(tmp_path, monkeypatch):
     train_cell_model(folder, tmp_path / "model", cv_folds=0)
     assert stored and stored[0] is not None and stored[0].parent.parent == tmp_path / "tmp"  # on disk, in the temp folder
     assert [p.name for p in (tmp_path / "tmp").iterdir() if p.name.startswith("mitoscope-")] == []
+
+
+def test_features_through_the_exported_engine_are_pytorchs(tmp_path):
+    from mitoscope.cells.export import FEATURE_TOLERANCE, exported_features
+    from mitoscope.cells.network import build_cell_network
+    from mitoscope.cells.training import crop_features
+
+    network, backbone = build_cell_network("test_efficientnet", pretrained=False)
+    mean, std = backbone.data_config["mean"], backbone.data_config["std"]
+    crops = np.random.default_rng(2).integers(0, 256, (37, 32, 32, 3), dtype=np.uint8)
+    reported = []
+    features, engine = exported_features(network, crops, mean, std, 4, tmp_path, lambda *a: reported.append(a),
+                                         batch=16)
+    expected = crop_features(network, crops, mean, std, views=4)
+    assert engine == "openvino" and features.shape == expected.shape == (37, network.head.in_features)
+    assert np.abs(features - expected).max() <= FEATURE_TOLERANCE * np.abs(expected).max()
+    assert not np.allclose(features, crop_features(network, crops, mean, std, views=1))  # the views count
+    assert reported[-1] == ("cells: features", 37, 37)
+
+
+def test_training_falls_back_to_pytorch_features_without_an_engine(tmp_path, monkeypatch):
+    import json
+
+    from mitoscope import engines
+    from mitoscope.cells.config import CellTrainConfig
+    from mitoscope.errors import InputError
+
+    folder, _ = write_bags(tmp_path / "bags", n_images=8)
+    train_cell_model(folder, tmp_path / "exported", cv_folds=0)
+    monkeypatch.setattr(engines, "auto_candidates", lambda: [])
+    train_cell_model(folder, tmp_path / "torch", cv_folds=0)
+    used = {name: json.loads((tmp_path / name / "model.json").read_text())["training"]["feature_engine"]
+            for name in ("exported", "torch")}
+    assert used == {"exported": "openvino", "torch": "torch"}
+    with pytest.raises(InputError, match="feature_engine must be auto or torch, got 'gpu'"):
+        CellTrainConfig(feature_engine="gpu")

@@ -11,6 +11,7 @@ One module per job, in the order the data flows:
 - :mod:`.config` - :class:`CellTrainConfig` (no PyTorch)
 - :mod:`.network` - :class:`CellNetwork`, the frozen trunk and the trained top
 - :mod:`.views` - the eight flipped/turned views of a crop (numpy)
+- :mod:`.export` - the network's ONNX export and its features outside PyTorch (numpy around an engine)
 - :mod:`.bootstrap` - the linear multiple-instance scorer on few features (and the teacher of the next)
 - :mod:`.training` - training either scorer; the self-training of the network on cached trunk maps
 - :mod:`.model` - :class:`CellModel`, the saved model, served through ONNX (OpenVINO / ONNX Runtime)

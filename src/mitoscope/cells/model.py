@@ -21,6 +21,7 @@ from ..io import present_images, read_image
 from ..readahead import ReadAhead
 from ..results import Predictions, Progress, prediction_rows
 from .bootstrap import intensity_features
+from .export import export_network, normalised_array, probe_crops
 from .proposals import Proposals, cut_crops, find_cells
 from .views import crop_views
 
@@ -52,48 +53,6 @@ def network_outputs(network: Any, crops: np.ndarray, mean: Sequence[float], std:
                 x = normalise(crop_views(crops[start:start + batch], view), mean, std)
                 total[start:start + len(x)] += network(x).double().numpy()
     return total / views
-
-
-def probe_crops(size: int, n: int = 4) -> np.ndarray:
-    """Fixed crops that check a served network against PyTorch (the same every time)."""
-    return np.random.default_rng(0).integers(0, 256, size=(n, size, size, 3), dtype=np.uint8)
-
-
-def normalised_array(crops: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
-    """(n, s, s, 3) uint8 -> (n, 3, s, s) float32, in numpy (the served path imports no PyTorch):
-    (value / 255 - mean) / std, in float32, looked up in a table of the 256 values per channel."""
-    values = np.arange(256, dtype=np.float32) / 255.0
-    out = np.empty((crops.shape[0], crops.shape[3], *crops.shape[1:3]), dtype=np.float32)
-    for channel in range(crops.shape[3]):
-        table = (values - np.float32(mean[channel])) / np.float32(std[channel])
-        out[:, channel] = table[crops[..., channel]]
-    return out
-
-
-def export_network(network: Any, size: int, path: Path, scorer: str) -> None:
-    """The network as ONNX, any batch size: crop -> pooled features (linear scorer) or -> logit."""
-    import warnings
-
-    import torch
-
-    from ..engines import OPSET
-
-    class Served(torch.nn.Module):
-        def __init__(self, inner: Any) -> None:
-            super().__init__()
-            self.inner = inner
-
-        def forward(self, images: torch.Tensor) -> torch.Tensor:
-            if scorer == "linear":
-                return self.inner.backbone.forward_features(images).mean(dim=(-2, -1))
-            return self.inner(images).unsqueeze(-1)
-
-    with warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore")
-        # Output "pooled": the runners of mitoscope.engines read an export's pooled output.
-        torch.onnx.export(Served(network.eval()), (torch.zeros(1, 3, size, size),), str(path), input_names=["images"],
-                          output_names=["pooled"], dynamic_axes={"images": {0: "batch"}}, opset_version=OPSET,
-                          dynamo=False)
 
 
 def sigmoid(x: np.ndarray) -> np.ndarray:

@@ -11,6 +11,7 @@ views. Fine-tuning on the max-pooled bag loss instead memorised the training cel
 from __future__ import annotations
 
 import math
+import tempfile
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
@@ -22,6 +23,7 @@ from ..augment import dihedral
 from ..errors import InputError
 from .bootstrap import intensity_features
 from .config import CellTrainConfig
+from .export import exported_features
 from .network import CellNetwork, freeze_for_training, set_batchnorm_eval, split_for
 from .views import VIEWS, crop_views
 
@@ -129,7 +131,8 @@ def crop_features(network: CellNetwork, crops: np.ndarray, mean: Sequence[float]
 def train_linear(network: CellNetwork, bags: Bags, config: CellTrainConfig, mean: Sequence[float],
                  std: Sequence[float], progress: Progress | None = None) -> dict[str, Any]:
     """The linear scorer (:class:`~mitoscope.cells.bootstrap.LinearInstanceHead`) on the frozen
-    network's features. With ``config.cv_folds`` it is cross-validated over every image (the
+    network's features (through an exported engine when one matches PyTorch: see
+    :func:`.export.exported_features`). With ``config.cv_folds`` it is cross-validated over every image (the
     out-of-fold bag probabilities come back, for the threshold and the metrics) and then fitted
     on all of them; else fitted on the training share, the held-out share's probabilities back."""
     from .bootstrap import LinearInstanceHead
@@ -137,7 +140,12 @@ def train_linear(network: CellNetwork, bags: Bags, config: CellTrainConfig, mean
     labels = np.asarray(bags.labels)
     if len(np.unique(labels)) < 2:
         raise InputError(f"training needs images of both classes, got only {sorted(set(labels.tolist()))}")
-    features = crop_features(network, bags.crops, mean, std, progress, views=config.feature_views)
+    exported = None
+    if config.feature_engine == "auto":
+        with tempfile.TemporaryDirectory(prefix="mitoscope-export-") as folder:
+            exported = exported_features(network, bags.crops, mean, std, config.feature_views, folder, progress)
+    features, engine = exported or (crop_features(network, bags.crops, mean, std, progress,
+                                                  views=config.feature_views), "torch")
     stats = intensity_features(bags.crops)
 
     def fit(images: np.ndarray, fold: int | None) -> tuple[LinearInstanceHead, Callable[[np.ndarray], np.ndarray]]:
@@ -151,7 +159,7 @@ def train_linear(network: CellNetwork, bags: Bags, config: CellTrainConfig, mean
 
     out = cross_fit(labels, config, fit)
     head = out.pop("fitted")
-    return {**out, "history": [], "best_epoch": None, "head": head}
+    return {**out, "history": [], "best_epoch": None, "head": head, "feature_engine": engine}
 
 
 def cell_logits(network: CellNetwork, split: Any, maps: torch.Tensor, index: np.ndarray,

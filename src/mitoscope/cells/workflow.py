@@ -191,6 +191,7 @@ def train_cells(data_dir: str | Path, labels_csv: str | Path | None, out_dir: st
                                 "max": int(cells_per_image.max())},
             "best_epoch": fit["best_epoch"],
             "seed": config.seed,
+            "feature_engine": fit.get("feature_engine"),
             "labels": str(labels_csv) if labels_csv else None,
             "warnings": warnings,
             "seconds": seconds,
