@@ -49,13 +49,6 @@ def slide_cell_crop_tiles(path: str | Path, input_size: int, min_diameter: float
             yield cut_crops(read.pixels, kept, input_size, read.tissue)
 
 
-def slide_cell_crops(path: str | Path, input_size: int, min_diameter: float = 8.0, mpp: float | None = None,
-                     tile: int = 2048, overlap: int = 128) -> np.ndarray:
-    """The crops of every cell on a slide's tissue (each once), in memory."""
-    empty = np.zeros((0, input_size, input_size, 3), dtype=np.uint8)
-    return np.concatenate([empty, *slide_cell_crop_tiles(path, input_size, min_diameter, mpp, tile, overlap)])
-
-
 class CropStore:
     """Crops appended as they are cut, then read back as one (N, s, s, 3) uint8 array. With a
     ``folder`` they go to a file there and come back memory-mapped, so that training on many
