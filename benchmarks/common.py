@@ -60,6 +60,9 @@ def machine() -> dict[str, Any]:
     import platform
 
     info: dict[str, Any] = {"machine": platform.machine(), "cpus": len(os.sched_getaffinity(0))}
+    # The code that gave the numbers (a benchmark may run from a worktree of an older commit).
+    commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    info["commit"] = commit.stdout.strip() or None
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
