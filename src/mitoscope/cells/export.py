@@ -12,6 +12,8 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from .views import crop_views
+
 logger = logging.getLogger(__name__)
 
 # Frozen features through an exported engine must match PyTorch's on the probe crops within
@@ -72,7 +74,6 @@ def exported_features(network: Any, crops: np.ndarray, mean: Sequence[float], st
     import torch
 
     from ..engines import auto_candidates, open_exported
-    from .views import crop_views
 
     if not len(crops):
         return None
@@ -98,13 +99,23 @@ def exported_features(network: Any, crops: np.ndarray, mean: Sequence[float], st
         logger.info("cell features: %s differs from PyTorch by %.3g", engine, error)
     if runner is None:
         return None
-    out = np.zeros((len(crops), expected.shape[1]), dtype=np.float32)
+    return engine_outputs(runner.pooled, crops, mean, std, views, batch, progress).astype(np.float32), name
+
+
+def engine_outputs(run: Callable[[np.ndarray], np.ndarray], crops: np.ndarray, mean: Sequence[float],
+                   std: Sequence[float], views: int, batch: int = 256,
+                   progress: Callable[[str, int, int], None] | None = None) -> np.ndarray:
+    """What ``run`` (an exported engine's runner: normalised (n, 3, s, s) float32 -> (n, k)) gives
+    for (n, s, s, 3) uint8 crops, averaged over the first ``views`` views, in float64; ``batch``
+    crops at a time, each normalised once and its views taken after normalising (a permutation:
+    the same numbers as normalising each view)."""
+    parts = []
     for start in range(0, len(crops), batch):
         normalised = normalised_array(np.asarray(crops[start:start + batch]), mean, std)
-        total = np.zeros((len(normalised), expected.shape[1]), dtype=np.float64)
+        total = 0.0
         for view in range(views):
-            total += np.asarray(runner.pooled(crop_views(normalised, view, axes=(2, 3))), dtype=np.float64)
-        out[start:start + len(normalised)] = total / views
+            total = total + np.asarray(run(crop_views(normalised, view, axes=(2, 3))), dtype=np.float64)
+        parts.append(total / views)
         if progress:
             progress("cells: features", min(start + batch, len(crops)), len(crops))
-    return out, name
+    return np.concatenate(parts)

@@ -21,7 +21,7 @@ from ..io import present_images, read_image
 from ..readahead import ReadAhead
 from ..results import Predictions, Progress, prediction_rows
 from .bootstrap import intensity_features
-from .export import export_network, normalised_array, probe_crops
+from .export import engine_outputs, export_network, probe_crops
 from .proposals import Proposals, cut_crops, find_cells
 from .views import crop_views
 
@@ -95,10 +95,7 @@ class CellModel(ModelDescription):
             return np.zeros(0, dtype=np.float64)
         backbone = self.config["backbone"]
         if self._runner is not None:
-            # views of the normalised crops: the same numbers as normalising each view (a permutation)
-            normalised = normalised_array(crops, backbone["mean"], backbone["std"])
-            output = np.mean([np.asarray(self._runner(crop_views(normalised, view, axes=(2, 3))), dtype=np.float64)
-                              for view in range(self.views)], axis=0)
+            output = engine_outputs(self._runner, crops, backbone["mean"], backbone["std"], self.views)
         else:
             output = network_outputs(self.network, crops, backbone["mean"], backbone["std"], self.scorer,
                                      views=self.views)
