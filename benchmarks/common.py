@@ -49,6 +49,42 @@ def scene_pair(work: Path, name: str) -> tuple[Path, Path]:
             compose(work / f"{name}-test-disjoint", [*args, "--part", "test"], N_TEST, 2))
 
 
+def inner_pair(work: Path, name: str) -> tuple[Path, Path]:
+    """For choosing a recipe without the test scenes: the *training* part of the cells split in two
+    halves by file name (the tool's own hash, another salt), fitting scenes (120, seed 11) from one,
+    validation scenes (60, seed 12) from the other, rendered like every other set (``--norm-cells``).
+    The training scenes of :func:`scene_pair` reuse each cell several times, so a validation share of
+    them also rewards remembering cells; these halves do not (no test cell is read)."""
+    import csv
+    import hashlib
+
+    def in_part(path: str, salt: str, fraction: float) -> bool:
+        return hashlib.sha256(f"{salt}:{path}".encode()).digest()[0] < round(fraction * 256)
+
+    source = DATA / "jurkat-cells"
+    with open(source / "labels.csv", newline="") as handle:
+        rows = [r for r in csv.DictReader(handle) if not in_part(r["path"], "compose-part", 0.3)]
+    folders = []
+    for half, wanted, n, seed in (("fit", False, N_TRAIN, 11), ("val", True, N_TEST, 12)):
+        cells = work / "inner-cells" / half
+        if not (cells / "labels.csv").is_file():
+            cells.mkdir(parents=True, exist_ok=True)
+            if not (cells / "cells").exists():
+                (cells / "cells").symlink_to(source / "cells")
+            chosen = [r for r in rows if in_part(r["path"], "inner-half", 0.5) == wanted]
+            with open(cells / "labels.tmp", "w", newline="") as handle:
+                writer = csv.DictWriter(handle, fieldnames=list(chosen[0]))
+                writer.writeheader()
+                writer.writerows(chosen)
+            (cells / "labels.tmp").replace(cells / "labels.csv")
+        out = work / f"{name}-inner-{half}"
+        if not (out / "labels.csv").is_file():
+            subprocess.run([sys.executable, str(COMPOSE), str(cells), str(out), "--n", str(n), "--seed", str(seed),
+                            "--norm-cells", str(source), *SCENE_SETS[name]], check=True, capture_output=True)
+        folders.append(out)
+    return folders[0], folders[1]
+
+
 def pretrain_scenes(work: Path) -> Path:
     name, args, n, seed = PRETRAIN_SET
     return compose(work / f"{name}-disjoint", [*args, "--part", "train"], n, seed)

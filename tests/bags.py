@@ -58,7 +58,7 @@ def train_cell_model(folder: Path, out: Path, scorer: str = "linear", **settings
     from mitoscope.cells.config import CellTrainConfig
     from mitoscope.cells.workflow import train_cells
 
-    config = CellTrainConfig(**{**dict(backbone="test_efficientnet", input_size=32, scorer=scorer, trained_stages=3,
+    config = CellTrainConfig(**{**dict(backbone="test_efficientnet", input_size=32, scorer=scorer,
                                        views=2, epochs=12, learning_rate=3e-3, top_learning_rate=3e-3,
                                        validation_fraction=0.25), **settings})
     return train_cells(folder, folder / "labels.csv", out, config, pretrained=False)

@@ -324,3 +324,42 @@ def test_training_falls_back_to_pytorch_features_without_an_engine(tmp_path, mon
     assert used == {"exported": "openvino", "torch": "torch"}
     with pytest.raises(InputError, match="feature_engine must be auto or torch, got 'gpu'"):
         CellTrainConfig(feature_engine="gpu")
+
+
+def test_the_fine_tuned_scorer_trains_what_trained_stages_says_and_never_batchnorm():
+    from torch import nn
+
+    from mitoscope.cells.network import build_cell_network, trained_parameters
+    from mitoscope.errors import InputError
+
+    network, _ = build_cell_network("test_efficientnet", pretrained=False)
+    norms = {id(p) for m in network.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) for p in m.parameters()}
+    every = [p for p in network.parameters() if id(p) not in norms]
+    trained = trained_parameters(network, 0)
+    assert {id(p) for p in trained} == {id(p) for p in every}
+    assert all(p.requires_grad == (id(p) not in norms) for p in network.parameters())
+    last = trained_parameters(network, 1)
+    names = {name for name, p in network.named_parameters() if p.requires_grad}
+    stage = f"backbone.blocks.{len(network.backbone.blocks) - 1}."
+    assert names and all(n.startswith((stage, "backbone.conv_head", "head.")) for n in names)
+    assert any(n.startswith(stage) for n in names) and {id(p) for p in last} < {id(p) for p in trained}
+    with pytest.raises(InputError, match="between 0"):
+        trained_parameters(network, 99)
+
+
+def test_cell_logits_come_back_in_the_order_asked_and_average_the_views():
+    import torch
+
+    from mitoscope.cells.network import build_cell_network
+    from mitoscope.cells.training import cell_logits, normalise
+    from mitoscope.cells.views import crop_views
+
+    torch.manual_seed(0)
+    network, backbone = build_cell_network("test_efficientnet", pretrained=False)
+    network.eval()
+    mean, std = backbone.data_config["mean"], backbone.data_config["std"]
+    crops = np.random.default_rng(2).integers(0, 256, (9, 32, 32, 3), dtype=np.uint8)
+    index = np.array([7, 2, 5, 0])
+    with torch.no_grad():
+        expected = np.mean([network(normalise(crop_views(crops[index], v), mean, std)).numpy() for v in range(3)], axis=0)
+    np.testing.assert_allclose(cell_logits(network, crops, index, 3, mean, std, batch=3), expected, rtol=1e-4, atol=1e-5)

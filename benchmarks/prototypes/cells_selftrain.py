@@ -10,6 +10,7 @@
 #   3. scored on the held-out part: (a) linear MIL on frozen features, (b) the fine-tuned logit,
 #      (c) linear MIL refitted on the fine-tuned features, (d) mean of (a) and (b) as z-scores.
 # usage: python cells_selftrain.py SET WORK [EPOCHS] [STAGES] [LR]
+# Written against commit 6d3e9f0 (the scorer on cached trunk maps, since replaced): run it there.
 import sys, time, json
 from pathlib import Path
 import numpy as np, torch, torch.nn.functional as F

@@ -15,20 +15,24 @@ class CellTrainConfig:
 
     backbone: str = "tf_efficientnet_lite0"
     # "linear": a linear multiple-instance model on few features of the frozen network
-    # (mitoscope.cells.bootstrap); "finetuned": the network's top stages self-trained on the
-    # linear model's pseudo-labels (mitoscope.cells.training; see README).
+    # (mitoscope.cells.bootstrap); "finetuned": the network self-trained on the linear model's
+    # pseudo-labels, on augmented crops (mitoscope.cells.training; see README).
     scorer: str = "linear"
     input_size: int = 96
-    trained_stages: int = 2
-    # The fine-tuned scorer: it trains on this many flipped/turned views of each cell
-    # (mitoscope.cells.views.VIEWS) and scores a cell as the mean of its logits over them.
+    # The fine-tuned scorer trains the last this many stages of the backbone (0: all of it).
+    trained_stages: int = 0
+    # The fine-tuned scorer scores a cell as the mean of its logits over this many flipped/turned
+    # views (mitoscope.cells.views.VIEWS).
     views: int = 8
     epochs: int = 6
     positives_per_step: int = 16
     negatives_per_step: int = 48
     learning_rate: float = 1e-3
-    top_learning_rate: float = 3e-4
+    # The learning rate of the network's trained layers (learning_rate: its head's).
+    top_learning_rate: float = 1e-4
     weight_decay: float = 1e-2
+    # H&E stain jitter in the fine-tuned scorer's augmentation (histology; off for fluorescence).
+    stain_jitter: bool = False
     dropout: float = 0.2
     validation_fraction: float = 0.2
     # The threshold and reported metrics from the out-of-fold best-cell scores of a k-fold
@@ -54,9 +58,10 @@ class CellTrainConfig:
                   ("weight_decay", self.weight_decay >= 0, "zero or positive"),
                   ("validation_fraction", 0 <= self.validation_fraction < 0.5, "in [0, 0.5)"),
                   ("cv_folds", self.cv_folds == 0 or self.cv_folds >= 2, "0 or at least 2"),
-                  ("trained_stages", self.trained_stages >= 1, "at least 1"),
+                  ("trained_stages", self.trained_stages >= 0, "0 (all) or more"),
                   ("scorer", self.scorer in ("linear", "finetuned"), "linear or finetuned"),
-                  ("feature_engine", self.feature_engine in ("auto", "torch"), "auto or torch")]
+                  ("feature_engine", self.feature_engine in ("auto", "torch"), "auto or torch"),
+                  ("stain_jitter", isinstance(self.stain_jitter, bool), "true or false")]
         for name, ok, expected in checks:
             if not ok:
                 raise InputError(f"cells setting {name} must be {expected}, got {getattr(self, name)!r}")

@@ -1,5 +1,5 @@
-"""The instance network: a pretrained CNN that scores one cell crop, cut into a frozen trunk and a
-trained top (the cut the fine-tuning package uses), plus a one-logit linear head."""
+"""The instance network: a pretrained CNN that scores one cell crop (one logit from a linear head
+on its pooled features), and which of its layers the fine-tuned scorer trains."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from torch import nn
 
 from ..backbones import Backbone, create_backbone
 from ..errors import InputError
-from ..finetune.trunk import TrunkSplit, backbone_chain
+from ..finetune.trunk import backbone_chain
 
 
 class CellNetwork(nn.Module):
@@ -30,25 +30,26 @@ class CellNetwork(nn.Module):
         return self.logits_from_features(self.backbone.forward_features(crops))
 
 
-def split_for(network: CellNetwork, trained_stages: int) -> TrunkSplit:
-    """Freeze all but the last ``trained_stages`` stages (and the final 1x1 conv) of the backbone."""
-    chain = backbone_chain(network.backbone)
-    if chain is None:
-        raise InputError(f"backbone {type(network.backbone).__name__} cannot be cut into a frozen trunk and a "
-                         "trained top (known: EfficientNet, MobileNetV3, ResNet)")
-    stages = [i for i, name in enumerate(chain) if name.startswith(("blocks.", "layer"))]
-    if not 1 <= trained_stages <= len(stages):
-        raise InputError(f"trained stages must be between 1 and {len(stages)}, got {trained_stages}")
-    return TrunkSplit(chain, stages[-trained_stages])
-
-
-def freeze_for_training(network: CellNetwork, split: TrunkSplit) -> list[nn.Parameter]:
-    """Train the top and the head; the top's BatchNorm layers stay frozen (their ImageNet
-    statistics would drift on small bags of similar cells). Returns the trained parameters."""
+def trained_parameters(network: CellNetwork, trained_stages: int) -> list[nn.Parameter]:
+    """Make only what the fine-tuned scorer trains require gradients, and return it: the head and
+    the last ``trained_stages`` stages of the backbone with its final 1x1 conv (0: every layer).
+    BatchNorm layers stay frozen wherever they are (their ImageNet statistics would drift on
+    batches of similar cells)."""
+    if trained_stages == 0:
+        names = [""]
+    else:
+        chain = backbone_chain(network.backbone)
+        if chain is None:
+            raise InputError(f"backbone {type(network.backbone).__name__} cannot be cut into a frozen trunk and a "
+                             "trained top (known: EfficientNet, MobileNetV3, ResNet); train every stage (0) instead")
+        stages = [i for i, name in enumerate(chain) if name.startswith(("blocks.", "layer"))]
+        if not 0 <= trained_stages <= len(stages):
+            raise InputError(f"trained stages must be between 0 (all) and {len(stages)}, got {trained_stages}")
+        names = list(chain[stages[-trained_stages]:])
     for parameter in network.parameters():
         parameter.requires_grad_(False)
     trained: list[nn.Parameter] = []
-    for name in split.chain[split.cut:]:
+    for name in names:
         for module in network.backbone.get_submodule(name).modules():
             if not isinstance(module, nn.modules.batchnorm._BatchNorm):
                 trained.extend(module.parameters(recurse=False))

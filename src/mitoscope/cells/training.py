@@ -3,9 +3,11 @@
 An image is a bag of cell crops; it is Mitosis when its best-scoring cell is mitotic. The linear
 scorer (:func:`train_linear`) is a multiple-instance model on few frozen features. The fine-tuned
 scorer (:func:`train_instances`) is self-trained: that linear model's best cell of each Mitosis
-image is a pseudo-positive, every cell of a Normal image a known negative, and the network's
-top stages learn them as a plain cell classifier, on cached frozen-trunk maps of flipped/turned
-views. Fine-tuning on the max-pooled bag loss instead memorised the training cells (README).
+image is a pseudo-positive, every cell of a Normal image a known negative, and the network learns
+them as a plain cell classifier on the crops themselves, each batch freshly augmented (flips,
+turns, zoom, brightness, contrast) so that it learns what mitotic cells share rather than the
+training cells themselves. Fine-tuning on the max-pooled bag loss memorised the training cells,
+and so did self-training on cached maps of a frozen trunk (README).
 """
 
 from __future__ import annotations
@@ -19,13 +21,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..augment import dihedral
+from ..augment import AugmentConfig, augment_batch
 from ..errors import InputError
 from .bootstrap import intensity_features
 from .config import CellTrainConfig
 from .export import exported_features
-from .network import CellNetwork, freeze_for_training, set_batchnorm_eval, split_for
-from .views import VIEWS, crop_views
+from .network import CellNetwork, set_batchnorm_eval, trained_parameters
+from .views import crop_views
 
 Progress = Callable[[str, int, int], None]
 
@@ -55,39 +57,6 @@ def normalise(crops: np.ndarray, mean: Sequence[float], std: Sequence[float]) ->
     m = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
     s = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
     return (x - m) / s
-
-
-def trunk_maps(network: CellNetwork, split: Any, crops: np.ndarray, views: int, mean: Sequence[float],
-               std: Sequence[float], progress: Progress | None = None, batch: int = 256) -> torch.Tensor:
-    """(views, N, C, h, w) float16 trunk maps of every crop under each view."""
-    network.eval()
-    out: torch.Tensor | None = None
-    total = views * len(crops)
-    done = 0
-    with torch.no_grad():
-        for v in range(views):
-            turns, flip = VIEWS[v]
-            for start in range(0, len(crops), batch):
-                x = dihedral(normalise(crops[start:start + batch], mean, std), turns, flip)
-                maps = split.trunk(network.backbone, x).to(torch.float16)
-                if out is None:
-                    out = torch.empty((views, len(crops), *maps.shape[1:]), dtype=torch.float16)
-                out[v, start:start + len(maps)] = maps
-                done += len(maps)
-                if progress:
-                    progress("cells: frozen trunk", done, total)
-    assert out is not None
-    return out
-
-
-def pooled_features(network: CellNetwork, split: Any, maps: torch.Tensor, batch: int = 512) -> np.ndarray:
-    """The frozen network's pooled features of every crop (first view), before any training."""
-    network.eval()
-    out = []
-    with torch.no_grad():
-        for start in range(0, maps.shape[1], batch):
-            out.append(split.top(network.backbone, maps[0, start:start + batch].float()).mean(dim=(-2, -1)).numpy())
-    return np.concatenate(out)
 
 
 def _subset(offsets: np.ndarray, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -128,6 +97,25 @@ def crop_features(network: CellNetwork, crops: np.ndarray, mean: Sequence[float]
     return out
 
 
+def _two_classes(bags: Bags) -> np.ndarray:
+    labels = np.asarray(bags.labels)
+    if len(np.unique(labels)) < 2:
+        raise InputError(f"training needs images of both classes, got only {sorted(set(labels.tolist()))}")
+    return labels
+
+
+def frozen_features(network: CellNetwork, bags: Bags, config: CellTrainConfig, mean: Sequence[float],
+                    std: Sequence[float], progress: Progress | None = None) -> tuple[np.ndarray, str]:
+    """The untrained network's pooled features of every crop, averaged over ``config.feature_views``
+    views, and the engine that computed them: an exported one when it matches PyTorch and
+    ``config.feature_engine`` is "auto" (:func:`.export.exported_features`), else "torch"."""
+    exported = None
+    if config.feature_engine == "auto":
+        with tempfile.TemporaryDirectory(prefix="mitoscope-export-") as folder:
+            exported = exported_features(network, bags.crops, mean, std, config.feature_views, folder, progress)
+    return exported or (crop_features(network, bags.crops, mean, std, progress, views=config.feature_views), "torch")
+
+
 def train_linear(network: CellNetwork, bags: Bags, config: CellTrainConfig, mean: Sequence[float],
                  std: Sequence[float], progress: Progress | None = None) -> dict[str, Any]:
     """The linear scorer (:class:`~mitoscope.cells.bootstrap.LinearInstanceHead`) on the frozen
@@ -137,15 +125,8 @@ def train_linear(network: CellNetwork, bags: Bags, config: CellTrainConfig, mean
     on all of them; else fitted on the training share, the held-out share's probabilities back."""
     from .bootstrap import LinearInstanceHead
 
-    labels = np.asarray(bags.labels)
-    if len(np.unique(labels)) < 2:
-        raise InputError(f"training needs images of both classes, got only {sorted(set(labels.tolist()))}")
-    exported = None
-    if config.feature_engine == "auto":
-        with tempfile.TemporaryDirectory(prefix="mitoscope-export-") as folder:
-            exported = exported_features(network, bags.crops, mean, std, config.feature_views, folder, progress)
-    features, engine = exported or (crop_features(network, bags.crops, mean, std, progress,
-                                                  views=config.feature_views), "torch")
+    labels = _two_classes(bags)
+    features, engine = frozen_features(network, bags, config, mean, std, progress)
     stats = intensity_features(bags.crops)
 
     def fit(images: np.ndarray, fold: int | None) -> tuple[LinearInstanceHead, Callable[[np.ndarray], np.ndarray]]:
@@ -162,17 +143,18 @@ def train_linear(network: CellNetwork, bags: Bags, config: CellTrainConfig, mean
     return {**out, "history": [], "best_epoch": None, "head": head, "feature_engine": engine}
 
 
-def cell_logits(network: CellNetwork, split: Any, maps: torch.Tensor, index: np.ndarray,
-                batch: int = 512) -> np.ndarray:
-    """The network's logit of each crop in ``index``, the mean over the cached views."""
+def cell_logits(network: CellNetwork, crops: np.ndarray, index: np.ndarray, views: int, mean: Sequence[float],
+                std: Sequence[float], batch: int = 256) -> np.ndarray:
+    """The network's logit of each crop in ``index``, the mean over its first ``views`` views."""
     network.eval()
     total = np.zeros(len(index), dtype=np.float64)
     with torch.no_grad():
-        for view in range(maps.shape[0]):
-            for start in range(0, len(index), batch):
-                x = maps[view, index[start:start + batch]].float()
-                total[start:start + len(x)] += network.logits_from_features(split.top(network.backbone, x)).double().numpy()
-    return total / maps.shape[0]
+        for start in range(0, len(index), batch):
+            chunk = np.asarray(crops[np.sort(index[start:start + batch])])
+            order = np.argsort(np.argsort(index[start:start + batch]))
+            for view in range(views):
+                total[start:start + len(chunk)] += network(normalise(crop_views(chunk, view), mean, std)).double().numpy()[order]
+    return total / views
 
 
 def pseudo_labels(frozen: np.ndarray, stats: np.ndarray, bags: Bags, images: np.ndarray,
@@ -198,18 +180,22 @@ def pseudo_labels(frozen: np.ndarray, stats: np.ndarray, bags: Bags, images: np.
     return np.asarray(positives, dtype=np.int64), np.asarray(negatives, dtype=np.int64)
 
 
-def fit_cell_classifier(network: CellNetwork, split: Any, trained: list[torch.nn.Parameter], maps: torch.Tensor,
-                        positives: np.ndarray, negatives: np.ndarray, config: CellTrainConfig,
-                        seed: int) -> list[dict[str, float]]:
-    """Train the top stages and the head as a plain cell classifier on pseudo-labelled cells:
-    batches of ``config.negatives_per_step`` known negatives and ``config.positives_per_step``
-    pseudo-positives (drawn with replacement: they are few), each under a random cached view;
+def fit_cell_classifier(network: CellNetwork, trained: list[torch.nn.Parameter], crops: np.ndarray,
+                        positives: np.ndarray, negatives: np.ndarray, config: CellTrainConfig, seed: int,
+                        mean: Sequence[float], std: Sequence[float], progress: Progress | None = None,
+                        ) -> list[dict[str, float]]:
+    """Train ``trained`` as a plain cell classifier on pseudo-labelled crops: batches of
+    ``config.negatives_per_step`` known negatives and ``config.positives_per_step`` pseudo-positives
+    (drawn with replacement: they are few), each batch augmented afresh (:func:`augment_batch`:
+    flips, quarter turns, zoom, brightness, contrast; stain jitter with ``config.stain_jitter``);
     warm-up over the first epoch, then cosine; frozen BatchNorm; gradients clipped to norm 1."""
     if not len(positives) or not len(negatives):
         raise InputError(f"self-training needs pseudo-positive and negative cells, got {len(positives)} and "
                          f"{len(negatives)} (images without any found cell?)")
     rng = np.random.default_rng(seed)
     torch.manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed)
+    augment = AugmentConfig(stain_jitter=config.stain_jitter)
     head_ids = {id(p) for p in network.head.parameters()}
     optimiser = torch.optim.AdamW([{"params": [p for p in trained if id(p) in head_ids], "lr": config.learning_rate},
                                    {"params": [p for p in trained if id(p) not in head_ids],
@@ -218,29 +204,34 @@ def fit_cell_classifier(network: CellNetwork, split: Any, trained: list[torch.nn
     steps_per_epoch = max(1, len(negatives) // config.negatives_per_step)
     total = steps_per_epoch * config.epochs
     target = torch.cat([torch.ones(config.positives_per_step), torch.zeros(config.negatives_per_step)])
+    m = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
+    s = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
     history, step = [], 0
     for epoch in range(1, config.epochs + 1):
         network.train()
         set_batchnorm_eval(network)
         order = rng.permutation(negatives)
         losses = []
-        for s in range(steps_per_epoch):
-            negative = order[s * config.negatives_per_step:(s + 1) * config.negatives_per_step]
+        for k in range(steps_per_epoch):
+            negative = order[k * config.negatives_per_step:(k + 1) * config.negatives_per_step]
             if len(negative) < config.negatives_per_step:  # fewer negatives than one batch: drawn again
                 negative = rng.choice(negatives, config.negatives_per_step)
             chosen = np.concatenate([rng.choice(positives, config.positives_per_step), negative])
-            views = rng.integers(0, maps.shape[0], len(chosen))
+            pixels = np.asarray(crops[np.sort(chosen)])[np.argsort(np.argsort(chosen))]  # sorted reads of a memory map
+            x = torch.from_numpy(np.ascontiguousarray(pixels)).permute(0, 3, 1, 2).float().div_(255.0)
+            x = (augment_batch(x, augment, generator) - m) / s
             scale = min(1.0, (step + 1) / steps_per_epoch) * 0.5 * (1 + math.cos(math.pi * step / total))
             for group, lr in zip(optimiser.param_groups, peak):
                 group["lr"] = lr * scale
-            logits = network.logits_from_features(split.top(network.backbone, maps[views, chosen].float()))
-            loss = F.binary_cross_entropy_with_logits(logits, target)
+            loss = F.binary_cross_entropy_with_logits(network(x), target)
             optimiser.zero_grad()
             loss.backward()
             torch.nn.utils.clip_grad_norm_(trained, 1.0)
             optimiser.step()
             losses.append(float(loss.detach()))
             step += 1
+            if progress:
+                progress("cells: fine-tuning", step, total)
         history.append({"epoch": epoch, "train_loss": float(np.mean(losses))})
     network.eval()
     return history
@@ -248,36 +239,34 @@ def fit_cell_classifier(network: CellNetwork, split: Any, trained: list[torch.nn
 
 def train_instances(network: CellNetwork, bags: Bags, config: CellTrainConfig, mean: Sequence[float],
                     std: Sequence[float], progress: Progress | None = None) -> dict[str, Any]:
-    """The fine-tuned scorer, by self-training from image labels (see :mod:`mitoscope.cells`):
-    the frozen trunk runs once per crop and view; a linear multiple-instance teacher on the frozen
-    features names each Mitosis image's best cell; the network's top stages learn those cells
-    against every cell of the Normal images. With ``config.cv_folds`` the whole procedure is
-    cross-validated over the images (out-of-fold bag probabilities back, for the threshold and
-    the metrics) and then run on all of them. ``network`` ends trained on all images."""
-    labels = np.asarray(bags.labels)
-    if len(np.unique(labels)) < 2:
-        raise InputError(f"training needs images of both classes, got only {sorted(set(labels.tolist()))}")
-    split = split_for(network, config.trained_stages)
-    trained = freeze_for_training(network, split)
-    maps = trunk_maps(network, split, bags.crops, config.views, mean, std, progress)
-    frozen = pooled_features(network, split, maps)
+    """The fine-tuned scorer, by self-training from image labels (see :mod:`mitoscope.cells`): a
+    linear multiple-instance teacher on the untrained network's features names each Mitosis
+    image's best cell; the network (``config.trained_stages`` of it, 0: all) learns those cells
+    against every cell of the Normal images, on augmented crops. With ``config.cv_folds`` the
+    whole procedure is cross-validated over the images (out-of-fold bag probabilities back, for
+    the threshold and the metrics) and then run on all of them. ``network`` ends trained on all
+    images; a cell scores as the mean of its logits over ``config.views`` views."""
+    labels = _two_classes(bags)
+    features, engine = frozen_features(network, bags, config, mean, std, progress)
     stats = intensity_features(bags.crops)
+    trained = trained_parameters(network, config.trained_stages)
     start = {k: v.detach().clone() for k, v in network.state_dict().items()}
 
     def fit(images: np.ndarray, fold: int | None) -> tuple[list[dict[str, float]], Callable[[np.ndarray], np.ndarray]]:
         seed = config.seed * 100 + (0 if fold is None else fold + 1)
         network.load_state_dict(start)
-        positives, negatives = pseudo_labels(frozen, stats, bags, images, seed)
-        history = fit_cell_classifier(network, split, trained, maps, positives, negatives, config, seed)
+        positives, negatives = pseudo_labels(features, stats, bags, images, seed)
+        history = fit_cell_classifier(network, trained, bags.crops, positives, negatives, config, seed, mean, std,
+                                      progress)
 
         def proba(held: np.ndarray) -> np.ndarray:
             index, offsets = _subset(bags.offsets, held)
-            return best_cell_proba(cell_logits(network, split, maps, index), offsets)
+            return best_cell_proba(cell_logits(network, bags.crops, index, config.views, mean, std), offsets)
         return history, proba
 
     out = cross_fit(labels, config, fit, progress)
     history = out.pop("fitted")
-    return {**out, "history": history, "best_epoch": config.epochs}
+    return {**out, "history": history, "best_epoch": config.epochs, "feature_engine": engine}
 
 
 def best_cell_proba(logits: np.ndarray, offsets: np.ndarray) -> np.ndarray:
