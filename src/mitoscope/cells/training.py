@@ -143,6 +143,12 @@ def train_linear(network: CellNetwork, bags: Bags, config: CellTrainConfig, mean
     return {**out, "history": [], "best_epoch": None, "head": head, "feature_engine": engine}
 
 
+def _take(crops: np.ndarray, index: np.ndarray) -> np.ndarray:
+    """``crops[index]`` in the order of ``index`` (repeats allowed), read in sorted order: a memory
+    map reads sorted rows far faster."""
+    return np.asarray(crops[np.sort(index)])[np.argsort(np.argsort(index, kind="stable"), kind="stable")]
+
+
 def cell_logits(network: CellNetwork, crops: np.ndarray, index: np.ndarray, views: int, mean: Sequence[float],
                 std: Sequence[float], batch: int = 256) -> np.ndarray:
     """The network's logit of each crop in ``index``, the mean over its first ``views`` views."""
@@ -150,10 +156,9 @@ def cell_logits(network: CellNetwork, crops: np.ndarray, index: np.ndarray, view
     total = np.zeros(len(index), dtype=np.float64)
     with torch.no_grad():
         for start in range(0, len(index), batch):
-            chunk = np.asarray(crops[np.sort(index[start:start + batch])])
-            order = np.argsort(np.argsort(index[start:start + batch]))
+            chunk = _take(crops, index[start:start + batch])
             for view in range(views):
-                total[start:start + len(chunk)] += network(normalise(crop_views(chunk, view), mean, std)).double().numpy()[order]
+                total[start:start + len(chunk)] += network(normalise(crop_views(chunk, view), mean, std)).double().numpy()
     return total / views
 
 
@@ -217,8 +222,7 @@ def fit_cell_classifier(network: CellNetwork, trained: list[torch.nn.Parameter],
             if len(negative) < config.negatives_per_step:  # fewer negatives than one batch: drawn again
                 negative = rng.choice(negatives, config.negatives_per_step)
             chosen = np.concatenate([rng.choice(positives, config.positives_per_step), negative])
-            pixels = np.asarray(crops[np.sort(chosen)])[np.argsort(np.argsort(chosen))]  # sorted reads of a memory map
-            x = torch.from_numpy(np.ascontiguousarray(pixels)).permute(0, 3, 1, 2).float().div_(255.0)
+            x = torch.from_numpy(np.ascontiguousarray(_take(crops, chosen))).permute(0, 3, 1, 2).float().div_(255.0)
             x = (augment_batch(x, augment, generator) - m) / s
             scale = min(1.0, (step + 1) / steps_per_epoch) * 0.5 * (1 + math.cos(math.pi * step / total))
             for group, lr in zip(optimiser.param_groups, peak):
