@@ -363,3 +363,31 @@ def test_cell_logits_come_back_in_the_order_asked_and_average_the_views():
     with torch.no_grad():
         expected = np.mean([network(normalise(crop_views(crops[index], v), mean, std)).numpy() for v in range(3)], axis=0)
     np.testing.assert_allclose(cell_logits(network, crops, index, 3, mean, std, batch=3), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_cross_validation_folds_default_by_scorer_and_an_explicit_value_wins():
+    from mitoscope.cells.config import CellTrainConfig
+    from mitoscope.errors import InputError
+
+    assert CellTrainConfig().cv_folds == 5
+    assert CellTrainConfig(scorer="finetuned").cv_folds == 3
+    assert CellTrainConfig(scorer="finetuned", cv_folds=5).cv_folds == 5
+    assert CellTrainConfig(scorer="finetuned", cv_folds=0).cv_folds == 0
+    with pytest.raises(InputError, match="cv_folds must be 0 or at least 2, got 1"):
+        CellTrainConfig(cv_folds=1)
+
+
+def test_channels_last_weights_go_back_to_the_usual_layout_even_after_an_error():
+    import torch
+
+    from mitoscope.cells.network import build_cell_network, channels_last
+
+    network, _ = build_cell_network("test_efficientnet", pretrained=False)
+    convs = [p for p in network.parameters() if p.ndim == 4]
+    with channels_last(network):
+        assert all(p.is_contiguous(memory_format=torch.channels_last) for p in convs)
+        assert not all(p.is_contiguous() for p in convs)
+    assert all(p.is_contiguous() for p in network.parameters())
+    with pytest.raises(RuntimeError, match="stop"), channels_last(network):
+        raise RuntimeError("stop")
+    assert all(p.is_contiguous() for p in network.parameters())

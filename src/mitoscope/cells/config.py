@@ -37,8 +37,9 @@ class CellTrainConfig:
     validation_fraction: float = 0.2
     # The threshold and reported metrics from the out-of-fold best-cell scores of a k-fold
     # cross-validation of the whole training over every training image, then one training on all
-    # of them (0: a held-out share of validation_fraction instead).
-    cv_folds: int = 5
+    # of them (0: a held-out share of validation_fraction instead). Unset: 5 for the linear scorer,
+    # 3 for the fine-tuned one, which trains the whole network once per fold (training time, README).
+    cv_folds: int | None = None
     # The linear scorer: each cell's frozen features averaged over this many views, in training
     # and in prediction alike (chosen by cross-validation on training scenes: README, Results).
     feature_views: int = 4
@@ -49,6 +50,8 @@ class CellTrainConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        if self.cv_folds is None:
+            object.__setattr__(self, "cv_folds", 3 if self.scorer == "finetuned" else 5)
         checks = [("input_size", self.input_size >= 32, "at least 32"), ("views", 1 <= self.views <= 8, "1 to 8"),
                   ("feature_views", 1 <= self.feature_views <= 8, "1 to 8"), ("epochs", self.epochs >= 1, "at least 1"),
                   ("positives_per_step", self.positives_per_step >= 1, "at least 1"),
@@ -57,7 +60,8 @@ class CellTrainConfig:
                   ("top_learning_rate", self.top_learning_rate >= 0, "zero or positive"),
                   ("weight_decay", self.weight_decay >= 0, "zero or positive"),
                   ("validation_fraction", 0 <= self.validation_fraction < 0.5, "in [0, 0.5)"),
-                  ("cv_folds", self.cv_folds == 0 or self.cv_folds >= 2, "0 or at least 2"),
+                  ("cv_folds", isinstance(self.cv_folds, int) and (self.cv_folds == 0 or self.cv_folds >= 2),
+                   "0 or at least 2"),
                   ("trained_stages", self.trained_stages >= 0, "0 (all) or more"),
                   ("scorer", self.scorer in ("linear", "finetuned"), "linear or finetuned"),
                   ("feature_engine", self.feature_engine in ("auto", "torch"), "auto or torch"),

@@ -3,7 +3,8 @@ on its pooled features), and which of its layers the fine-tuned scorer trains.""
 
 from __future__ import annotations
 
-from typing import Any
+from contextlib import contextmanager
+from typing import Any, Iterator
 
 import torch
 from torch import nn
@@ -70,3 +71,19 @@ def set_batchnorm_eval(module: nn.Module) -> None:
     for child in module.modules():
         if isinstance(child, nn.modules.batchnorm._BatchNorm):
             child.eval()
+
+
+@contextmanager
+def channels_last(network: nn.Module) -> Iterator[None]:
+    """Run ``network`` with channels-last weights (feed it channels-last inputs: :func:`as_channels_last`);
+    the CPU's convolution kernels train and score a 96 px crop faster that way (README). The weights
+    go back to the usual layout on exit, which saving and exporting expect."""
+    network.to(memory_format=torch.channels_last)
+    try:
+        yield
+    finally:
+        network.to(memory_format=torch.contiguous_format)
+
+
+def as_channels_last(x: torch.Tensor) -> torch.Tensor:
+    return x.contiguous(memory_format=torch.channels_last)

@@ -26,7 +26,7 @@ from ..errors import InputError
 from .bootstrap import intensity_features
 from .config import CellTrainConfig
 from .export import exported_features
-from .network import CellNetwork, set_batchnorm_eval, trained_parameters
+from .network import CellNetwork, as_channels_last, channels_last, set_batchnorm_eval, trained_parameters
 from .views import crop_views
 
 Progress = Callable[[str, int, int], None]
@@ -154,11 +154,12 @@ def cell_logits(network: CellNetwork, crops: np.ndarray, index: np.ndarray, view
     """The network's logit of each crop in ``index``, the mean over its first ``views`` views."""
     network.eval()
     total = np.zeros(len(index), dtype=np.float64)
-    with torch.no_grad():
+    with torch.no_grad(), channels_last(network):
         for start in range(0, len(index), batch):
             chunk = _take(crops, index[start:start + batch])
             for view in range(views):
-                total[start:start + len(chunk)] += network(normalise(crop_views(chunk, view), mean, std)).double().numpy()
+                x = as_channels_last(normalise(crop_views(chunk, view), mean, std))
+                total[start:start + len(chunk)] += network(x).double().numpy()
     return total / views
 
 
@@ -212,31 +213,32 @@ def fit_cell_classifier(network: CellNetwork, trained: list[torch.nn.Parameter],
     m = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
     s = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
     history, step = [], 0
-    for epoch in range(1, config.epochs + 1):
-        network.train()
-        set_batchnorm_eval(network)
-        order = rng.permutation(negatives)
-        losses = []
-        for k in range(steps_per_epoch):
-            negative = order[k * config.negatives_per_step:(k + 1) * config.negatives_per_step]
-            if len(negative) < config.negatives_per_step:  # fewer negatives than one batch: drawn again
-                negative = rng.choice(negatives, config.negatives_per_step)
-            chosen = np.concatenate([rng.choice(positives, config.positives_per_step), negative])
-            x = torch.from_numpy(np.ascontiguousarray(_take(crops, chosen))).permute(0, 3, 1, 2).float().div_(255.0)
-            x = (augment_batch(x, augment, generator) - m) / s
-            scale = min(1.0, (step + 1) / steps_per_epoch) * 0.5 * (1 + math.cos(math.pi * step / total))
-            for group, lr in zip(optimiser.param_groups, peak):
-                group["lr"] = lr * scale
-            loss = F.binary_cross_entropy_with_logits(network(x), target)
-            optimiser.zero_grad()
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(trained, 1.0)
-            optimiser.step()
-            losses.append(float(loss.detach()))
-            step += 1
-            if progress:
-                progress("cells: fine-tuning", step, total)
-        history.append({"epoch": epoch, "train_loss": float(np.mean(losses))})
+    with channels_last(network):
+        for epoch in range(1, config.epochs + 1):
+            network.train()
+            set_batchnorm_eval(network)
+            order = rng.permutation(negatives)
+            losses = []
+            for k in range(steps_per_epoch):
+                negative = order[k * config.negatives_per_step:(k + 1) * config.negatives_per_step]
+                if len(negative) < config.negatives_per_step:  # fewer negatives than one batch: drawn again
+                    negative = rng.choice(negatives, config.negatives_per_step)
+                chosen = np.concatenate([rng.choice(positives, config.positives_per_step), negative])
+                x = torch.from_numpy(np.ascontiguousarray(_take(crops, chosen))).permute(0, 3, 1, 2).float().div_(255.0)
+                x = (augment_batch(x, augment, generator) - m) / s
+                scale = min(1.0, (step + 1) / steps_per_epoch) * 0.5 * (1 + math.cos(math.pi * step / total))
+                for group, lr in zip(optimiser.param_groups, peak):
+                    group["lr"] = lr * scale
+                loss = F.binary_cross_entropy_with_logits(network(as_channels_last(x)), target)
+                optimiser.zero_grad()
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(trained, 1.0)
+                optimiser.step()
+                losses.append(float(loss.detach()))
+                step += 1
+                if progress:
+                    progress("cells: fine-tuning", step, total)
+            history.append({"epoch": epoch, "train_loss": float(np.mean(losses))})
     network.eval()
     return history
 
