@@ -1,6 +1,7 @@
 """4K predict with the cell model (the default of ``train``), against the plain way, in one run.
 
     python benchmarks/cells_speed.py [--model MODEL_DIR] [--repeats 3] [--before OLD_CHECKOUT/src]
+                                     [--other-model MODEL_DIR]
 
 The image: one crowded 3840x2160 field composed from the real Jurkat cells
 (``compose_scenes.py --size 3840x2160 --cell-scale 1.5,2 --cells 400,500 --seed 3 --part test``:
@@ -14,7 +15,8 @@ same prediction in PyTorch (``serve=False``); and the plain loop a user would wr
 cells scored one crop at a time in PyTorch under ``torch.no_grad``. Targets: < 6 s, < 3 GB.
 With ``--before``, the served command also runs on an older checkout's code (e.g. a
 ``git worktree`` of the commit before a speed change), in turn with the current one, so that
-the ratio holds even when the machine's speed drifts during the run.
+the ratio holds even when the machine's speed drifts during the run. With ``--other-model``,
+another model's served predict runs in turn the same way (e.g. the other scorer).
 """
 
 from __future__ import annotations
@@ -88,6 +90,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "cells_speed.json")
     parser.add_argument("--before", type=Path, default=None,
                         help="an older checkout's src/: also time its predict, in turn with this one's")
+    parser.add_argument("--other-model", type=Path, default=None,
+                        help="another trained cell model: also time its served predict, in turn with --model's")
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     image = compose_image(args.work)
@@ -95,13 +99,16 @@ def main() -> None:
     env = dict(os.environ)
     results: dict = {"machine": machine(), "image": str(image), "model": str(model_dir)}
     commands: dict[str, tuple[list[str], str, dict[str, str]]] = {}
-    out_csv = {variant: args.work / f"predict-{variant}.csv" for variant in ("served", "before", "torch")}
+    out_csv = {variant: args.work / f"predict-{variant}.csv" for variant in ("served", "before", "other", "torch")}
     commands["served"] = ([*mitoscope_command(), "predict", str(model_dir), str(image), "--out", str(out_csv["served"])],
                           f"mitoscope predict {model_dir} {image} --out {out_csv['served']}", env)
     if args.before:  # the same command on an older checkout's code, its runs taken in turn with the served ones
         commands["before"] = ([sys.executable, "-m", "mitoscope", "predict", str(model_dir), str(image), "--out",
                                str(out_csv["before"])], f"PYTHONPATH={args.before} python -m mitoscope predict ...",
                               {**env, "PYTHONPATH": str(args.before)})
+    if args.other_model:  # e.g. the other scorer's model: its runs taken in turn with --model's, same drift
+        commands["other"] = ([*mitoscope_command(), "predict", str(args.other_model), str(image), "--out",
+                              str(out_csv["other"])], f"mitoscope predict {args.other_model} {image} --out ...", env)
     shown = (f"from mitoscope.predictions import predict; predict({str(model_dir)!r}, [{str(image)!r}], "
              f"{str(out_csv['torch'])!r}, serve=False)")
     commands["torch"] = ([sys.executable, "-c", shown], shown, env)
@@ -122,6 +129,9 @@ def main() -> None:
                                text=True)
         results["before"]["commit"] = found.stdout.strip() or None
         results["speedup_served_vs_before"] = round(results["before"]["wall_s"] / results["served"]["wall_s"], 2)
+    if args.other_model:
+        results["other"]["model"] = str(args.other_model)
+        results["ratio_served_vs_other"] = round(results["served"]["wall_s"] / results["other"]["wall_s"], 2)
     results["plain_loop"] = plain_loop(model_dir, image)
     results["speedup_served_vs_plain"] = round(results["plain_loop"]["wall_s"] / results["served"]["wall_s"], 2)
     results["targets"] = {"under_6_s": results["served"]["wall_s"] < 6, "under_3_gb": results["served"]["peak_rss_mb"] < 3072}
