@@ -100,15 +100,18 @@ def main() -> None:
     results: dict = {"machine": machine(), "image": str(image), "model": str(model_dir)}
     commands: dict[str, tuple[list[str], str, dict[str, str]]] = {}
     out_csv = {variant: args.work / f"predict-{variant}.csv" for variant in ("served", "before", "other", "torch")}
-    commands["served"] = ([*mitoscope_command(), "predict", str(model_dir), str(image), "--out", str(out_csv["served"])],
-                          f"mitoscope predict {model_dir} {image} --out {out_csv['served']}", env)
+
+    def served(model: Path, variant: str) -> tuple[list[str], str, dict[str, str]]:
+        return ([*mitoscope_command(), "predict", str(model), str(image), "--out", str(out_csv[variant])],
+                f"mitoscope predict {model} {image} --out {out_csv[variant]}", env)
+
+    commands["served"] = served(model_dir, "served")
     if args.before:  # the same command on an older checkout's code, its runs taken in turn with the served ones
         commands["before"] = ([sys.executable, "-m", "mitoscope", "predict", str(model_dir), str(image), "--out",
                                str(out_csv["before"])], f"PYTHONPATH={args.before} python -m mitoscope predict ...",
                               {**env, "PYTHONPATH": str(args.before)})
     if args.other_model:  # e.g. the other scorer's model: its runs taken in turn with --model's, same drift
-        commands["other"] = ([*mitoscope_command(), "predict", str(args.other_model), str(image), "--out",
-                              str(out_csv["other"])], f"mitoscope predict {args.other_model} {image} --out ...", env)
+        commands["other"] = served(args.other_model, "other")
     shown = (f"from mitoscope.predictions import predict; predict({str(model_dir)!r}, [{str(image)!r}], "
              f"{str(out_csv['torch'])!r}, serve=False)")
     commands["torch"] = ([sys.executable, "-c", shown], shown, env)
