@@ -146,16 +146,17 @@ def finetuned_once(args: argparse.Namespace, set_name: str, seed: int) -> dict:
     from mitoscope.augment import AugmentConfig
     from mitoscope.finetune import FineTuneConfig, finetune
 
-    record: dict = {"set": set_name, "model": "finetuned", "seed": seed}
-    model_dir = args.work / "models" / f"{set_name}-finetuned-seed{seed}"
+    record: dict = {"set": set_name, "model": "finetuned", "seed": seed, "backbone": args.backbone}
+    tag = "" if args.backbone == CROP_RECIPE["backbone"] else f"-{args.backbone}"
+    model_dir = args.work / "models" / f"{set_name}-finetuned{tag}-seed{seed}"
     if set_name == "he-atypical":
         data = DATA / "he-mitotic-figures"
-        config = FineTuneConfig(**{**CROP_RECIPE, "seed": seed}, positive="atypical")
+        recipe = {**CROP_RECIPE, "seed": seed, "backbone": args.backbone}
+        config = FineTuneConfig(**recipe, positive="atypical")
         with timed(record, "finetune_s"):
             result = finetune(data, data / "labels.csv", model_dir, config, overwrite=True)
         record["cv"] = {k: result.cv_metrics.get(k) for k in KEYS}
-        record["commands"] = [_command(data, data / "labels.csv", model_dir, {**CROP_RECIPE, "seed": seed},
-                                       " --positive atypical")]
+        record["commands"] = [_command(data, data / "labels.csv", model_dir, recipe, " --positive atypical")]
         record["baseline"] = "published slide-level split, ImageNet EfficientNetV2-S: balanced accuracy 0.71, AUC 0.70"
     else:
         train_dir, test_dir = scene_pair(args.work, set_name)
@@ -165,7 +166,8 @@ def finetuned_once(args: argparse.Namespace, set_name: str, seed: int) -> dict:
             extra = dict(pretrain_data=str(pre), pretrain_labels=str(pre / "labels.csv"), tile=1024, tile_overlap=0.25)
             record["pretrain"] = {"set": PRETRAIN_SET[0], "compose_args": PRETRAIN_SET[1], "n": PRETRAIN_SET[2],
                                   "seed": PRETRAIN_SET[3]}
-        config = FineTuneConfig(**{**SCENE_RECIPE, "seed": seed}, **extra, augment=AugmentConfig(stain_jitter=False))
+        config = FineTuneConfig(**{**SCENE_RECIPE, "seed": seed, "backbone": args.backbone}, **extra,
+                                augment=AugmentConfig(stain_jitter=False))
         with timed(record, "finetune_s"):
             finetune(train_dir, train_dir / "labels.csv", model_dir, config, overwrite=True)
         report_dir = args.work / "reports" / f"{set_name}-finetuned-seed{seed}"
@@ -177,7 +179,7 @@ def finetuned_once(args: argparse.Namespace, set_name: str, seed: int) -> dict:
                              labels_csv=test_dir / "labels.csv")
         record["localization"] = {k: where.get(k) for k in ("pointing_game", "pointing_game_centre", "window_auc",
                                                              "mean_image_window_auc")}
-        settings = {**SCENE_RECIPE, "seed": seed, **extra, "no_stain_jitter": True}
+        settings = {**SCENE_RECIPE, "seed": seed, "backbone": args.backbone, **extra, "no_stain_jitter": True}
         record["commands"] = [
             _command(train_dir, train_dir / "labels.csv", model_dir, settings),
             f"mitoscope evaluate {model_dir} {test_dir} --labels {test_dir}/labels.csv --out REPORT",
@@ -273,6 +275,8 @@ def main() -> None:
     f = sub.add_parser("finetune", help="the fine-tuned model: scenes (test set, localization) and H&E crops (CV)")
     f.add_argument("--sets", nargs="+", default=["large-cells-1024", "small-cells-1024", "variable-scale", "he-atypical"])
     f.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="one fine-tuning run per seed")
+    f.add_argument("--backbone", default=CROP_RECIPE["backbone"],
+                   help="the network fine-tuned (offline weights: tf_efficientnet_lite0, lite1, lite2)")
     f.add_argument("--work", type=Path, default=Path("/tmp/mitoscope-bench"))
     f.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "finetune.json")
     m = sub.add_parser("cells", help="the cell model (the default of train): scenes, test set, counts")
