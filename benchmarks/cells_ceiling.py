@@ -22,49 +22,23 @@ of the median mitotic cell. The recipes were fixed before any number was seen.
 from __future__ import annotations
 
 import argparse
-import csv
 import time
 from pathlib import Path
 
 import numpy as np
 
-from common import REPO, machine, require_shared, save_results, scene_pair
+from common import REPO, found_cells, machine, mitotic_flags, require_shared, save_results, scene_pair
 
 RECIPES = {"product-features": 1.0, "all-features": 0.1}
 
 
-def mitotic_flags(folder: Path, names: list[str], offsets: np.ndarray, centres: list[np.ndarray]) -> np.ndarray:
-    boxes: dict[str, list[tuple[float, float, float, float]]] = {}
-    with open(folder / "boxes.csv", newline="") as handle:
-        for row in csv.DictReader(handle):
-            x, y, w, h = (float(row[k]) for k in ("x", "y", "w", "h"))
-            boxes.setdefault(row["Image"], []).append((x, y, x + w, y + h))
-    flags = np.zeros(offsets[-1], dtype=bool)
-    for index, name in enumerate(names):
-        for row, (cx, cy) in enumerate(centres[index]):
-            flags[offsets[index] + row] = any(x0 <= cx <= x1 and y0 <= cy <= y1 for x0, y0, x1, y1 in boxes.get(name, []))
-    return flags
-
-
 def cells_of(folder: Path, network, mean, std, input_size: int = 96):
     from mitoscope.cells.bootstrap import intensity_features
-    from mitoscope.cells.proposals import cut_crops, find_cells
     from mitoscope.cells.training import crop_features
-    from mitoscope.io import ReadOptions, load_labelled_images, read_image
 
-    data = load_labelled_images(folder, folder / "labels.csv")
-    crops, centres, offsets = [], [], [0]
-    for path in data.paths:
-        image = read_image(path, ReadOptions())
-        proposals = find_cells(image)
-        crops.append(cut_crops(image, proposals, input_size))
-        centres.append(proposals.centres)
-        offsets.append(offsets[-1] + len(proposals))
-    crops_arr = np.concatenate(crops)
-    offsets_arr = np.asarray(offsets)
-    features = crop_features(network, crops_arr, mean, std)
-    flags = mitotic_flags(folder, [p.name for p in data.paths], offsets_arr, centres)
-    return features, intensity_features(crops_arr), flags, offsets_arr, np.asarray(data.y)
+    crops, centres, offsets, names, y = found_cells(folder, input_size)
+    flags = mitotic_flags(folder, names, offsets, centres)
+    return crop_features(network, crops, mean, std), intensity_features(crops), flags, offsets, y
 
 
 def design(recipe: str, train_cnn: np.ndarray, train_stats: np.ndarray):

@@ -25,45 +25,21 @@ fixed before any number was seen.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import time
 from pathlib import Path
 
 import numpy as np
 
-from common import machine, require_shared, save_results, inner_pair
+from common import found_cells, inner_pair, machine, mitotic_flags, require_shared, save_results
 
 
 def load(folder: Path):
-    from mitoscope.cells.proposals import cut_crops, find_cells
+    """The product's cells of a folder's scenes as bags, and whether each is mitotic (boxes.csv)."""
     from mitoscope.cells.training import Bags
-    from mitoscope.io import ReadOptions, read_image
 
-    labels = {r["Image"]: int(r["Label"] == "Mitosis") for r in csv.DictReader(open(folder / "labels.csv"))}
-    boxes: dict[str, list] = {}
-    for r in csv.DictReader(open(folder / "boxes.csv")):
-        boxes.setdefault(r["Image"], []).append([float(r[k]) for k in "xywh"])
-    names = sorted(labels)
-    crops, centres, offsets = [], [], [0]
-    for name in names:
-        image = read_image(folder / "images" / name, ReadOptions())
-        found = find_cells(image)
-        crops.append(cut_crops(image, found, 96))
-        centres.append(found.centres)
-        offsets.append(offsets[-1] + len(found))
-    bags = Bags(np.concatenate(crops), np.asarray(offsets), np.array([labels[n] for n in names]))
-    return bags, np.concatenate(centres), [boxes.get(n, []) for n in names]
-
-
-def in_boxes(centres: np.ndarray, boxes_of: list, offsets: np.ndarray) -> np.ndarray:
-    """Whether each found cell's centre lies in one of its scene's mitotic boxes."""
-    hit = np.zeros(len(centres), bool)
-    for k, boxes in enumerate(boxes_of):
-        c = centres[offsets[k]:offsets[k + 1]]
-        for x, y, w, h in boxes:
-            hit[offsets[k]:offsets[k + 1]] |= (c[:, 0] >= x) & (c[:, 0] < x + w) & (c[:, 1] >= y) & (c[:, 1] < y + h)
-    return hit
+    crops, centres, offsets, names, y = found_cells(folder)
+    return Bags(crops, offsets, y), mitotic_flags(folder, names, offsets, centres)
 
 
 def scores(logits: np.ndarray, bags, hit: np.ndarray) -> dict:
@@ -97,10 +73,8 @@ def main() -> None:
 
     started = time.time()
     fit_dir, val_dir = inner_pair(args.work, args.set)
-    fit_bags, fit_centres, fit_boxes = load(fit_dir)
-    val_bags, val_centres, val_boxes = load(val_dir)
-    fit_hit = in_boxes(fit_centres, fit_boxes, fit_bags.offsets)
-    val_hit = in_boxes(val_centres, val_boxes, val_bags.offsets)
+    fit_bags, fit_hit = load(fit_dir)
+    val_bags, val_hit = load(val_dir)
 
     config = CellTrainConfig(scorer="finetuned")
     torch.manual_seed(0)
@@ -112,6 +86,7 @@ def main() -> None:
     start = {k: v.detach().clone() for k, v in network.state_dict().items()}
     o, labels = fit_bags.offsets, fit_bags.labels
     every = np.arange(len(labels))
+    mitosis = [k for k in every if labels[k] == 1 and o[k + 1] > o[k]]
     results: dict = {"set": args.set, "config": config.to_dict(), "fit_scenes": str(fit_dir), "val_scenes": str(val_dir),
                      "found_cells": {"fit": len(fit_bags.crops), "val": len(val_bags.crops)},
                      "cells_in_boxes": {"fit": int(fit_hit.sum()), "val": int(val_hit.sum())}}
@@ -124,14 +99,12 @@ def main() -> None:
         fit_cell_classifier(network, trained, fit_bags.crops, positives, fold_negatives, config, fold + 1, mean, std)
         index, _ = _subset(o, held)
         oof[index] = cell_logits(network, fit_bags.crops, index, config.views, mean, std)
-    student_positives = np.array([o[k] + int(np.argmax(oof[o[k]:o[k + 1]])) for k in every
-                                  if labels[k] == 1 and o[k + 1] > o[k]])
+    student_positives = np.array([o[k] + int(np.argmax(oof[o[k]:o[k + 1]])) for k in mitosis])
     results["out_of_fold_on_fit_scenes"] = scores(oof, fit_bags, fit_hit)
 
     # How often the picks on the fitting scenes are mitotic: top-1 and top-2 of each way, and the
     # images where the two ways agree (a diagnostic; the fitting scenes' boxes train nothing).
     teacher = LinearInstanceHead(seed=0).fit(features, stats, o, labels).decision_function(features, stats)
-    mitosis = [k for k in every if labels[k] == 1 and o[k + 1] > o[k]]
 
     def ranks(x: np.ndarray, k: int) -> np.ndarray:
         part = x[o[k]:o[k + 1]]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import subprocess
 import sys
@@ -166,3 +167,39 @@ def training_bags(work: Path, set_name: str) -> tuple[Any, Any]:
     train_dir, _ = scene_pair(work, set_name)
     data = load_labelled_images(train_dir, train_dir / "labels.csv")
     return collect_bags(data.paths, data.y, ReadOptions(), 96), np.asarray(data.y)
+
+
+def found_cells(folder: Path, input_size: int = 96) -> tuple[Any, list[Any], Any, list[str], Any]:
+    """The cells of every scene of ``folder`` as the product finds and cuts them: (crops, centres
+    per scene, offsets, image names, image labels), scenes in ``labels.csv``'s order."""
+    import numpy as np
+
+    from mitoscope.cells.proposals import cut_crops, find_cells
+    from mitoscope.io import ReadOptions, load_labelled_images, read_image
+
+    data = load_labelled_images(folder, folder / "labels.csv")
+    crops, centres, offsets = [], [], [0]
+    for path in data.paths:
+        image = read_image(path, ReadOptions())
+        proposals = find_cells(image)
+        crops.append(cut_crops(image, proposals, input_size))
+        centres.append(proposals.centres)
+        offsets.append(offsets[-1] + len(proposals))
+    return (np.concatenate(crops), centres, np.asarray(offsets), [p.name for p in data.paths], np.asarray(data.y))
+
+
+def mitotic_flags(folder: Path, names: list[str], offsets: Any, centres: list[Any]) -> Any:
+    """Whether each found cell is mitotic: its centre lies in one of its scene's ``boxes.csv`` boxes
+    (a benchmark's truth only; the product never reads boxes to learn)."""
+    import numpy as np
+
+    boxes: dict[str, list[tuple[float, float, float, float]]] = {}
+    with open(folder / "boxes.csv", newline="") as handle:
+        for row in csv.DictReader(handle):
+            x, y, w, h = (float(row[k]) for k in ("x", "y", "w", "h"))
+            boxes.setdefault(row["Image"], []).append((x, y, x + w, y + h))
+    flags = np.zeros(offsets[-1], dtype=bool)
+    for index, name in enumerate(names):
+        for row, (cx, cy) in enumerate(centres[index]):
+            flags[offsets[index] + row] = any(x0 <= cx <= x1 and y0 <= cy <= y1 for x0, y0, x1, y1 in boxes.get(name, []))
+    return flags
