@@ -391,3 +391,36 @@ def test_channels_last_weights_go_back_to_the_usual_layout_even_after_an_error()
     with pytest.raises(RuntimeError, match="stop"), channels_last(network):
         raise RuntimeError("stop")
     assert all(p.is_contiguous() for p in network.parameters())
+
+
+def test_pseudo_positives_are_the_teachers_best_cells_of_each_mitosis_image_as_many_as_asked():
+    from mitoscope.cells.config import CellTrainConfig
+    from mitoscope.cells.training import Bags, pseudo_labels
+    from mitoscope.errors import InputError
+
+    # 24 images of 6 cells; each Mitosis image holds two marked cells (a bright fourth statistic).
+    rng = np.random.default_rng(0)
+    labels = np.arange(24) % 2
+    offsets = np.arange(25) * 6
+    frozen = rng.normal(size=(144, 16))
+    stats = rng.normal(size=(144, 6))
+    marked = np.array([6 * i + j for i in np.flatnonzero(labels) for j in rng.choice(6, 2, replace=False)])
+    stats[marked, 3] += 12.0
+    bags = Bags(np.zeros((144, 1, 1, 3), dtype=np.uint8), offsets, labels)
+    images = np.arange(24)
+    normal_cells = np.concatenate([np.arange(6 * i, 6 * i + 6) for i in np.flatnonzero(labels == 0)])
+
+    one, negatives = pseudo_labels(frozen, stats, bags, images, seed=0)
+    two, negatives_two = pseudo_labels(frozen, stats, bags, images, seed=0, per_image=2)
+    every, _ = pseudo_labels(frozen, stats, bags, images, seed=0, per_image=50)
+    np.testing.assert_array_equal(np.sort(negatives), normal_cells)
+    np.testing.assert_array_equal(negatives_two, negatives)
+    assert len(one) == 12 and set(one) <= set(marked)
+    assert sorted(two) == sorted(marked) and set(one) <= set(two)
+    assert sorted(every) == sorted(np.concatenate([np.arange(6 * i, 6 * i + 6) for i in np.flatnonzero(labels)]))
+    # a subset of the images: only their cells
+    some, some_negatives = pseudo_labels(frozen, stats, bags, np.arange(8), seed=0, per_image=2)
+    assert set(some) <= set(range(48)) and set(some_negatives) <= set(range(48)) and len(some) == 8
+    assert CellTrainConfig(scorer="finetuned").positives_per_image == 1
+    with pytest.raises(InputError, match="positives_per_image must be at least 1, got 0"):
+        CellTrainConfig(positives_per_image=0)

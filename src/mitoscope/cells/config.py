@@ -25,6 +25,9 @@ class CellTrainConfig:
     # views (mitoscope.cells.views.VIEWS).
     views: int = 8
     epochs: int = 6
+    # The fine-tuned scorer learns this many of the teacher's best cells of each Mitosis image as
+    # mitotic (a Mitosis image may hold several mitoses; the others of its cells get no label).
+    positives_per_image: int = 1
     positives_per_step: int = 16
     negatives_per_step: int = 48
     learning_rate: float = 1e-3
@@ -54,6 +57,7 @@ class CellTrainConfig:
             object.__setattr__(self, "cv_folds", 3 if self.scorer == "finetuned" else 5)
         checks = [("input_size", self.input_size >= 32, "at least 32"), ("views", 1 <= self.views <= 8, "1 to 8"),
                   ("feature_views", 1 <= self.feature_views <= 8, "1 to 8"), ("epochs", self.epochs >= 1, "at least 1"),
+                  ("positives_per_image", self.positives_per_image >= 1, "at least 1"),
                   ("positives_per_step", self.positives_per_step >= 1, "at least 1"),
                   ("negatives_per_step", self.negatives_per_step >= 1, "at least 1"),
                   ("learning_rate", self.learning_rate > 0, "positive"),

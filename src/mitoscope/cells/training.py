@@ -164,10 +164,11 @@ def cell_logits(network: CellNetwork, crops: np.ndarray, index: np.ndarray, view
 
 
 def pseudo_labels(frozen: np.ndarray, stats: np.ndarray, bags: Bags, images: np.ndarray,
-                  seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """(positives, negatives): global crop indices. The best cell of each Mitosis image under the
-    linear multiple-instance model on frozen features and intensity statistics (:mod:`.bootstrap`),
-    and every cell of each Normal image; the other cells of Mitosis images get no label."""
+                  seed: int, per_image: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """(positives, negatives): global crop indices. The ``per_image`` best cells of each Mitosis
+    image (all of them when it has fewer) under the linear multiple-instance model on frozen
+    features and intensity statistics (:mod:`.bootstrap`), and every cell of each Normal image;
+    the other cells of Mitosis images get no label."""
     from .bootstrap import LinearInstanceHead
 
     labels = np.asarray(bags.labels)
@@ -180,7 +181,7 @@ def pseudo_labels(frozen: np.ndarray, stats: np.ndarray, bags: Bags, images: np.
         if hi == lo:
             continue
         if labels[image] == 1:
-            positives.append(index[lo + int(np.argmax(scores[lo:hi]))])
+            positives.extend(index[lo + np.argsort(-scores[lo:hi], kind="stable")[:per_image]].tolist())
         else:
             negatives.extend(index[lo:hi].tolist())
     return np.asarray(positives, dtype=np.int64), np.asarray(negatives, dtype=np.int64)
@@ -261,7 +262,7 @@ def train_instances(network: CellNetwork, bags: Bags, config: CellTrainConfig, m
     def fit(images: np.ndarray, fold: int | None) -> tuple[list[dict[str, float]], Callable[[np.ndarray], np.ndarray]]:
         seed = config.seed * 100 + (0 if fold is None else fold + 1)
         network.load_state_dict(start)
-        positives, negatives = pseudo_labels(features, stats, bags, images, seed)
+        positives, negatives = pseudo_labels(features, stats, bags, images, seed, config.positives_per_image)
         history = fit_cell_classifier(network, trained, bags.crops, positives, negatives, config, seed, mean, std,
                                       progress)
 
