@@ -224,10 +224,14 @@ def cells_once(args: argparse.Namespace, set_name: str, seed: int) -> dict:
     from mitoscope.localization import localization_report
     from mitoscope.models import load_model
 
-    config = CellTrainConfig(seed=seed, **({"scorer": args.scorer} if args.scorer else {}))
-    record: dict = {"set": set_name, "model": "cells", "scorer": config.scorer, "seed": seed}
+    from mitoscope.cli import parse_head_params
+
+    params = parse_head_params(args.head_param)
+    config = CellTrainConfig(seed=seed, **({"scorer": args.scorer} if args.scorer else {}), **params)
+    record: dict = {"set": set_name, "model": "cells", "scorer": config.scorer, "seed": seed, "settings": params}
     train_dir, test_dir = scene_pair(args.work, set_name)
-    model_dir = args.work / "models" / f"{set_name}-cells-{config.scorer}-seed{seed}"
+    tag = "".join(f"-{k}{v}" for k, v in sorted(params.items()))
+    model_dir = args.work / "models" / f"{set_name}-cells-{config.scorer}{tag}-seed{seed}"
     with timed(record, "train_s"):
         result = train_cells(train_dir, train_dir / "labels.csv", model_dir, config, overwrite=True)
     record["train_seconds"] = result.seconds
@@ -244,7 +248,8 @@ def cells_once(args: argparse.Namespace, set_name: str, seed: int) -> dict:
     record["localization"] = {k: where.get(k) for k in ("pointing_game", "pointing_game_centre", "window_auc",
                                                          "mean_image_window_auc")}
     record["count"] = count_errors(pred, test_dir / "boxes.csv")
-    scorer = f" --head-param scorer={config.scorer}" if args.scorer else ""
+    scorer = (f" --head-param scorer={config.scorer}" if args.scorer else "") + "".join(
+        f" --head-param {pair}" for pair in args.head_param)
     record["commands"] = [f"mitoscope train {train_dir} --labels {train_dir}/labels.csv --out {model_dir} --seed {seed}"
                           + scorer,
                           f"mitoscope evaluate {model_dir} {test_dir} --labels {test_dir}/labels.csv --out REPORT"]
@@ -287,6 +292,8 @@ def main() -> None:
     m.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "cells.json")
     m.add_argument("--scorer", choices=["linear", "finetuned"], default=None,
                    help="the cell scorer (default: the product's default)")
+    m.add_argument("--head-param", action="append", default=[], metavar="KEY=VALUE",
+                   help="another setting of the cell model, as `mitoscope train --head-param` takes it")
     args = parser.parse_args()
     require_shared()
     args.work.mkdir(parents=True, exist_ok=True)

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cells_pseudo_positives import load, scores
+from cells_pseudo_positives import load, scores, untrained
 from common import inner_pair, machine, require_shared, save_results
 
 
@@ -37,12 +37,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     require_shared()
-    import torch
-
-    from mitoscope.cells.bootstrap import intensity_features
     from mitoscope.cells.config import CellTrainConfig
-    from mitoscope.cells.network import build_cell_network, trained_parameters
-    from mitoscope.cells.training import cell_logits, fit_cell_classifier, frozen_features, pseudo_labels
+    from mitoscope.cells.training import cell_logits, fit_cell_classifier, pseudo_labels
 
     out = args.out or Path(__file__).parent / "results" / f"cells_positives_per_image_{args.set}.json"
     fit_dir, val_dir = inner_pair(args.work, args.set)
@@ -52,13 +48,9 @@ def main() -> None:
     every = np.arange(len(fit_bags.labels))
     runs = []
     for seed in args.seeds:
-        torch.manual_seed(seed)
-        network, backbone = build_cell_network(config.backbone, dropout=config.dropout)
-        mean, std = backbone.data_config["mean"], backbone.data_config["std"]
-        features, _ = frozen_features(network, fit_bags, config, mean, std)
-        stats = intensity_features(fit_bags.crops)
-        trained = trained_parameters(network, config.trained_stages)
-        start = {k: v.detach().clone() for k, v in network.state_dict().items()}
+        base = untrained(config, fit_bags, seed)
+        network, mean, std, features, stats, trained, start = (
+            base[k] for k in ("network", "mean", "std", "features", "stats", "trained", "start"))
         for per_image in args.per_image:
             started = time.time()
             network.load_state_dict(start)

@@ -42,6 +42,25 @@ def load(folder: Path):
     return Bags(crops, offsets, y), mitotic_flags(folder, names, offsets, centres)
 
 
+def untrained(config, bags, seed: int = 0) -> dict:
+    """The untrained cell network of ``config`` (head drawn under ``seed``), its normalisation,
+    the teacher's inputs on ``bags`` (frozen features, intensity statistics), its trained
+    parameters and its starting weights: what every way here starts from."""
+    import torch
+
+    from mitoscope.cells.bootstrap import intensity_features
+    from mitoscope.cells.network import build_cell_network, trained_parameters
+    from mitoscope.cells.training import frozen_features
+
+    torch.manual_seed(seed)
+    network, backbone = build_cell_network(config.backbone, dropout=config.dropout)
+    mean, std = backbone.data_config["mean"], backbone.data_config["std"]
+    features, _ = frozen_features(network, bags, config, mean, std)
+    return {"network": network, "mean": mean, "std": std, "features": features,
+            "stats": intensity_features(bags.crops), "trained": trained_parameters(network, config.trained_stages),
+            "start": {k: v.detach().clone() for k, v in network.state_dict().items()}}
+
+
 def scores(logits: np.ndarray, bags, hit: np.ndarray) -> dict:
     from sklearn.metrics import roc_auc_score
 
@@ -63,13 +82,11 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "cells_pseudo_positives.json")
     args = parser.parse_args()
     require_shared()
-    import torch
     from sklearn.model_selection import StratifiedKFold
 
-    from mitoscope.cells.bootstrap import LinearInstanceHead, intensity_features
+    from mitoscope.cells.bootstrap import LinearInstanceHead
     from mitoscope.cells.config import CellTrainConfig
-    from mitoscope.cells.network import build_cell_network, trained_parameters
-    from mitoscope.cells.training import _subset, cell_logits, fit_cell_classifier, frozen_features, pseudo_labels
+    from mitoscope.cells.training import _subset, cell_logits, fit_cell_classifier, pseudo_labels
 
     started = time.time()
     fit_dir, val_dir = inner_pair(args.work, args.set)
@@ -77,13 +94,9 @@ def main() -> None:
     val_bags, val_hit = load(val_dir)
 
     config = CellTrainConfig(scorer="finetuned")
-    torch.manual_seed(0)
-    network, backbone = build_cell_network(config.backbone, dropout=config.dropout)
-    mean, std = backbone.data_config["mean"], backbone.data_config["std"]
-    features, _ = frozen_features(network, fit_bags, config, mean, std)
-    stats = intensity_features(fit_bags.crops)
-    trained = trained_parameters(network, config.trained_stages)
-    start = {k: v.detach().clone() for k, v in network.state_dict().items()}
+    base = untrained(config, fit_bags)
+    network, mean, std, features, stats, trained, start = (
+        base[k] for k in ("network", "mean", "std", "features", "stats", "trained", "start"))
     o, labels = fit_bags.offsets, fit_bags.labels
     every = np.arange(len(labels))
     mitosis = [k for k in every if labels[k] == 1 and o[k + 1] > o[k]]
