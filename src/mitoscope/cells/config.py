@@ -28,6 +28,10 @@ class CellTrainConfig:
     # The fine-tuned scorer learns this many of the teacher's best cells of each Mitosis image as
     # mitotic (a Mitosis image may hold several mitoses; the others of its cells get no label).
     positives_per_image: int = 1
+    # The fine-tuned scorer: this share of each batch's negatives comes from the hardest tenth of
+    # the known negatives, as the network being trained scores them at the start of each epoch
+    # after the first (0: every negative drawn alike).
+    hard_negatives: float = 0.0
     positives_per_step: int = 16
     negatives_per_step: int = 48
     learning_rate: float = 1e-3
@@ -58,6 +62,8 @@ class CellTrainConfig:
         checks = [("input_size", self.input_size >= 32, "at least 32"), ("views", 1 <= self.views <= 8, "1 to 8"),
                   ("feature_views", 1 <= self.feature_views <= 8, "1 to 8"), ("epochs", self.epochs >= 1, "at least 1"),
                   ("positives_per_image", self.positives_per_image >= 1, "at least 1"),
+                  ("hard_negatives", isinstance(self.hard_negatives, (int, float))
+                   and not isinstance(self.hard_negatives, bool) and 0 <= self.hard_negatives <= 1, "in [0, 1]"),
                   ("positives_per_step", self.positives_per_step >= 1, "at least 1"),
                   ("negatives_per_step", self.negatives_per_step >= 1, "at least 1"),
                   ("learning_rate", self.learning_rate > 0, "positive"),

@@ -195,7 +195,9 @@ def fit_cell_classifier(network: CellNetwork, trained: list[torch.nn.Parameter],
     ``config.negatives_per_step`` known negatives and ``config.positives_per_step`` pseudo-positives
     (drawn with replacement: they are few), each batch augmented afresh (:func:`augment_batch`:
     flips, quarter turns, zoom, brightness, contrast; stain jitter with ``config.stain_jitter``);
-    warm-up over the first epoch, then cosine; frozen BatchNorm; gradients clipped to norm 1."""
+    warm-up over the first epoch, then cosine; frozen BatchNorm; gradients clipped to norm 1. With
+    ``config.hard_negatives`` that share of each batch's negatives is drawn from the hardest tenth
+    of them under the network itself, rescored (one view) at the start of every epoch after the first."""
     if not len(positives) or not len(negatives):
         raise InputError(f"self-training needs pseudo-positive and negative cells, got {len(positives)} and "
                          f"{len(negatives)} (images without any found cell?)")
@@ -213,17 +215,24 @@ def fit_cell_classifier(network: CellNetwork, trained: list[torch.nn.Parameter],
     target = torch.cat([torch.ones(config.positives_per_step), torch.zeros(config.negatives_per_step)])
     m = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
     s = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
-    history, step = [], 0
+    n_hard = int(round(config.hard_negatives * config.negatives_per_step))
+    history, step, hardest = [], 0, None
     with channels_last(network):
         for epoch in range(1, config.epochs + 1):
+            if n_hard and epoch > 1:
+                logits = _logits(network, crops, negatives, mean, std)
+                hardest = negatives[np.argsort(-logits, kind="stable")[:max(1, len(negatives) // 10)]]
             network.train()
             set_batchnorm_eval(network)
             order = rng.permutation(negatives)
             losses = []
+            uniform = config.negatives_per_step - (n_hard if hardest is not None else 0)
             for k in range(steps_per_epoch):
-                negative = order[k * config.negatives_per_step:(k + 1) * config.negatives_per_step]
-                if len(negative) < config.negatives_per_step:  # fewer negatives than one batch: drawn again
-                    negative = rng.choice(negatives, config.negatives_per_step)
+                negative = order[k * uniform:(k + 1) * uniform]
+                if len(negative) < uniform:  # fewer negatives than one batch: drawn again
+                    negative = rng.choice(negatives, uniform)
+                if uniform < config.negatives_per_step:
+                    negative = np.concatenate([negative, rng.choice(hardest, config.negatives_per_step - uniform)])
                 chosen = np.concatenate([rng.choice(positives, config.positives_per_step), negative])
                 x = torch.from_numpy(np.ascontiguousarray(_take(crops, chosen))).permute(0, 3, 1, 2).float().div_(255.0)
                 x = (augment_batch(x, augment, generator) - m) / s
@@ -242,6 +251,19 @@ def fit_cell_classifier(network: CellNetwork, trained: list[torch.nn.Parameter],
             history.append({"epoch": epoch, "train_loss": float(np.mean(losses))})
     network.eval()
     return history
+
+
+def _logits(network: CellNetwork, crops: np.ndarray, index: np.ndarray, mean: Sequence[float],
+            std: Sequence[float], batch: int = 256) -> np.ndarray:
+    """One view's logit of each crop in ``index``, inside a :func:`channels_last` block (which
+    :func:`cell_logits` opens and closes itself)."""
+    network.eval()
+    out = np.empty(len(index), dtype=np.float64)
+    with torch.no_grad():
+        for start in range(0, len(index), batch):
+            chunk = index[start:start + batch]
+            out[start:start + len(chunk)] = network(as_channels_last(normalise(_take(crops, chunk), mean, std))).numpy()
+    return out
 
 
 def train_instances(network: CellNetwork, bags: Bags, config: CellTrainConfig, mean: Sequence[float],
