@@ -20,9 +20,9 @@ Rules, each written in the README before its runs:
   more than one validation scene's share (1/30). Measured (`cells_hard_negatives_*.json`): crowded
   0.909 against 0.891 at the same pointing game, large cells 0.842 against 0.865: not adopted;
 - `hard_negatives=0.25` (written after the 0.5 runs were seen: on the large cells the hardest
-  tenth is a few dozen cells, each drawn far more often than the rest). Measured on the large
-  cells first: 0.845 against 0.865, not adopted; its crowded runs were stopped): the same rule against
-  the same runs of the product's setting.
+  tenth is a few dozen cells, each drawn far more often than the rest): the same rule against
+  the same runs of the product's setting. Measured on the large cells first: 0.845 against
+  0.865, not adopted; its crowded runs were stopped.
 """
 
 from __future__ import annotations
