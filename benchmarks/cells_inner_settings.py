@@ -57,9 +57,8 @@ def main() -> None:
     every = np.arange(len(fit_bags.labels))
     runs = []
     for seed in args.seeds:
-        base = untrained(CellTrainConfig(scorer="finetuned"), fit_bags, seed)
-        network, mean, std, features, stats, trained, start = (
-            base[k] for k in ("network", "mean", "std", "features", "stats", "trained", "start"))
+        network, mean, std, features, stats, trained, start = untrained(CellTrainConfig(scorer="finetuned"),
+                                                                        fit_bags, seed)
         for setting in settings:
             config = CellTrainConfig(scorer="finetuned", **setting)
             started = time.time()

@@ -42,10 +42,11 @@ def load(folder: Path):
     return Bags(crops, offsets, y), mitotic_flags(folder, names, offsets, centres)
 
 
-def untrained(config, bags, seed: int = 0) -> dict:
-    """The untrained cell network of ``config`` (head drawn under ``seed``), its normalisation,
-    the teacher's inputs on ``bags`` (frozen features, intensity statistics), its trained
-    parameters and its starting weights: what every way here starts from."""
+def untrained(config, bags, seed: int = 0) -> tuple:
+    """(network, mean, std, features, stats, trained, start): the untrained cell network of
+    ``config`` (head drawn under ``seed``), its normalisation, the teacher's inputs on ``bags``
+    (frozen features, intensity statistics), its trained parameters and its starting weights:
+    what every way here starts from."""
     import torch
 
     from mitoscope.cells.bootstrap import intensity_features
@@ -56,9 +57,9 @@ def untrained(config, bags, seed: int = 0) -> dict:
     network, backbone = build_cell_network(config.backbone, dropout=config.dropout)
     mean, std = backbone.data_config["mean"], backbone.data_config["std"]
     features, _ = frozen_features(network, bags, config, mean, std)
-    return {"network": network, "mean": mean, "std": std, "features": features,
-            "stats": intensity_features(bags.crops), "trained": trained_parameters(network, config.trained_stages),
-            "start": {k: v.detach().clone() for k, v in network.state_dict().items()}}
+    return (network, mean, std, features, intensity_features(bags.crops),
+            trained_parameters(network, config.trained_stages),
+            {k: v.detach().clone() for k, v in network.state_dict().items()})
 
 
 def scores(logits: np.ndarray, bags, hit: np.ndarray) -> dict:
@@ -94,9 +95,7 @@ def main() -> None:
     val_bags, val_hit = load(val_dir)
 
     config = CellTrainConfig(scorer="finetuned")
-    base = untrained(config, fit_bags)
-    network, mean, std, features, stats, trained, start = (
-        base[k] for k in ("network", "mean", "std", "features", "stats", "trained", "start"))
+    network, mean, std, features, stats, trained, start = untrained(config, fit_bags)
     o, labels = fit_bags.offsets, fit_bags.labels
     every = np.arange(len(labels))
     mitosis = [k for k in every if labels[k] == 1 and o[k + 1] > o[k]]
@@ -138,7 +137,7 @@ def main() -> None:
     # held-out network agrees, the other Mitosis images left without a pseudo-positive.
     agreed = teacher_positives[teacher_positives == student_positives]
     # Added after the three above were seen: the teacher's best two cells of each Mitosis image.
-    top_two = np.array([o[k] + int(i) for k in mitosis for i in np.argsort(-teacher[o[k]:o[k + 1]])[:2]])
+    top_two = pseudo_labels(features, stats, fit_bags, every, 0, per_image=2)[0]
     for variant, positives in (("teacher", teacher_positives), ("student_oof", student_positives),
                                ("agree_only", agreed), ("teacher_top2", top_two)):
         network.load_state_dict(start)

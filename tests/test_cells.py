@@ -387,6 +387,9 @@ def test_channels_last_weights_go_back_to_the_usual_layout_even_after_an_error()
     with channels_last(network):
         assert all(p.is_contiguous(memory_format=torch.channels_last) for p in convs)
         assert not all(p.is_contiguous() for p in convs)
+        with channels_last(network):  # nested (scoring inside training): the outer block's layout stays
+            pass
+        assert all(p.is_contiguous(memory_format=torch.channels_last) for p in convs)
     assert all(p.is_contiguous() for p in network.parameters())
     with pytest.raises(RuntimeError, match="stop"), channels_last(network):
         raise RuntimeError("stop")
@@ -431,21 +434,18 @@ def test_hard_negatives_fill_their_share_of_each_batch_from_the_hardest_tenth_af
 
     from mitoscope.cells import training
     from mitoscope.cells.config import CellTrainConfig
-    from mitoscope.cells.network import build_cell_network, channels_last, trained_parameters
+    from mitoscope.cells.network import build_cell_network, trained_parameters
+    from mitoscope.errors import InputError
 
     torch.manual_seed(0)
     network, backbone = build_cell_network("test_efficientnet", pretrained=False)
     mean, std = backbone.data_config["mean"], backbone.data_config["std"]
     crops = np.random.default_rng(0).integers(0, 256, (120, 32, 32, 3), dtype=np.uint8)
     positives, negatives = np.arange(100, 120), np.arange(100)
-    # the hardness the network gives each negative, as _logits computes it
-    with channels_last(network):
-        one_view = training._logits(network, crops, negatives[::-1], mean, std)
-    np.testing.assert_allclose(one_view, training.cell_logits(network, crops, negatives[::-1], 1, mean, std),
-                               rtol=1e-4, atol=1e-5)
-
-    # made-up hardness: negative i scores i, so the hardest tenth is 90-99
-    monkeypatch.setattr(training, "_logits", lambda net, c, index, m, s: index.astype(np.float64))
+    # made-up hardness, one view as training asks for it: negative i scores i, so the hardest tenth is 90-99
+    asked = []
+    monkeypatch.setattr(training, "cell_logits",
+                        lambda net, c, index, views, m, s: asked.append(views) or index.astype(np.float64))
     batches = []
     take = training._take
     monkeypatch.setattr(training, "_take", lambda c, index: batches.append(np.array(index)) or take(c, index))
@@ -453,11 +453,11 @@ def test_hard_negatives_fill_their_share_of_each_batch_from_the_hardest_tenth_af
                              hard_negatives=0.5)
     training.fit_cell_classifier(network, trained_parameters(network, 0), crops, positives, negatives, config, 0,
                                  mean, std)
-    assert len(batches) == 2 * (100 // 8)
-    first, second = [np.concatenate([b[2:] for b in batches[k * 12:(k + 1) * 12]]) for k in (0, 1)]
+    assert len(batches) == 2 * (100 // 8) and asked == [1]  # rescored once, before epoch 2
+    first = np.concatenate([b[2:] for b in batches[:12]])
     assert len(set(first)) == len(first) == 96  # epoch 1: every negative drawn alike, once
     hard = np.array([b[6:] for b in batches[12:]])
     assert hard.size == 48 and hard.min() >= 90  # epoch 2: 4 of 8 from the hardest tenth
     assert len(set(np.array([b[2:6] for b in batches[12:]]).ravel())) == 48  # the rest without repeats
-    with pytest.raises(Exception, match="hard_negatives must be in"):
+    with pytest.raises(InputError, match="hard_negatives must be in"):
         CellTrainConfig(hard_negatives=1.5)

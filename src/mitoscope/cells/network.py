@@ -77,12 +77,18 @@ def set_batchnorm_eval(module: nn.Module) -> None:
 def channels_last(network: nn.Module) -> Iterator[None]:
     """Run ``network`` with channels-last weights (feed it channels-last inputs: :func:`as_channels_last`);
     the CPU's convolution kernels train and score a 96 px crop faster that way (README). The weights
-    go back to the usual layout on exit, which saving and exporting expect."""
-    network.to(memory_format=torch.channels_last)
+    go back to the usual layout on exit, which saving and exporting expect. Blocks nest: only the
+    outermost converts the weights, so scoring inside a training block keeps them channels-last."""
+    depth = getattr(network, "_channels_last_depth", 0)
+    if not depth:
+        network.to(memory_format=torch.channels_last)
+    network._channels_last_depth = depth + 1
     try:
         yield
     finally:
-        network.to(memory_format=torch.contiguous_format)
+        network._channels_last_depth = depth
+        if not depth:
+            network.to(memory_format=torch.contiguous_format)
 
 
 def as_channels_last(x: torch.Tensor) -> torch.Tensor:

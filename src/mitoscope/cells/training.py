@@ -220,7 +220,7 @@ def fit_cell_classifier(network: CellNetwork, trained: list[torch.nn.Parameter],
     with channels_last(network):
         for epoch in range(1, config.epochs + 1):
             if n_hard and epoch > 1:
-                logits = _logits(network, crops, negatives, mean, std)
+                logits = cell_logits(network, crops, negatives, 1, mean, std)
                 hardest = negatives[np.argsort(-logits, kind="stable")[:max(1, len(negatives) // 10)]]
             network.train()
             set_batchnorm_eval(network)
@@ -251,19 +251,6 @@ def fit_cell_classifier(network: CellNetwork, trained: list[torch.nn.Parameter],
             history.append({"epoch": epoch, "train_loss": float(np.mean(losses))})
     network.eval()
     return history
-
-
-def _logits(network: CellNetwork, crops: np.ndarray, index: np.ndarray, mean: Sequence[float],
-            std: Sequence[float], batch: int = 256) -> np.ndarray:
-    """One view's logit of each crop in ``index``, inside a :func:`channels_last` block (which
-    :func:`cell_logits` opens and closes itself)."""
-    network.eval()
-    out = np.empty(len(index), dtype=np.float64)
-    with torch.no_grad():
-        for start in range(0, len(index), batch):
-            chunk = index[start:start + batch]
-            out[start:start + len(chunk)] = network(as_channels_last(normalise(_take(crops, chunk), mean, std))).numpy()
-    return out
 
 
 def train_instances(network: CellNetwork, bags: Bags, config: CellTrainConfig, mean: Sequence[float],
