@@ -13,6 +13,7 @@ with the numbers.
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 from pathlib import Path
 
@@ -127,6 +128,21 @@ def summary(runs: list[dict]) -> dict:
                   "n": len(v)} for key, v in flat.items()}
 
 
+def learned(run: dict) -> dict:
+    """Whether one seed's fine-tuned scene model learnt, by a rule fixed before the guard's test runs:
+    its test AUC is above chance (the Hanley-McNeil 95% interval's lower end above 0.5) and its
+    attention finds the mitoses (pointing game >= 0.5: the top position lies on a mitotic cell in at
+    least half of the Mitosis test scenes)."""
+    from mitoscope.evaluation import auc_interval
+
+    test, where = run.get("test") or {}, run.get("localization") or {}
+    if test.get("auc") is None or where.get("pointing_game") is None:
+        return {}
+    low, _ = auc_interval(float(test["auc"]), run["n_test_positive"], run["n_test_negative"])
+    return {"auc_low": round(low, 4), "above_chance": low > 0.5, "finds_mitoses": where["pointing_game"] >= 0.5,
+            "learned": bool(low > 0.5 and where["pointing_game"] >= 0.5)}
+
+
 def finetuned(args: argparse.Namespace) -> dict:
     """The fine-tuned model (`mitoscope finetune`) on scenes (test set) and on H&E crops (grouped CV),
     once per seed in ``args.seeds``; the record holds every run and their mean ± sd."""
@@ -136,7 +152,9 @@ def finetuned(args: argparse.Namespace) -> dict:
         for seed in args.seeds:  # saved after every run: one seed can take the better part of an hour on a CPU
             runs.append(finetuned_once(args, set_name, seed))
             results[f"{set_name}/finetuned"] = {"set": set_name, "model": "finetuned", "seeds": list(args.seeds),
-                                                "summary": summary(runs), "runs": runs}
+                                                "summary": summary(runs), "runs": runs,
+                                                "learned": sum(bool((r.get("learned") or {}).get("learned"))
+                                                               for r in runs)}
             save_results(args.out, {"machine": machine(), "results": results})
         print(json.dumps(results[f"{set_name}/finetuned"]["summary"]), flush=True)
     return results
@@ -179,6 +197,12 @@ def finetuned_once(args: argparse.Namespace, set_name: str, seed: int) -> dict:
                              labels_csv=test_dir / "labels.csv")
         record["localization"] = {k: where.get(k) for k in ("pointing_game", "pointing_game_centre", "window_auc",
                                                              "mean_image_window_auc")}
+        test_y = [row["Label"] == "Mitosis" for row in csv.DictReader(open(test_dir / "labels.csv", newline=""))]
+        record["n_test_positive"], record["n_test_negative"] = sum(test_y), len(test_y) - sum(test_y)
+        record["learned"] = learned(record)
+        history = model_dir / "history.csv"
+        record["guard"] = ([row["guard"] for row in csv.DictReader(open(history, newline="")) if row.get("guard")]
+                           if history.is_file() else None)
         settings = {**SCENE_RECIPE, "seed": seed, "backbone": args.backbone, **extra, "no_stain_jitter": True}
         record["commands"] = [
             _command(train_dir, train_dir / "labels.csv", model_dir, settings),

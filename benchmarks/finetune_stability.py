@@ -59,12 +59,13 @@ class Diagnostics(Callback):
     def on_train_epoch_end(self, trainer, module) -> None:
         for hook in self.hooks:
             hook.remove()
-        logits = torch.cat([o[0] for o in module._outputs["train"]])
         row = {"phase": module.tag.get("phase"), "epoch": trainer.current_epoch + 1,
                "lr": [g["lr"] for g in trainer.optimizers[0].param_groups],
                "grad_norm": {k: {"median": round(float(np.median(v)), 3), "max": round(float(np.max(v)), 3)}
                              for k, v in self.norms.items()},
-               "train_logit_sd": round(float(logits.std()), 4),
+               # the epoch's history row is written at its validation end, before this hook
+               "train_logit_sd": round(float(module.history[-1].get("train_logit_sd", float("nan"))), 4),
+               "train_auc": round(float(module.history[-1].get("train_auc", float("nan"))), 4),
                "dead_fraction": round(float(np.mean(self.dead)), 4),
                "saturated_fraction": round(float(np.mean(self.saturated)), 4),
                "attention_peak": round(float(np.mean(self.peak)), 4) if self.peak else None}
@@ -82,13 +83,17 @@ def main() -> None:
     parser.add_argument("--stop-after", type=int, default=10)
     parser.add_argument("--work", type=Path, default=Path("/tmp/mitoscope-bench"))
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="override a setting of the scene recipe (e.g. lr_full=1e-4)")
     args = parser.parse_args()
     require_shared()
     train_dir, _ = scene_pair(args.work, "large-cells-1024")  # the training part only
-    config = FineTuneConfig(**{**SCENE_RECIPE, "seed": args.seed}, batchnorm=args.batchnorm,
+    overrides = {key: json.loads(value) for key, value in (item.split("=", 1) for item in args.set)}
+    config = FineTuneConfig(**{**SCENE_RECIPE, "seed": args.seed, **overrides}, batchnorm=args.batchnorm,
                             gradient_clip=args.gradient_clip, augment=AugmentConfig(stain_jitter=False))
     diagnostics = Diagnostics(args.stop_after)
-    name = f"stability-bn{args.batchnorm}-clip{args.gradient_clip:g}-seed{args.seed}"
+    name = f"stability-bn{args.batchnorm}-clip{args.gradient_clip:g}-seed{args.seed}" + "".join(
+        f"-{key}{value}" for key, value in overrides.items())
     start = time.perf_counter()
     finetune(train_dir, train_dir / "labels.csv", args.work / "models" / name, config, overwrite=True,
              callbacks=[diagnostics])

@@ -782,6 +782,53 @@ def test_the_collapse_check_catches_the_settings_that_collapsed(tmp_path):
     assert any(s.startswith("output spread") for s in signs) and any(s.startswith("final training") for s in signs)
 
 
+def _poisoned_run(folder, guard):
+    """The scene recipe on the decoy problem, with the death of the final feature map made to
+    happen: before the first batch of phase-2 epoch 2 the last BatchNorm's shift is set to -1000, so
+    that every unit after its ReLU6 is 0 (what the peak learning rate did to the large-cell
+    scenes' seed 2 more slowly, README "Why phase 2 collapsed"). Returns the result, the shift
+    at the end, and the spread of the predictions."""
+    from lightning.pytorch.callbacks import Callback
+
+    class Poison(Callback):
+        def on_train_batch_start(self, trainer, module, batch, batch_idx):
+            if module.tag.get("phase") == "full" and trainer.current_epoch == 1 and batch_idx == 0:
+                module.network.backbone.bn2.bias.data.fill_(-1000.0)
+
+    data, labels, y = _decoy_problem(folder)
+    config = FineTuneConfig(backbone="tf_efficientnet_lite0", size=96, pool="attention", dropout=0.25, unfreeze=2,
+                            epochs_head=2, epochs_full=4, lr_head=1e-3, lr_full=3e-4, batch_size=4, trunk_views=2,
+                            accelerator="cpu", seed=0, patience=30, augment=AugmentConfig(stain_jitter=False),
+                            guard=guard)
+    result = finetune(data, labels, folder / "model", config, callbacks=[Poison()])
+    proba = np.asarray(result.model.predict_paths(sorted(data.glob("*.png"))).proba)
+    shift = float(result.model.network.backbone.bn2.bias.min())
+    return result, shift, float(proba.std())
+
+
+def test_the_dead_map_guard_undoes_the_epoch_that_killed_the_final_feature_map(tmp_path):
+    result, shift, spread = _poisoned_run(tmp_path, guard=True)
+    full = [row for row in result.history if row["phase"] == "full"]
+    assert [bool(row["guard"]) for row in full] == [False, True, False, False]
+    assert "back to the end of epoch 1" in full[1]["guard"] and full[1]["train_live_share"] < 0.01
+    assert full[3]["train_live_share"] > 0.1 * full[0]["train_live_share"]  # alive again after the undo
+    assert shift > -100  # the healthy weights came back
+    assert spread > 0.3  # and the model learnt the decoy problem
+    # The rest of the phase ran at a third of the backbone's rate (the history's lr is the backbone's).
+    (tmp_path / "plain").mkdir()
+    unguarded, _, _ = _poisoned_run(tmp_path / "plain", guard=False)
+    plain = [row for row in unguarded.history if row["phase"] == "full"]
+    assert full[2]["lr"] == pytest.approx(plain[2]["lr"] / 3, rel=1e-6)
+    warnings = json.loads((tmp_path / "model" / "model.json").read_text())["training"]["warnings"]
+    assert any("final feature map was dying" in w for w in warnings)
+    with open(tmp_path / "model" / "history.csv", newline="") as handle:
+        assert "back to the end of epoch 1" in [row["guard"] for row in csv.DictReader(handle)][3]
+    # Without the guard the same poison leaves the map dead and the output constant to the end of
+    # the phase (the checkpoint of epoch 1 is what saves that model).
+    assert not any(row["guard"] for row in plain)
+    assert all(row["train_live_share"] < 0.01 and row["val_logit_sd"] < 1e-3 for row in plain[1:])
+
+
 def test_a_killed_finetune_resumes_where_it_stopped_and_ends_as_an_uninterrupted_run(dataset, tmp_path):
     import os
     import signal

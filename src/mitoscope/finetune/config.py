@@ -25,6 +25,12 @@ from ..tiling import validate_tiling
 
 # --schedule onecycle: each phase warms up over its first WARMUP_FRACTION of steps, then anneals.
 WARMUP_FRACTION = 0.15
+# The dead-map guard (FineTuneModule._guard): an epoch that leaves the final feature map with less than
+# DEAD_MAP_SHARE of the live share of the phase's first epoch is undone back to the last epoch that kept
+# at least HEALTHY_MAP_SHARE of it, and the backbone's rate is multiplied by DEAD_MAP_LR_FACTOR.
+DEAD_MAP_SHARE = 0.1
+HEALTHY_MAP_SHARE = 0.5
+DEAD_MAP_LR_FACTOR = 1 / 3
 
 
 def parse_unfreeze(value: str | int) -> str | int:
@@ -63,6 +69,9 @@ class FineTuneConfig:
     # batches they drifted until the final feature map went dead and the output constant.
     batchnorm: str = "frozen"
     gradient_clip: float = 1.0  # largest gradient norm per step; 0 turns clipping off
+    # Undo an epoch in which the final feature map's units die, and go on at a lower rate
+    # (FineTuneModule._guard): with frozen BatchNorm, the peak rate could still kill them all.
+    guard: bool = True
     unfreeze: str | int = "all"
     batch_size: int = 16
     accumulate: int = 1
@@ -111,6 +120,8 @@ class FineTuneConfig:
         if isinstance(self.gradient_clip, bool) or not isinstance(self.gradient_clip, (int, float)) \
                 or not self.gradient_clip >= 0:
             raise InputError(f"--gradient-clip must be a gradient norm >= 0 (0: off), got {self.gradient_clip!r}")
+        if not isinstance(self.guard, bool):
+            raise InputError(f"guard must be True or False, got {self.guard!r}")
         check_choice("--schedule", self.schedule, SCHEDULES)
         if self.epochs_head + self.epochs_full < 1:
             raise InputError("--epochs-head and --epochs-full are both 0: nothing to train")

@@ -16,7 +16,7 @@ if TYPE_CHECKING:
 
 # One row per epoch of every stage and phase, in this order.
 HISTORY_COLUMNS = ("stage", "phase", "epoch", "lr", "train_loss", "train_accuracy", "train_auc", "train_logit_sd",
-                   "val_loss", "val_accuracy", "val_auc", "val_logit_sd")
+                   "train_live_share", "val_loss", "val_accuracy", "val_auc", "val_logit_sd", "guard")
 
 
 def history_csv(rows: Sequence[dict[str, Any]]) -> str:

@@ -7,6 +7,8 @@ phase runs, so that ``import mitoscope.finetune`` stays free of Lightning.
 
 from __future__ import annotations
 
+import copy
+import logging
 import random
 
 from typing import Any, Sequence
@@ -19,10 +21,13 @@ from lightning.pytorch.callbacks import TQDMProgressBar
 
 from ..augment import AugmentConfig, augment_batch
 from ..lightning_setup import loader_workers, on_gpu
-from .config import WARMUP_FRACTION, FineTuneConfig
+from .config import DEAD_MAP_LR_FACTOR, DEAD_MAP_SHARE, HEALTHY_MAP_SHARE, WARMUP_FRACTION, FineTuneConfig
 from .data import _ArrayDataset
 from .network import FineTuneNetwork
 from .trunk import TrunkCache, TrunkSplit, _mean_probability_logit, _TrunkDataset
+
+
+logger = logging.getLogger(__name__)
 
 
 def _binary_auc(y: np.ndarray, proba: np.ndarray) -> float:
@@ -42,7 +47,7 @@ class FineTuneModule(L.LightningModule):
     def __init__(self, network: FineTuneNetwork, rates: dict[str, float], pos_weight: float,
                  augment: AugmentConfig | None, mean: Sequence[float], std: Sequence[float],
                  weight_decay: float = 0.0, seed: int = 0, tag: dict[str, Any] | None = None,
-                 split: TrunkSplit | None = None, schedule: str = "onecycle") -> None:
+                 split: TrunkSplit | None = None, schedule: str = "onecycle", guard: bool = True) -> None:
         super().__init__()
         self.network = network
         self.split = split
@@ -60,6 +65,12 @@ class FineTuneModule(L.LightningModule):
         self._outputs: dict[str, list[tuple[torch.Tensor, ...]]] = {"train": [], "val": []}
         self._val_metrics: dict[str, float] = {}
         self._batches_seen = 0
+        # The dead-map guard (see _guard): live share of the final feature map per training batch,
+        # the phase's first epoch's share, and the state after the last healthy epoch.
+        self.guard = bool(guard)
+        self._live: list[torch.Tensor] = []
+        self._live_reference: float | None = None
+        self._healthy: dict[str, Any] | None = None
 
     def train(self, mode: bool = True) -> "FineTuneModule":
         super().train(mode)
@@ -79,6 +90,7 @@ class FineTuneModule(L.LightningModule):
         datamodule = getattr(self.trainer, "datamodule", None)
         checkpoint["mitoscope"] = {
             "history": self.history, "batches_seen": self._batches_seen, "epoch": int(self.current_epoch),
+            "live_reference": self._live_reference, "healthy": self._healthy,
             "torch_rng": torch.get_rng_state(), "numpy_rng": _numpy_state(), "python_rng": _python_state(),
             "data_rng": datamodule.generator.get_state() if datamodule is not None else None,
         }
@@ -89,6 +101,8 @@ class FineTuneModule(L.LightningModule):
             return
         self.history = list(state["history"])
         self._batches_seen = int(state["batches_seen"])
+        self._live_reference = state.get("live_reference")
+        self._healthy = state.get("healthy")
         # The random states are set when the next epoch starts: Lightning's restart in between
         # (it revisits the saved epoch, and makes a loader iterator for it) draws from them.
         self._resume_rng = state
@@ -138,14 +152,15 @@ class FineTuneModule(L.LightningModule):
         return x.contiguous(memory_format=torch.channels_last), targets
 
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
-        if self.split is None:
-            return self.network(x).float()
-        if x.ndim == 5:  # validation: every evaluation view of each image
+        if self.split is not None and x.ndim == 5:  # validation: every evaluation view of each image
             batch, views = x.shape[:2]
             flat = x.flatten(0, 1).contiguous(memory_format=torch.channels_last)
             logits = self.network.forward_from_trunk(flat, self.split).float().view(batch, views)
             return _mean_probability_logit(logits)
-        return self.network.forward_from_trunk(x, self.split).float()
+        maps = self.network.feature_map(x) if self.split is None else self.split.top(self.network.backbone, x)
+        if self.training:
+            self._live.append((maps.detach() > 0).float().mean())
+        return self.network.pool_logits(maps).float()
 
     def _step(self, batch: Any, split: str) -> torch.Tensor:
         images, targets = batch
@@ -189,8 +204,51 @@ class FineTuneModule(L.LightningModule):
         self.log_dict(metrics, prog_bar=False)
         # The learning rate at the epoch's end: of the backbone when it trains, else of the head.
         lr = float(self.trainer.optimizers[0].param_groups[0]["lr"])
-        self.history.append({**self.tag, "epoch": self.current_epoch + 1, "lr": lr, **metrics, **self._val_metrics})
+        live = torch.stack(self._live).mean() if self._live else torch.tensor(float("nan"), device=self.device)
+        self._live = []
+        if self.trainer.world_size > 1:  # every rank must take the guard's decision on the same number
+            live = self.all_gather(live).mean()
+        live = float(live)
+        row = {**self.tag, "epoch": self.current_epoch + 1, "lr": lr, **metrics, "train_live_share": live,
+               **self._val_metrics}
+        row["guard"] = self._guard(live)
+        self.history.append(row)
         self._val_metrics = {}
+
+    def _guard(self, live: float) -> str:
+        """The dead-map guard. With BatchNorm frozen, the unfrozen layers can push the final feature
+        map below 0 everywhere; after ReLU6 a dead unit gets no gradient and never recovers, and the
+        output goes constant (measured: README, "Why phase 2 collapsed"). So the share of the map
+        above 0 is watched: an epoch that leaves less than DEAD_MAP_SHARE of the phase's first
+        epoch's share is undone (weights and optimizer back to the end of the last epoch that kept
+        HEALTHY_MAP_SHARE of it) and the backbone's learning rate is cut by DEAD_MAP_LR_FACTOR for
+        the rest of the phase. Phases that train no backbone layer are not watched. It runs at
+        validation end, so the checkpoints saved then hold the restored state."""
+        if not self.guard or "backbone" not in self.rates or not np.isfinite(live):
+            return ""
+        if self._live_reference is None:
+            self._live_reference = live
+        if live >= HEALTHY_MAP_SHARE * self._live_reference:
+            self._healthy = {"network": copy.deepcopy(self.network.state_dict()),
+                             "optimizer": copy.deepcopy(self.trainer.optimizers[0].state_dict()),
+                             "epoch": self.current_epoch + 1}
+            return ""
+        if live >= DEAD_MAP_SHARE * self._live_reference or self._healthy is None:
+            return ""
+        self.network.load_state_dict(self._healthy["network"])
+        optimizer = self.trainer.optimizers[0]
+        optimizer.load_state_dict(self._healthy["optimizer"])
+        for group in optimizer.param_groups:
+            if group.get("name") == "backbone":
+                for key in ("lr", "initial_lr", "max_lr", "min_lr"):
+                    if key in group:
+                        group[key] *= DEAD_MAP_LR_FACTOR
+        message = (f"the final feature map was dying (share above 0: {live:.4f}, against {self._live_reference:.4f} "
+                   f"in the phase's first epoch): back to the end of epoch {self._healthy['epoch']}, backbone "
+                   f"learning rate x{DEAD_MAP_LR_FACTOR:.3g} from here on")
+        logger.warning("%s phase %s epoch %d: %s", self.tag.get("stage", ""), self.tag.get("phase", ""),
+                       self.current_epoch + 1, message)
+        return f"epoch {self.current_epoch + 1}: {message}"
 
 
 def _numpy_state() -> dict[str, Any]:

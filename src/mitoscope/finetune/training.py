@@ -138,7 +138,7 @@ def fit_phase(
     module = FineTuneModule(
         network, phase.learning_rates, pos_weight, None if trunk is not None else config.augment, mean, std,
         config.weight_decay, seed=config.seed, tag={**(tag or {}), "phase": phase.name},
-        split=None if trunk is None else trunk.split, schedule=config.schedule,
+        split=None if trunk is None else trunk.split, schedule=config.schedule, guard=config.guard,
     )
     data = FineTuneDataModule(images, y, train_indices, val_indices, config, trunk)
     # Lightning never puts the model in training mode itself: it keeps the modes the modules come in

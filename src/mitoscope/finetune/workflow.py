@@ -211,6 +211,8 @@ def finetune(
         training_warnings = fit_warnings(
             *held_out[:2], threshold, data.classes, held_out[2],
             epochs=[(f"fine-tuning phase {label}", r.best_epoch, r.epochs_run) for label, r in stage_phases])
+        training_warnings += [f"fine-tuning phase {label}: {row['guard']}" for label, r in stage_phases
+                              for row in r.history if row.get("guard")]
         for warning in training_warnings:
             logger.info("warning: %s", warning)
         validation_metrics["notes"].append(
