@@ -829,6 +829,27 @@ def test_the_dead_map_guard_undoes_the_epoch_that_killed_the_final_feature_map(t
     assert all(row["train_live_share"] < 0.01 and row["val_logit_sd"] < 1e-3 for row in plain[1:])
 
 
+def test_restarts_run_the_last_phase_again_from_the_same_start_and_keep_the_best_validation_loss(dataset, tmp_path):
+    folder, labels = dataset
+    config = tiny_config(epochs_full=2, restarts=3, unfreeze=1)
+    result = finetune(folder, labels, tmp_path / "model", config)
+    phases = json.loads((tmp_path / "model" / "model.json").read_text())["training"]["phases"]
+    assert "restarts" not in phases[0]  # the head phase runs once
+    attempts = phases[1]["restarts"]
+    assert [a["seed"] for a in attempts] == [0, 1000, 2000]
+    scores = [a["best_score"] for a in attempts]
+    assert len(set(scores)) == 3  # other seeds, other runs
+    kept = int(np.argmin(scores))
+    assert [a["kept"] for a in attempts] == [k == kept for k in range(3)]
+    assert phases[1]["best_score"] == scores[kept]
+    # The history is the kept attempt's: its best validation loss is the kept score.
+    full = [row for row in result.history if row["phase"] == "full"]
+    assert min(row["val_loss"] for row in full) == pytest.approx(scores[kept])
+    once = finetune(folder, labels, tmp_path / "once", tiny_config(epochs_full=2, unfreeze=1))
+    first = json.loads((tmp_path / "once" / "model.json").read_text())["training"]["phases"][1]
+    assert first["best_score"] == pytest.approx(scores[0])  # attempt 1 is the run without restarts
+
+
 def test_a_killed_finetune_resumes_where_it_stopped_and_ends_as_an_uninterrupted_run(dataset, tmp_path):
     import os
     import signal

@@ -391,6 +391,7 @@ def finetune_command(
     weight_decay: float = typer.Option(1e-4, "--weight-decay", help="AdamW weight decay."),
     batchnorm: str = typer.Option("frozen", "--batchnorm", help="frozen (BatchNorm layers keep their ImageNet statistics and scale/shift while the layers around them train) | train."),
     gradient_clip: float = typer.Option(1.0, "--gradient-clip", help="Clip each step's gradient norm to this; 0 = off."),
+    restarts: int = typer.Option(1, "--restarts", help="Run the last phase this many times from the same start (other seeds) and keep the attempt with the best validation score."),
     guard: bool = typer.Option(True, "--guard/--no-guard", help="Undo a phase-2 epoch that leaves the final feature map dead (under a tenth of its share above 0) and go on at a third of the base's learning rate."),
     unfreeze: str = typer.Option("all", "--unfreeze", help="Phase 2 trains 'all' the base or its last N blocks (timm groups)."),
     batch_size: int = typer.Option(16, "--batch-size", help="Images per batch and per device."),
@@ -448,7 +449,7 @@ def finetune_command(
         config = FineTuneConfig(
             backbone=backbone, weights=str(weights) if weights else None, pretrained=pretrained, size=size,
             pool=pool, dropout=dropout, attention_hidden=attention_hidden, schedule=schedule,
-            weight_decay=weight_decay, batchnorm=batchnorm, gradient_clip=gradient_clip, guard=guard, epochs_head=epochs_head, epochs_full=epochs_full, lr_head=lr_head,
+            weight_decay=weight_decay, batchnorm=batchnorm, gradient_clip=gradient_clip, guard=guard, restarts=restarts, epochs_head=epochs_head, epochs_full=epochs_full, lr_head=lr_head,
             lr_full=lr_full, unfreeze=unfreeze, batch_size=batch_size, accumulate=accumulate,
             precision=precision, accelerator=accelerator, devices=devices, num_nodes=num_nodes,
             workers=workers, val_fraction=val_fraction, monitor=monitor, patience=patience, balance=balance,

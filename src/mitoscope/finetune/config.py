@@ -72,6 +72,9 @@ class FineTuneConfig:
     # Undo an epoch in which the final feature map's units die, and go on at a lower rate
     # (FineTuneModule._guard): with frozen BatchNorm, the peak rate could still kill them all.
     guard: bool = True
+    # The last phase run this many times from the same start with other seeds; the attempt with the
+    # best validation score is kept.
+    restarts: int = 1
     unfreeze: str | int = "all"
     batch_size: int = 16
     accumulate: int = 1
@@ -114,7 +117,7 @@ class FineTuneConfig:
         if isinstance(self.size, bool) or not isinstance(self.size, (int, np.integer)):
             raise InputError(f"--size must be an integer number of pixels, got {self.size!r}")
         for name in ("epochs_head", "epochs_full", "accumulate", "batch_size", "num_nodes", "patience",
-                     "attention_hidden", "attention_dim"):
+                     "attention_hidden", "attention_dim", "restarts"):
             positive_int(name, 0 if name.startswith("epochs") or name == "attention_hidden" else 1)
         check_choice("--batchnorm", self.batchnorm, BATCHNORMS)
         if isinstance(self.gradient_clip, bool) or not isinstance(self.gradient_clip, (int, float)) \

@@ -65,4 +65,5 @@ def plot_history(rows: Sequence[dict[str, Any]], phases: Sequence[tuple[str, Pha
 def _phase_summary(result: PhaseResult) -> dict[str, Any]:
     """One phase as ``model.json`` and ``history.json`` record it."""
     return {"phase": result.name, "lr": result.lr, "learning_rates": result.learning_rates, "epochs_run": result.epochs_run, "best_epoch": result.best_epoch,
-            "best_score": result.best_score, "n_trainable_parameters": result.n_trainable}
+            "best_score": result.best_score, "n_trainable_parameters": result.n_trainable,
+            **({"restarts": result.restarts} if result.restarts else {})}

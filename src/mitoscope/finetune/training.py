@@ -28,7 +28,7 @@ from __future__ import annotations
 import copy
 import logging
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -51,6 +51,11 @@ logger = logging.getLogger(__name__)
 
 LAST_CHECKPOINT = "last"
 DONE_FILE = "done.pt"
+RESTART_SEED_STEP = 1000  # attempt k of a restarted phase runs from seed + k * this
+
+
+def _phase_folder(name: str, attempt: int) -> str:
+    return name if attempt == 0 else f"{name}-restart{attempt + 1}"
 
 
 def _checkpoint_epoch(path: Path) -> int:
@@ -86,6 +91,8 @@ class PhaseResult:
     n_trainable: int
     history: list[dict[str, Any]]
     learning_rates: dict[str, float] = field(default_factory=dict)
+    # with --restarts N: every attempt of this phase (seed, best epoch and score, kept or not)
+    restarts: list[dict[str, Any]] = field(default_factory=list)
 
 
 def make_trainer(config: FineTuneConfig, max_epochs: int, callbacks: Sequence[Any], work_dir: Path) -> Any:
@@ -229,7 +236,6 @@ class FineTuner:
         return torch.device("cpu") if not on_gpu(self.config) else pick_device(None)
 
     def fit(self, indices: Sequence[int], y: Sequence[int] | None = None) -> "FineTuner":
-        L = lightning_setup.import_lightning()
         indices = np.asarray(list(indices), dtype=np.int64)
         if y is not None and not np.array_equal(np.asarray(y, dtype=np.int64), self.y[indices]):
             raise InputError(f"{self.stage}: labels passed to fit differ from those of the images")
@@ -250,29 +256,36 @@ class FineTuner:
         phases = [Phase("head", config.epochs_head, config.lr_head, None),
                   Phase("full", config.epochs_full, config.lr_full, config.unfreeze, head_lr=config.lr_head)]
         results = []
+        last = max(index for index, phase in enumerate(phases) if phase.epochs >= 1)
         for index, phase in enumerate(phases):
             if phase.epochs < 1:
                 continue
-            phase_dir = self.work_dir / phase.name
-            done = phase_dir / DONE_FILE
-            if done.is_file():  # finished by an earlier, interrupted run of the same command
-                saved = torch.load(done, map_location="cpu", weights_only=True)
-                network.load_state_dict(saved["state_dict"])
-                results.append(PhaseResult(**saved["result"]))
-                logger.warning("%s phase %s: done by an earlier run, its best epoch reloaded (%s)", self.stage,
-                               phase.name, done)
-                continue
-            # Each phase from its own seed: a resumed run's phase starts where an uninterrupted one's does.
-            L.seed_everything(config.seed + index, workers=True, verbose=False)
-            result = fit_phase(
-                network, self.images, self.y, train_indices, val_indices, phase, config,
-                phase_dir, self.mean, self.std, tag={"stage": self.stage}, callbacks=self.callbacks,
-                trunk=cache,
-            )
-            results.append(result)
-            if _is_global_zero():
-                with atomic_path(done) as temp:
-                    torch.save({"state_dict": network.state_dict(), "result": asdict(result)}, temp)
+            # The last phase runs config.restarts times from the same start (other seeds: data order,
+            # dropout); the attempt with the best validation score is kept.
+            attempts = config.restarts if index == last else 1
+            start = copy.deepcopy(network.state_dict()) if attempts > 1 else None
+            tried: list[tuple[PhaseResult, dict[str, torch.Tensor]]] = []
+            for attempt in range(attempts):
+                if attempt:
+                    network.load_state_dict(start)
+                seeded = config if not attempt else replace(config, seed=config.seed + RESTART_SEED_STEP * attempt)
+                result = self._run_phase(network, phase, index, seeded, self.work_dir / _phase_folder(phase.name, attempt),
+                                         train_indices, val_indices, cache)
+                tried.append((result, copy.deepcopy(network.state_dict()) if attempts > 1 else {}))
+            if attempts > 1:
+                better = min if MONITORS[config.monitor] == "min" else max
+                kept = better(range(attempts), key=lambda k: tried[k][0].best_score
+                              if np.isfinite(tried[k][0].best_score) else (np.inf if better is min else -np.inf))
+                network.load_state_dict(tried[kept][1])
+                result = replace(tried[kept][0], restarts=[
+                    {"attempt": k + 1, "seed": config.seed + RESTART_SEED_STEP * k, "best_epoch": r.best_epoch,
+                     "best_score": r.best_score, "kept": k == kept,
+                     "guard": [row["guard"] for row in r.history if row.get("guard")]}
+                    for k, (r, _) in enumerate(tried)])
+                if kept:
+                    logger.info("%s phase %s: attempt %d of %d kept (validation %s %.4f)", self.stage, phase.name,
+                                kept + 1, attempts, config.monitor, result.best_score)
+            results.append(result if attempts > 1 else tried[0][0])
         set_trainable(network, None)
         network.eval()
         self.network_ = network
@@ -288,6 +301,28 @@ class FineTuner:
                                              config.tta, config.batch_size)
         network.cpu()
         return self
+
+    def _run_phase(self, network: FineTuneNetwork, phase: Phase, index: int, config: FineTuneConfig,
+                   phase_dir: Path, train_indices: np.ndarray, val_indices: np.ndarray,
+                   cache: TrunkCache | None) -> PhaseResult:
+        """One phase (or one attempt of it) in ``phase_dir``; one finished by an earlier,
+        interrupted run of the same command is reloaded from there instead."""
+        L = lightning_setup.import_lightning()
+        done = phase_dir / DONE_FILE
+        if done.is_file():
+            saved = torch.load(done, map_location="cpu", weights_only=True)
+            network.load_state_dict(saved["state_dict"])
+            logger.warning("%s phase %s: done by an earlier run, its best epoch reloaded (%s)", self.stage,
+                           phase.name, done)
+            return PhaseResult(**saved["result"])
+        # Each phase from its own seed: a resumed run's phase starts where an uninterrupted one's does.
+        L.seed_everything(config.seed + index, workers=True, verbose=False)
+        result = fit_phase(network, self.images, self.y, train_indices, val_indices, phase, config, phase_dir,
+                           self.mean, self.std, tag={"stage": self.stage}, callbacks=self.callbacks, trunk=cache)
+        if _is_global_zero():
+            with atomic_path(done) as temp:
+                torch.save({"state_dict": network.state_dict(), "result": asdict(result)}, temp)
+        return result
 
     def predict_proba(self, indices: Sequence[int]) -> np.ndarray:
         if not hasattr(self, "network_"):
