@@ -89,7 +89,8 @@ def main() -> None:
     require_shared()
     train_dir, _ = scene_pair(args.work, "large-cells-1024")  # the training part only
     overrides = {key: json.loads(value) for key, value in (item.split("=", 1) for item in args.set)}
-    config = FineTuneConfig(**{**SCENE_RECIPE, "seed": args.seed, **overrides}, batchnorm=args.batchnorm,
+    # one attempt: the diagnostics follow one run of phase 2
+    config = FineTuneConfig(**{**SCENE_RECIPE, "seed": args.seed, "restarts": 1, **overrides}, batchnorm=args.batchnorm,
                             gradient_clip=args.gradient_clip, augment=AugmentConfig(stain_jitter=False))
     diagnostics = Diagnostics(args.stop_after)
     name = f"stability-bn{args.batchnorm}-clip{args.gradient_clip:g}-seed{args.seed}" + "".join(
