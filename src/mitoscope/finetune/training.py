@@ -273,9 +273,8 @@ class FineTuner:
                                          train_indices, val_indices, cache)
                 tried.append((result, copy.deepcopy(network.state_dict()) if attempts > 1 else {}))
             if attempts > 1:
-                better = min if MONITORS[config.monitor] == "min" else max
-                kept = better(range(attempts), key=lambda k: tried[k][0].best_score
-                              if np.isfinite(tried[k][0].best_score) else (np.inf if better is min else -np.inf))
+                sign = 1.0 if MONITORS[config.monitor] == "min" else -1.0  # lower is better after the sign
+                kept = int(np.argmin([sign * r.best_score if np.isfinite(r.best_score) else np.inf for r, _ in tried]))
                 network.load_state_dict(tried[kept][1])
                 result = replace(tried[kept][0], restarts=[
                     {"attempt": k + 1, "seed": config.seed + RESTART_SEED_STEP * k, "best_epoch": r.best_epoch,
@@ -285,7 +284,7 @@ class FineTuner:
                 if kept:
                     logger.info("%s phase %s: attempt %d of %d kept (validation %s %.4f)", self.stage, phase.name,
                                 kept + 1, attempts, config.monitor, result.best_score)
-            results.append(result if attempts > 1 else tried[0][0])
+            results.append(result)
         set_trainable(network, None)
         network.eval()
         self.network_ = network
