@@ -429,6 +429,43 @@ def test_pseudo_positives_are_the_teachers_best_cells_of_each_mitosis_image_as_m
         CellTrainConfig(positives_per_image=0)
 
 
+def test_an_epoch_runs_at_least_min_steps_per_epoch_steps_in_fresh_passes_over_the_negatives(monkeypatch):
+    import torch
+
+    from mitoscope.cells import training
+    from mitoscope.cells.config import CellTrainConfig
+    from mitoscope.cells.network import build_cell_network, trained_parameters
+    from mitoscope.errors import InputError
+
+    torch.manual_seed(0)
+    network, backbone = build_cell_network("test_efficientnet", pretrained=False)
+    mean, std = backbone.data_config["mean"], backbone.data_config["std"]
+    crops = np.random.default_rng(0).integers(0, 256, (30, 32, 32, 3), dtype=np.uint8)
+    positives, negatives = np.arange(24, 30), np.arange(24)
+    batches = []
+    take = training._take
+    monkeypatch.setattr(training, "_take", lambda c, index: batches.append(np.array(index)) or take(c, index))
+
+    def epoch_batches(**settings):
+        batches.clear()
+        config = CellTrainConfig(scorer="finetuned", epochs=1, positives_per_step=2, negatives_per_step=8, **settings)
+        history = training.fit_cell_classifier(network, trained_parameters(network, 0), crops, positives, negatives,
+                                               config, 0, mean, std)
+        assert len(history) == 1
+        return [b[2:] for b in batches]
+
+    assert len(epoch_batches()) == 3  # one pass over 24 negatives, 8 a step
+    assert len(epoch_batches(min_steps_per_epoch=2)) == 3  # a floor under one pass changes nothing
+    drawn = epoch_batches(min_steps_per_epoch=7)
+    assert len(drawn) == 7
+    # 7 steps of 8 = 56 draws: two whole passes (each negative once per pass), then a third begun
+    first, second = np.concatenate(drawn[:3]), np.concatenate(drawn[3:6])
+    assert sorted(first) == sorted(second) == list(range(24))
+    assert len(set(drawn[6])) == 8 and set(drawn[6]) <= set(range(24))
+    with pytest.raises(InputError, match="min_steps_per_epoch must be an integer >= 0, got -1"):
+        CellTrainConfig(min_steps_per_epoch=-1)
+
+
 def test_hard_negatives_fill_their_share_of_each_batch_from_the_hardest_tenth_after_the_first_epoch(monkeypatch):
     import torch
 

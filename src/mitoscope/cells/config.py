@@ -32,6 +32,9 @@ class CellTrainConfig:
     # the known negatives, as the network being trained scores them at the start of each epoch
     # after the first (0: every negative drawn alike).
     hard_negatives: float = 0.0
+    # The fine-tuned scorer: an epoch is one pass over the known negatives, but at least this many
+    # steps (0: no floor); with a few cells per image a pass is only a handful of steps.
+    min_steps_per_epoch: int = 0
     positives_per_step: int = 16
     negatives_per_step: int = 48
     learning_rate: float = 1e-3
@@ -64,6 +67,9 @@ class CellTrainConfig:
                   ("positives_per_image", self.positives_per_image >= 1, "at least 1"),
                   ("hard_negatives", isinstance(self.hard_negatives, (int, float))
                    and not isinstance(self.hard_negatives, bool) and 0 <= self.hard_negatives <= 1, "in [0, 1]"),
+                  ("min_steps_per_epoch", isinstance(self.min_steps_per_epoch, int)
+                   and not isinstance(self.min_steps_per_epoch, bool) and self.min_steps_per_epoch >= 0,
+                   "an integer >= 0"),
                   ("positives_per_step", self.positives_per_step >= 1, "at least 1"),
                   ("negatives_per_step", self.negatives_per_step >= 1, "at least 1"),
                   ("learning_rate", self.learning_rate > 0, "positive"),

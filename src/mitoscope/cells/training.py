@@ -197,7 +197,9 @@ def fit_cell_classifier(network: CellNetwork, trained: list[torch.nn.Parameter],
     flips, quarter turns, zoom, brightness, contrast; stain jitter with ``config.stain_jitter``);
     warm-up over the first epoch, then cosine; frozen BatchNorm; gradients clipped to norm 1. With
     ``config.hard_negatives`` that share of each batch's negatives is drawn from the hardest tenth
-    of them under the network itself, rescored (one view) at the start of every epoch after the first."""
+    of them under the network itself, rescored (one view) at the start of every epoch after the first.
+    An epoch is one pass over the negatives, or ``config.min_steps_per_epoch`` steps when that is
+    more (then as many fresh passes as it takes)."""
     if not len(positives) or not len(negatives):
         raise InputError(f"self-training needs pseudo-positive and negative cells, got {len(positives)} and "
                          f"{len(negatives)} (images without any found cell?)")
@@ -210,7 +212,7 @@ def fit_cell_classifier(network: CellNetwork, trained: list[torch.nn.Parameter],
                                    {"params": [p for p in trained if id(p) not in head_ids],
                                     "lr": config.top_learning_rate}], weight_decay=config.weight_decay)
     peak = [group["lr"] for group in optimiser.param_groups]
-    steps_per_epoch = max(1, len(negatives) // config.negatives_per_step)
+    steps_per_epoch = max(1, len(negatives) // config.negatives_per_step, config.min_steps_per_epoch)
     total = steps_per_epoch * config.epochs
     target = torch.cat([torch.ones(config.positives_per_step), torch.zeros(config.negatives_per_step)])
     m = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
@@ -224,9 +226,10 @@ def fit_cell_classifier(network: CellNetwork, trained: list[torch.nn.Parameter],
                 hardest = negatives[np.argsort(-logits, kind="stable")[:max(1, len(negatives) // 10)]]
             network.train()
             set_batchnorm_eval(network)
-            order = rng.permutation(negatives)
-            losses = []
             uniform = config.negatives_per_step - (n_hard if hardest is not None else 0)
+            passes = math.ceil(steps_per_epoch * uniform / len(negatives)) if len(negatives) >= uniform else 1
+            order = np.concatenate([rng.permutation(negatives) for _ in range(passes)])
+            losses = []
             for k in range(steps_per_epoch):
                 negative = order[k * uniform:(k + 1) * uniform]
                 if len(negative) < uniform:  # fewer negatives than one batch: drawn again
