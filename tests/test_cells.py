@@ -429,28 +429,40 @@ def test_pseudo_positives_are_the_teachers_best_cells_of_each_mitosis_image_as_m
         CellTrainConfig(positives_per_image=0)
 
 
-def test_an_epoch_runs_at_least_min_steps_per_epoch_steps_in_fresh_passes_over_the_negatives(monkeypatch):
+@pytest.fixture
+def recorded_training(monkeypatch):
+    """(fit, batches): ``fit(n_crops, positives, negatives, config)`` trains a tiny untrained cell
+    network with ``fit_cell_classifier``; ``batches`` gets the crop indices of every step."""
     import torch
 
     from mitoscope.cells import training
-    from mitoscope.cells.config import CellTrainConfig
     from mitoscope.cells.network import build_cell_network, trained_parameters
-    from mitoscope.errors import InputError
 
     torch.manual_seed(0)
     network, backbone = build_cell_network("test_efficientnet", pretrained=False)
     mean, std = backbone.data_config["mean"], backbone.data_config["std"]
-    crops = np.random.default_rng(0).integers(0, 256, (30, 32, 32, 3), dtype=np.uint8)
-    positives, negatives = np.arange(24, 30), np.arange(24)
-    batches = []
+    batches: list[np.ndarray] = []
     take = training._take
     monkeypatch.setattr(training, "_take", lambda c, index: batches.append(np.array(index)) or take(c, index))
+
+    def fit(n_crops, positives, negatives, config):
+        crops = np.random.default_rng(0).integers(0, 256, (n_crops, 32, 32, 3), dtype=np.uint8)
+        return training.fit_cell_classifier(network, trained_parameters(network, 0), crops, positives, negatives,
+                                            config, 0, mean, std)
+    return fit, batches
+
+
+def test_an_epoch_runs_at_least_min_steps_per_epoch_steps_in_fresh_passes_over_the_negatives(recorded_training):
+    from mitoscope.cells.config import CellTrainConfig
+    from mitoscope.errors import InputError
+
+    fit, batches = recorded_training
+    positives, negatives = np.arange(24, 30), np.arange(24)
 
     def epoch_batches(**settings):
         batches.clear()
         config = CellTrainConfig(scorer="finetuned", epochs=1, positives_per_step=2, negatives_per_step=8, **settings)
-        history = training.fit_cell_classifier(network, trained_parameters(network, 0), crops, positives, negatives,
-                                               config, 0, mean, std)
+        history = fit(30, positives, negatives, config)
         assert len(history) == 1
         return [b[2:] for b in batches]
 
@@ -466,30 +478,21 @@ def test_an_epoch_runs_at_least_min_steps_per_epoch_steps_in_fresh_passes_over_t
         CellTrainConfig(min_steps_per_epoch=-1)
 
 
-def test_hard_negatives_fill_their_share_of_each_batch_from_the_hardest_tenth_after_the_first_epoch(monkeypatch):
-    import torch
-
+def test_hard_negatives_fill_their_share_of_each_batch_from_the_hardest_tenth_after_the_first_epoch(
+        monkeypatch, recorded_training):
     from mitoscope.cells import training
     from mitoscope.cells.config import CellTrainConfig
-    from mitoscope.cells.network import build_cell_network, trained_parameters
     from mitoscope.errors import InputError
 
-    torch.manual_seed(0)
-    network, backbone = build_cell_network("test_efficientnet", pretrained=False)
-    mean, std = backbone.data_config["mean"], backbone.data_config["std"]
-    crops = np.random.default_rng(0).integers(0, 256, (120, 32, 32, 3), dtype=np.uint8)
+    fit, batches = recorded_training
     positives, negatives = np.arange(100, 120), np.arange(100)
     # made-up hardness, one view as training asks for it: negative i scores i, so the hardest tenth is 90-99
     asked = []
     monkeypatch.setattr(training, "cell_logits",
                         lambda net, c, index, views, m, s: asked.append(views) or index.astype(np.float64))
-    batches = []
-    take = training._take
-    monkeypatch.setattr(training, "_take", lambda c, index: batches.append(np.array(index)) or take(c, index))
     config = CellTrainConfig(scorer="finetuned", epochs=2, positives_per_step=2, negatives_per_step=8,
                              hard_negatives=0.5)
-    training.fit_cell_classifier(network, trained_parameters(network, 0), crops, positives, negatives, config, 0,
-                                 mean, std)
+    fit(120, positives, negatives, config)
     assert len(batches) == 2 * (100 // 8) and asked == [1]  # rescored once, before epoch 2
     first = np.concatenate([b[2:] for b in batches[:12]])
     assert len(set(first)) == len(first) == 96  # epoch 1: every negative drawn alike, once
