@@ -60,5 +60,7 @@ def train_cell_model(folder: Path, out: Path, scorer: str = "linear", **settings
 
     config = CellTrainConfig(**{**dict(backbone="test_efficientnet", input_size=32, scorer=scorer,
                                        views=2, epochs=12, learning_rate=3e-3, top_learning_rate=3e-3,
-                                       validation_fraction=0.25), **settings})
+                                       validation_fraction=0.25,
+                                       # one pass over the few negatives an epoch: seconds, not a minute
+                                       min_steps_per_epoch=0), **settings})
     return train_cells(folder, folder / "labels.csv", out, config, pretrained=False)

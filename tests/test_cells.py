@@ -466,8 +466,9 @@ def test_an_epoch_runs_at_least_min_steps_per_epoch_steps_in_fresh_passes_over_t
         assert len(history) == 1
         return [b[2:] for b in batches]
 
-    assert len(epoch_batches()) == 3  # one pass over 24 negatives, 8 a step
+    assert len(epoch_batches(min_steps_per_epoch=0)) == 3  # one pass over 24 negatives, 8 a step
     assert len(epoch_batches(min_steps_per_epoch=2)) == 3  # a floor under one pass changes nothing
+    assert CellTrainConfig().min_steps_per_epoch == 50  # the default (README)
     drawn = epoch_batches(min_steps_per_epoch=7)
     assert len(drawn) == 7
     # 7 steps of 8 = 56 draws: two whole passes (each negative once per pass), then a third begun
@@ -491,7 +492,7 @@ def test_hard_negatives_fill_their_share_of_each_batch_from_the_hardest_tenth_af
     monkeypatch.setattr(training, "cell_logits",
                         lambda net, c, index, views, m, s: asked.append(views) or index.astype(np.float64))
     config = CellTrainConfig(scorer="finetuned", epochs=2, positives_per_step=2, negatives_per_step=8,
-                             hard_negatives=0.5)
+                             hard_negatives=0.5, min_steps_per_epoch=0)
     fit(120, positives, negatives, config)
     assert len(batches) == 2 * (100 // 8) and asked == [1]  # rescored once, before epoch 2
     first = np.concatenate([b[2:] for b in batches[:12]])

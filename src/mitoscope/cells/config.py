@@ -33,8 +33,9 @@ class CellTrainConfig:
     # after the first (0: every negative drawn alike).
     hard_negatives: float = 0.0
     # The fine-tuned scorer: an epoch is one pass over the known negatives, but at least this many
-    # steps (0: no floor); with a few cells per image a pass is only a handful of steps.
-    min_steps_per_epoch: int = 0
+    # steps (0: no floor); with a few cells per image a pass is only a handful of steps. Adopted by
+    # a rule fixed before its run (benchmarks/cells_inner_settings.py; README).
+    min_steps_per_epoch: int = 50
     positives_per_step: int = 16
     negatives_per_step: int = 48
     learning_rate: float = 1e-3
