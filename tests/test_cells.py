@@ -502,3 +502,63 @@ def test_hard_negatives_fill_their_share_of_each_batch_from_the_hardest_tenth_af
     assert len(set(np.array([b[2:6] for b in batches[12:]]).ravel())) == 48  # the rest without repeats
     with pytest.raises(InputError, match="hard_negatives must be in"):
         CellTrainConfig(hard_negatives=1.5)
+
+
+def test_carried_out_of_fold_scores_put_each_fold_networks_logits_on_the_final_networks_scale():
+    from mitoscope.cells.training import EMPTY_BAG_LOGIT, carried_proba
+
+    scales = {0: (2.0, 4.0), 1: (-1.0, 0.5), None: (0.5, 2.0)}
+    # one z-score of 1 and one of -2 under each fold's scale, and a bag without cells
+    best = np.array([6.0, -6.0, -0.5, -2.0, EMPTY_BAG_LOGIT])
+    fold_of = np.array([0, 0, 1, 1, 1])
+    carried = np.log(carried_proba(best, fold_of, scales) / (1 - carried_proba(best, fold_of, scales)))
+    np.testing.assert_allclose(carried[:4], [2.5, -3.5, 2.5, -3.5], atol=1e-9)
+    assert carried_proba(best, fold_of, scales)[4] == pytest.approx(0.0, abs=1e-25)
+    # the ranking within a fold is kept; across folds it follows the z-scores, not the raw logits
+    assert best[0] > best[2] and carried[0] == pytest.approx(carried[2])
+
+
+def test_logit_scale_is_the_median_and_interquartile_range_of_the_cells_of_the_images_given():
+    import torch
+
+    from mitoscope.cells.config import CellTrainConfig
+    from mitoscope.cells.network import build_cell_network
+    from mitoscope.cells.training import Bags, cell_logits, logit_scale
+
+    torch.manual_seed(0)
+    network, backbone = build_cell_network("test_efficientnet", pretrained=False)
+    mean, std = backbone.data_config["mean"], backbone.data_config["std"]
+    crops = np.random.default_rng(3).integers(0, 256, (30, 32, 32, 3), dtype=np.uint8)
+    bags = Bags(crops, np.array([0, 10, 20, 30]), np.array([1, 0, 1]))
+    config = CellTrainConfig(scorer="finetuned", views=2)
+    cells = np.r_[np.arange(0, 10), np.arange(20, 30)]
+    logits = cell_logits(network, crops, cells, 2, mean, std)
+    low, median, high = np.percentile(logits, [25, 50, 75])
+    assert logit_scale(network, bags, np.array([0, 2]), config, mean, std, seed=0) == pytest.approx(
+        (median, high - low), rel=1e-6)
+    # at most `most` cells, drawn from those images only
+    sub_median, _ = logit_scale(network, bags, np.array([0, 2]), config, mean, std, seed=0, most=5)
+    assert np.min(logits) <= sub_median <= np.max(logits)
+
+
+def test_standardized_transfer_keeps_the_raw_out_of_fold_scores_and_records_every_networks_scale(tmp_path):
+    import json
+
+    folder, _ = write_bags(tmp_path / "bags", n_images=12)
+    result = train_cell_model(folder, tmp_path / "model", "finetuned", oof_transfer="standardized", epochs=3)
+    config = json.loads((result.model_dir / "model.json").read_text())
+    scales = config["training"]["logit_scales"]
+    assert sorted(scales) == ["final", "fold 1", "fold 2", "fold 3"]
+    assert all(spread > 0 for _, spread in scales.values())
+    assert "standardized onto the final network's scale" in config["threshold_rule"]
+    plain = train_cell_model(folder, tmp_path / "plain", "finetuned", epochs=3)
+    assert json.loads((plain.model_dir / "model.json").read_text())["training"]["logit_scales"] is None
+
+
+def test_oof_transfer_is_checked():
+    from mitoscope.cells.config import CellTrainConfig
+    from mitoscope.errors import InputError
+
+    assert CellTrainConfig().oof_transfer == "none"
+    with pytest.raises(InputError, match="oof_transfer must be none or standardized, got 'zscore'"):
+        CellTrainConfig(oof_transfer="zscore")

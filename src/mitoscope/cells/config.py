@@ -51,6 +51,12 @@ class CellTrainConfig:
     # of them (0: a held-out share of validation_fraction instead). Unset: 5 for the linear scorer,
     # 3 for the fine-tuned one, which trains the whole network once per fold (training time, README).
     cv_folds: int | None = None
+    # The fine-tuned scorer under cv_folds: how the out-of-fold scores (and so the threshold) are
+    # carried to the final network, whose logits need not sit on the fold networks' scale. "none":
+    # as they are; "standardized": each network's best-cell logits are z-scored by the median and
+    # interquartile range of its logits on the cells of the Mitosis images it trained on (cells it
+    # never learned a label for, alike for every network) and put on the final network's scale.
+    oof_transfer: str = "none"
     # The linear scorer: each cell's frozen features averaged over this many views, in training
     # and in prediction alike (chosen by cross-validation on training scenes: README, Results).
     feature_views: int = 4
@@ -82,6 +88,7 @@ class CellTrainConfig:
                   ("trained_stages", self.trained_stages >= 0, "0 (all) or more"),
                   ("scorer", self.scorer in ("linear", "finetuned"), "linear or finetuned"),
                   ("feature_engine", self.feature_engine in ("auto", "torch"), "auto or torch"),
+                  ("oof_transfer", self.oof_transfer in ("none", "standardized"), "none or standardized"),
                   ("stain_jitter", isinstance(self.stain_jitter, bool), "true or false")]
         for name, ok, expected in checks:
             if not ok:

@@ -263,13 +263,18 @@ def train_instances(network: CellNetwork, bags: Bags, config: CellTrainConfig, m
     image's best cell; the network (``config.trained_stages`` of it, 0: all) learns those cells
     against every cell of the Normal images, on augmented crops. With ``config.cv_folds`` the
     whole procedure is cross-validated over the images (out-of-fold bag probabilities back, for
-    the threshold and the metrics) and then run on all of them. ``network`` ends trained on all
-    images; a cell scores as the mean of its logits over ``config.views`` views."""
+    the threshold and the metrics; carried to the final network's scale by
+    ``config.oof_transfer``) and then run on all of them. ``network`` ends trained on all images;
+    a cell scores as the mean of its logits over ``config.views`` views."""
     labels = _two_classes(bags)
     features, engine = frozen_features(network, bags, config, mean, std, progress)
     stats = intensity_features(bags.crops)
     trained = trained_parameters(network, config.trained_stages)
     start = {k: v.detach().clone() for k, v in network.state_dict().items()}
+    standardize = config.oof_transfer == "standardized"
+    scales: dict[int | None, tuple[float, float]] = {}
+    fold_of = np.full(len(labels), -1)
+    best_logit = np.full(len(labels), np.nan)
 
     def fit(images: np.ndarray, fold: int | None) -> tuple[list[dict[str, float]], Callable[[np.ndarray], np.ndarray]]:
         seed = config.seed * 100 + (0 if fold is None else fold + 1)
@@ -277,22 +282,69 @@ def train_instances(network: CellNetwork, bags: Bags, config: CellTrainConfig, m
         positives, negatives = pseudo_labels(features, stats, bags, images, seed, config.positives_per_image)
         history = fit_cell_classifier(network, trained, bags.crops, positives, negatives, config, seed, mean, std,
                                       progress)
+        if standardize:
+            scales[fold] = logit_scale(network, bags, images[labels[images] == 1], config, mean, std, seed)
 
         def proba(held: np.ndarray) -> np.ndarray:
             index, offsets = _subset(bags.offsets, held)
-            return best_cell_proba(cell_logits(network, bags.crops, index, config.views, mean, std), offsets)
+            best = best_cell_logit(cell_logits(network, bags.crops, index, config.views, mean, std), offsets)
+            fold_of[held], best_logit[held] = -1 if fold is None else fold, best
+            return 1 / (1 + np.exp(-best))
         return history, proba
 
     out = cross_fit(labels, config, fit, progress)
     history = out.pop("fitted")
+    if standardize and "evaluation" in out:
+        out["val_proba_raw"] = out["val_proba"]
+        out["val_proba"] = carried_proba(best_logit, fold_of, scales)
+        out["evaluation"] += ", standardized onto the final network's scale"
+        out["scales"] = {("final" if k is None else f"fold {k + 1}"): v for k, v in scales.items()}
     return {**out, "history": history, "best_epoch": config.epochs, "feature_engine": engine}
+
+
+def logit_scale(network: CellNetwork, bags: Bags, images: np.ndarray, config: CellTrainConfig,
+                mean: Sequence[float], std: Sequence[float], seed: int, most: int = 1024) -> tuple[float, float]:
+    """(median, interquartile range) of the network's cell logits over the cells of ``images`` (at
+    most ``most`` of them, drawn under ``seed``): the scale :func:`carried_proba` puts out-of-fold
+    scores on. Called with the Mitosis images a network trained on, whose cells it never learned
+    a label for (only each image's pseudo-positives), which holds alike for every fold's network
+    and the final one."""
+    index, _ = _subset(bags.offsets, images)
+    if len(index) > most:
+        index = np.sort(np.random.default_rng(seed).choice(index, most, replace=False))
+    logits = cell_logits(network, bags.crops, index, config.views, mean, std)
+    if len(logits) < 4:
+        return 0.0, 1.0
+    low, median, high = np.percentile(logits, [25, 50, 75])
+    return float(median), float(max(high - low, 1e-3))
+
+
+def carried_proba(best_logit: np.ndarray, fold_of: np.ndarray, scales: dict[int | None, tuple[float, float]]) -> np.ndarray:
+    """Out-of-fold bag probabilities on the final network's scale: each bag's best-cell logit
+    z-scored by its fold network's :func:`logit_scale`, then mapped through the final network's.
+    Bags without cells keep their floor logit."""
+    final_median, final_spread = scales[None]
+    carried = best_logit.copy()
+    for fold in np.unique(fold_of[fold_of >= 0]):
+        median, spread = scales[int(fold)]
+        rows = (fold_of == fold) & (best_logit > EMPTY_BAG_LOGIT)
+        carried[rows] = final_median + final_spread * (best_logit[rows] - median) / spread
+    return 1 / (1 + np.exp(-carried))
+
+
+# The logit of a bag without cells: its probability is 0 in every float format used.
+EMPTY_BAG_LOGIT = -60.0
+
+
+def best_cell_logit(logits: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+    """Each bag's best cell's logit (:data:`EMPTY_BAG_LOGIT` for a bag without cells)."""
+    return np.array([logits[offsets[k]:offsets[k + 1]].max() if offsets[k + 1] > offsets[k] else EMPTY_BAG_LOGIT
+                     for k in range(len(offsets) - 1)])
 
 
 def best_cell_proba(logits: np.ndarray, offsets: np.ndarray) -> np.ndarray:
     """Each bag's probability: the sigmoid of its best cell's logit (0 for a bag without cells)."""
-    bag = np.array([logits[offsets[k]:offsets[k + 1]].max() if offsets[k + 1] > offsets[k] else -60.0
-                    for k in range(len(offsets) - 1)])
-    return 1 / (1 + np.exp(-bag))
+    return 1 / (1 + np.exp(-best_cell_logit(logits, offsets)))
 
 
 def cross_fit(labels: np.ndarray, config: CellTrainConfig, fit: Callable[[np.ndarray, int | None], tuple[Any, Any]],

@@ -183,6 +183,8 @@ def train_cells(data_dir: str | Path, labels_csv: str | Path | None, out_dir: st
             "cells_per_image": {"median": float(np.median(cells_per_image)), "min": int(cells_per_image.min()),
                                 "max": int(cells_per_image.max())},
             "best_epoch": fit["best_epoch"],
+            # (median, interquartile range) of each network's cell logits: oof_transfer's scales.
+            "logit_scales": fit.get("scales"),
             "seed": config.seed,
             "feature_engine": fit.get("feature_engine"),
             "labels": str(labels_csv) if labels_csv else None,
