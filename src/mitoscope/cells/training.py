@@ -289,7 +289,7 @@ def train_instances(network: CellNetwork, bags: Bags, config: CellTrainConfig, m
             index, offsets = _subset(bags.offsets, held)
             best = best_cell_logit(cell_logits(network, bags.crops, index, config.views, mean, std), offsets)
             fold_of[held], best_logit[held] = -1 if fold is None else fold, best
-            return 1 / (1 + np.exp(-best))
+            return _sigmoid(best)
         return history, proba
 
     out = cross_fit(labels, config, fit, progress)
@@ -329,11 +329,16 @@ def carried_proba(best_logit: np.ndarray, fold_of: np.ndarray, scales: dict[int 
         median, spread = scales[int(fold)]
         rows = (fold_of == fold) & (best_logit > EMPTY_BAG_LOGIT)
         carried[rows] = final_median + final_spread * (best_logit[rows] - median) / spread
-    return 1 / (1 + np.exp(-carried))
+    return _sigmoid(carried)
 
 
 # The logit of a bag without cells: its probability is 0 in every float format used.
 EMPTY_BAG_LOGIT = -60.0
+
+
+def _sigmoid(logits: np.ndarray) -> np.ndarray:
+    # Not model.sigmoid: model.py must load without PyTorch, which this module imports.
+    return 1 / (1 + np.exp(-logits))
 
 
 def best_cell_logit(logits: np.ndarray, offsets: np.ndarray) -> np.ndarray:
@@ -344,7 +349,7 @@ def best_cell_logit(logits: np.ndarray, offsets: np.ndarray) -> np.ndarray:
 
 def best_cell_proba(logits: np.ndarray, offsets: np.ndarray) -> np.ndarray:
     """Each bag's probability: the sigmoid of its best cell's logit (0 for a bag without cells)."""
-    return 1 / (1 + np.exp(-best_cell_logit(logits, offsets)))
+    return _sigmoid(best_cell_logit(logits, offsets))
 
 
 def cross_fit(labels: np.ndarray, config: CellTrainConfig, fit: Callable[[np.ndarray, int | None], tuple[Any, Any]],
