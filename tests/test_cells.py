@@ -562,3 +562,73 @@ def test_oof_transfer_is_checked():
     assert CellTrainConfig().oof_transfer == "none"
     with pytest.raises(InputError, match="oof_transfer must be none or standardized, got 'zscore'"):
         CellTrainConfig(oof_transfer="zscore")
+
+
+def test_mean_state_averages_floating_weights_and_keeps_the_last_networks_counters():
+    import torch
+
+    from mitoscope.cells.training import mean_state
+
+    states = [{"w": torch.tensor([1.0, 2.0]), "n": torch.tensor(3)},
+              {"w": torch.tensor([3.0, -2.0]), "n": torch.tensor(4)},
+              {"w": torch.tensor([5.0, 6.0]), "n": torch.tensor(9)}]
+    soup = mean_state(states)
+    torch.testing.assert_close(soup["w"], torch.tensor([3.0, 2.0]))
+    assert soup["n"].item() == 9 and soup["n"].dtype == torch.int64
+
+
+def test_fold_soup_makes_the_final_network_the_mean_of_the_fold_networks_and_its_own(monkeypatch):
+    import torch
+
+    from mitoscope.cells import training
+    from mitoscope.cells.config import CellTrainConfig
+    from mitoscope.cells.network import build_cell_network
+
+    # each training sets every trained weight to its own call number: fold networks 1-3, the final one 4
+    calls = []
+
+    def fake_fit(network, trained, *args, **kwargs):
+        calls.append(len(calls) + 1)
+        with torch.no_grad():
+            for p in trained:
+                p.fill_(float(calls[-1]))
+        return [{"epoch": 1, "train_loss": 0.0}]
+
+    monkeypatch.setattr(training, "fit_cell_classifier", fake_fit)
+    crops = np.random.default_rng(0).integers(0, 256, (36, 32, 32, 3), dtype=np.uint8)
+    bags = training.Bags(crops, np.arange(0, 37, 3), np.array([0, 1] * 6))
+    for soup, expected in ((True, 2.5), (False, 4.0)):
+        calls.clear()
+        torch.manual_seed(0)
+        network, backbone = build_cell_network("test_efficientnet", pretrained=False)
+        untouched = {k: v.clone() for k, v in network.state_dict().items() if "running" in k}
+        config = CellTrainConfig(scorer="finetuned", fold_soup=soup, feature_engine="torch", views=1)
+        out = training.train_instances(network, bags, config, backbone.data_config["mean"], backbone.data_config["std"])
+        assert calls == [1, 2, 3, 4]
+        trained = [p for p in network.parameters() if p.requires_grad]
+        assert trained and all(torch.all(p == expected) for p in trained)
+        assert all(torch.equal(network.state_dict()[k], v) for k, v in untouched.items())  # frozen BatchNorm
+        if soup:
+            assert out["soup"]["networks"] == 4
+            assert all(torch.all(out["soup"]["final_alone"][k] == 4.0)
+                       for k, v in network.named_parameters() if v.requires_grad)
+        else:
+            assert "soup" not in out
+
+
+def test_fold_soup_is_recorded_and_checked(tmp_path):
+    import json
+
+    from mitoscope.cells.config import CellTrainConfig
+    from mitoscope.errors import InputError
+
+    folder, _ = write_bags(tmp_path / "bags", n_images=12)
+    result = train_cell_model(folder, tmp_path / "model", "finetuned", fold_soup=True, epochs=2)
+    assert json.loads((result.model_dir / "model.json").read_text())["training"]["soup_networks"] == 4
+    assert CellTrainConfig().fold_soup is False
+    with pytest.raises(InputError, match="needs scorer finetuned and cv_folds of at least 2, got scorer 'linear'"):
+        CellTrainConfig(fold_soup=True)
+    with pytest.raises(InputError, match="got scorer 'finetuned' and cv_folds 0"):
+        CellTrainConfig(scorer="finetuned", fold_soup=True, cv_folds=0)
+    with pytest.raises(InputError, match="fold_soup must be true or false"):
+        CellTrainConfig(scorer="finetuned", fold_soup="yes")

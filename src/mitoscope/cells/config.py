@@ -57,6 +57,10 @@ class CellTrainConfig:
     # interquartile range of its logits on the cells of the Mitosis images it trained on (cells it
     # never learned a label for, alike for every network) and put on the final network's scale.
     oof_transfer: str = "none"
+    # The fine-tuned scorer under cv_folds: the final network becomes the mean of its own weights
+    # and the fold networks' (all trained from the same start; BatchNorm frozen alike), a weight
+    # average that costs nothing at prediction (False: the network trained on all images alone).
+    fold_soup: bool = False
     # The linear scorer: each cell's frozen features averaged over this many views, in training
     # and in prediction alike (chosen by cross-validation on training scenes: README, Results).
     feature_views: int = 4
@@ -89,10 +93,15 @@ class CellTrainConfig:
                   ("scorer", self.scorer in ("linear", "finetuned"), "linear or finetuned"),
                   ("feature_engine", self.feature_engine in ("auto", "torch"), "auto or torch"),
                   ("oof_transfer", self.oof_transfer in ("none", "standardized"), "none or standardized"),
-                  ("stain_jitter", isinstance(self.stain_jitter, bool), "true or false")]
+                  ("stain_jitter", isinstance(self.stain_jitter, bool), "true or false"),
+                  ("fold_soup", isinstance(self.fold_soup, bool), "true or false")]
         for name, ok, expected in checks:
             if not ok:
                 raise InputError(f"cells setting {name} must be {expected}, got {getattr(self, name)!r}")
+        if self.fold_soup and (self.scorer != "finetuned" or self.cv_folds < 2):
+            raise InputError(f"cells setting fold_soup averages the fine-tuned scorer's cross-validation networks: it "
+                             f"needs scorer finetuned and cv_folds of at least 2, got scorer {self.scorer!r} and "
+                             f"cv_folds {self.cv_folds}")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -264,8 +264,10 @@ def train_instances(network: CellNetwork, bags: Bags, config: CellTrainConfig, m
     against every cell of the Normal images, on augmented crops. With ``config.cv_folds`` the
     whole procedure is cross-validated over the images (out-of-fold bag probabilities back, for
     the threshold and the metrics; carried to the final network's scale by
-    ``config.oof_transfer``) and then run on all of them. ``network`` ends trained on all images;
-    a cell scores as the mean of its logits over ``config.views`` views."""
+    ``config.oof_transfer``) and then run on all of them. ``network`` ends trained on all images
+    (with ``config.fold_soup``: the mean of that network's weights and the fold networks', the
+    final one's own under ``"soup"`` in the result); a cell scores as the mean of its logits over
+    ``config.views`` views."""
     labels = _two_classes(bags)
     features, engine = frozen_features(network, bags, config, mean, std, progress)
     stats = intensity_features(bags.crops)
@@ -275,6 +277,7 @@ def train_instances(network: CellNetwork, bags: Bags, config: CellTrainConfig, m
     scales: dict[int | None, tuple[float, float]] = {}
     fold_of = np.full(len(labels), -1)
     best_logit = np.full(len(labels), np.nan)
+    trained_states: list[dict[str, torch.Tensor]] = []
 
     def fit(images: np.ndarray, fold: int | None) -> tuple[list[dict[str, float]], Callable[[np.ndarray], np.ndarray]]:
         seed = config.seed * 100 + (0 if fold is None else fold + 1)
@@ -282,6 +285,10 @@ def train_instances(network: CellNetwork, bags: Bags, config: CellTrainConfig, m
         positives, negatives = pseudo_labels(features, stats, bags, images, seed, config.positives_per_image)
         history = fit_cell_classifier(network, trained, bags.crops, positives, negatives, config, seed, mean, std,
                                       progress)
+        if config.fold_soup:
+            trained_states.append({k: v.detach().clone() for k, v in network.state_dict().items()})
+        if fold is None and len(trained_states) > 1:
+            network.load_state_dict(mean_state(trained_states))
         if standardize:
             scales[fold] = logit_scale(network, bags, images[labels[images] == 1], config, mean, std, seed)
 
@@ -299,7 +306,16 @@ def train_instances(network: CellNetwork, bags: Bags, config: CellTrainConfig, m
         out["val_proba"] = carried_proba(best_logit, fold_of, scales)
         out["evaluation"] += ", standardized onto the final network's scale"
         out["scales"] = {("final" if k is None else f"fold {k + 1}"): v for k, v in scales.items()}
+    if len(trained_states) > 1:
+        out["soup"] = {"networks": len(trained_states), "final_alone": trained_states[-1]}
     return {**out, "history": history, "best_epoch": config.epochs, "feature_engine": engine}
+
+
+def mean_state(states: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """The element-wise mean of networks' weights (``fold_soup``); counters and other integer
+    buffers come from the last of them."""
+    return {k: (torch.stack([s[k] for s in states]).mean(0) if v.is_floating_point() else v.clone())
+            for k, v in states[-1].items()}
 
 
 def logit_scale(network: CellNetwork, bags: Bags, images: np.ndarray, config: CellTrainConfig,

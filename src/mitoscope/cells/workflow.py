@@ -185,6 +185,8 @@ def train_cells(data_dir: str | Path, labels_csv: str | Path | None, out_dir: st
             "best_epoch": fit["best_epoch"],
             # (median, interquartile range) of each network's cell logits: oof_transfer's scales.
             "logit_scales": fit.get("scales"),
+            # How many networks' weights the final one averages (fold_soup; None: it is one network).
+            "soup_networks": fit["soup"]["networks"] if "soup" in fit else None,
             "seed": config.seed,
             "feature_engine": fit.get("feature_engine"),
             "labels": str(labels_csv) if labels_csv else None,
