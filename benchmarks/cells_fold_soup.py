@@ -25,32 +25,19 @@ than one validation scene's share (1/30).
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
-from pathlib import Path
 
 import numpy as np
 
 from cells_pseudo_positives import scores
-from cells_threshold_transfer import called, load
-from common import inner_pair, machine, require_shared, save_results
+from cells_threshold_transfer import called, inner_arguments, load, trained
+from common import inner_pair, machine, save_results
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--set", default="small-cells-1024")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
-    parser.add_argument("--work", type=Path, default=Path("/tmp/mitoscope-bench"))
-    parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--settings", default="{}", help="JSON: CellTrainConfig fields over the recipe (smoke runs)")
-    args = parser.parse_args()
-    require_shared()
-    import torch
-
-    from mitoscope.cells.config import CellTrainConfig
-    from mitoscope.cells.network import build_cell_network
-    from mitoscope.cells.training import cell_logits, train_instances
+    args = inner_arguments(__doc__, "small-cells-1024")
+    from mitoscope.cells.training import cell_logits
     from mitoscope.evaluation import best_f1_threshold
 
     fit_dir, val_dir = inner_pair(args.work, args.set)
@@ -60,12 +47,8 @@ def main() -> None:
     runs = []
     for seed in args.seeds:
         started = time.time()
-        config = CellTrainConfig(**{"scorer": "finetuned", "fold_soup": True, "seed": seed, **json.loads(args.settings)})
-        with torch.random.fork_rng(devices=[]):  # as train_cells does it
-            torch.manual_seed(config.seed)
-            network, backbone = build_cell_network(config.backbone, dropout=config.dropout)
-            mean, std = backbone.data_config["mean"], backbone.data_config["std"]
-            fit = train_instances(network, fit_bags, config, mean, std)
+        config, network, mean, std, fit = trained(fit_bags, {"fold_soup": True, "seed": seed,
+                                                             **json.loads(args.settings)})
         threshold = float(best_f1_threshold(fit["val_labels"], fit["val_proba"]))
         run: dict = {"seed": seed, "networks": fit["soup"]["networks"], "threshold": threshold}
         soup_logits = cell_logits(network, val_bags.crops, every, config.views, mean, std)

@@ -62,21 +62,42 @@ def called(logits: np.ndarray, bags, counts: np.ndarray, threshold: float) -> di
             "predicted_count_mean": float(predicted.mean()), "true_count_mean": float(counts.mean())}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--set", default="large-cells-1024")
+def inner_arguments(doc: str, default_set: str) -> argparse.Namespace:
+    """The command line shared by the whole-training experiments on the inner pair."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--set", default=default_set)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--work", type=Path, default=Path("/tmp/mitoscope-bench"))
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--settings", default="{}", help="JSON: CellTrainConfig fields over the recipe (smoke runs)")
     args = parser.parse_args()
     require_shared()
+    return args
+
+
+def trained(fit_bags, settings: dict):
+    """The product's whole training of the self-trained scorer on ``fit_bags``, as ``train_cells``
+    seeds it: (config, network, mean, std, the training's result)."""
     import torch
-    from sklearn.metrics import roc_auc_score
 
     from mitoscope.cells.config import CellTrainConfig
     from mitoscope.cells.network import build_cell_network
-    from mitoscope.cells.training import best_cell_logit, cell_logits, train_instances
+    from mitoscope.cells.training import train_instances
+
+    config = CellTrainConfig(**{"scorer": "finetuned", **settings})
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed)
+        network, backbone = build_cell_network(config.backbone, dropout=config.dropout)
+        mean, std = backbone.data_config["mean"], backbone.data_config["std"]
+        fit = train_instances(network, fit_bags, config, mean, std)
+    return config, network, mean, std, fit
+
+
+def main() -> None:
+    args = inner_arguments(__doc__, "large-cells-1024")
+    from sklearn.metrics import roc_auc_score
+
+    from mitoscope.cells.training import best_cell_logit, cell_logits
     from mitoscope.evaluation import best_f1_threshold
 
     from cells_pseudo_positives import scores
@@ -87,14 +108,8 @@ def main() -> None:
     runs = []
     for seed in args.seeds:
         started = time.time()
-        config = CellTrainConfig(**{"scorer": "finetuned", "oof_transfer": "standardized", "seed": seed,
-                                     **json.loads(args.settings)})
-        # as train_cells does it
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(config.seed)
-            network, backbone = build_cell_network(config.backbone, dropout=config.dropout)
-            mean, std = backbone.data_config["mean"], backbone.data_config["std"]
-            fit = train_instances(network, fit_bags, config, mean, std)
+        config, network, mean, std, fit = trained(fit_bags, {"oof_transfer": "standardized", "seed": seed,
+                                                             **json.loads(args.settings)})
         logits = cell_logits(network, val_bags.crops, np.arange(len(val_bags.crops)), config.views, mean, std)
         y = fit["val_labels"]
         run = {"seed": seed, "scales": fit["scales"], **scores(logits, val_bags, val_hit),
