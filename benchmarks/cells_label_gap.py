@@ -10,7 +10,8 @@ final network learns one pick per Mitosis image (the linear teacher's best cell)
 cell of the Normal images. Here the same network, from the same start and seed, learns four sets
 of positives and negatives, each one step further from the product toward the cell labels:
 
-- `teacher`: the product's picks and negatives (the final network of `scorer=finetuned`);
+- `teacher`: the product's picks and negatives (`scorer=finetuned`'s network trained on all images, before
+  `fold_soup` averages it with the fold networks);
 - `teacher_clean`: the same number of picks, each the truly mitotic cell the teacher ranks highest
   in its image (no pick where the image has no found mitotic cell): what perfect picks would give;
 - `true_positives`: every truly mitotic found cell of the Mitosis images, the same negatives: what

@@ -625,7 +625,11 @@ def test_fold_soup_is_recorded_and_checked(tmp_path):
     folder, _ = write_bags(tmp_path / "bags", n_images=12)
     result = train_cell_model(folder, tmp_path / "model", "finetuned", fold_soup=True, epochs=2)
     assert json.loads((result.model_dir / "model.json").read_text())["training"]["soup_networks"] == 4
+    # unset, it is on exactly where it can be: the fine-tuned scorer under cross-validation
     assert CellTrainConfig().fold_soup is False
+    assert CellTrainConfig(scorer="finetuned").fold_soup is True
+    assert CellTrainConfig(scorer="finetuned", cv_folds=0).fold_soup is False
+    assert CellTrainConfig(scorer="finetuned", fold_soup=False).fold_soup is False
     with pytest.raises(InputError, match="needs scorer finetuned and cv_folds of at least 2, got scorer 'linear'"):
         CellTrainConfig(fold_soup=True)
     with pytest.raises(InputError, match="got scorer 'finetuned' and cv_folds 0"):

@@ -60,7 +60,9 @@ class CellTrainConfig:
     # The fine-tuned scorer under cv_folds: the final network becomes the mean of its own weights
     # and the fold networks' (all trained from the same start; BatchNorm frozen alike), a weight
     # average that costs nothing at prediction (False: the network trained on all images alone).
-    fold_soup: bool = False
+    # Unset: on for the fine-tuned scorer under cv_folds (adopted by a rule fixed before its runs:
+    # benchmarks/cells_fold_soup.py, README), off otherwise.
+    fold_soup: bool | None = None
     # The linear scorer: each cell's frozen features averaged over this many views, in training
     # and in prediction alike (chosen by cross-validation on training scenes: README, Results).
     feature_views: int = 4
@@ -73,6 +75,9 @@ class CellTrainConfig:
     def __post_init__(self) -> None:
         if self.cv_folds is None:
             object.__setattr__(self, "cv_folds", 3 if self.scorer == "finetuned" else 5)
+        if self.fold_soup is None:
+            object.__setattr__(self, "fold_soup", self.scorer == "finetuned" and isinstance(self.cv_folds, int)
+                               and self.cv_folds >= 2)
         checks = [("input_size", self.input_size >= 32, "at least 32"), ("views", 1 <= self.views <= 8, "1 to 8"),
                   ("feature_views", 1 <= self.feature_views <= 8, "1 to 8"), ("epochs", self.epochs >= 1, "at least 1"),
                   ("positives_per_image", self.positives_per_image >= 1, "at least 1"),
