@@ -50,9 +50,8 @@ def main() -> None:
     val_bags, val_hit = load(val_dir)
     o, labels = fit_bags.offsets, np.asarray(fit_bags.labels)
     every = np.arange(len(labels))
-    in_mitosis = np.zeros(len(fit_bags.crops), dtype=bool)
-    for k in np.flatnonzero(labels == 1):
-        in_mitosis[o[k]:o[k + 1]] = True
+    in_mitosis = np.repeat(labels == 1, np.diff(o))
+    mitosis = np.flatnonzero((labels == 1) & (np.diff(o) > 0))
     runs = []
     for seed in args.seeds:
         config = CellTrainConfig(**{"scorer": "finetuned", "seed": seed, **json.loads(args.settings)})
@@ -60,10 +59,9 @@ def main() -> None:
         network, mean, std, features, stats, trained, start = untrained(config, fit_bags, config.seed)
         picks, negatives = pseudo_labels(features, stats, fit_bags, every, fit_seed, config.positives_per_image)
         teacher = LinearInstanceHead(seed=fit_seed).fit(features, stats, o, labels).decision_function(features, stats)
-        mitosis = np.flatnonzero((labels == 1) & (np.diff(o) > 0))
         assert np.array_equal(np.sort(picks), np.sort([o[k] + int(np.argmax(teacher[o[k]:o[k + 1]])) for k in mitosis]))
         clean = []
-        for k in np.flatnonzero(labels == 1):
+        for k in mitosis:
             mitotic = o[k] + np.flatnonzero(fit_hit[o[k]:o[k + 1]])
             if len(mitotic):
                 clean.append(int(mitotic[np.argmax(teacher[mitotic])]))
@@ -81,8 +79,8 @@ def main() -> None:
                          "seconds": round(time.time() - started, 1)}
             print(json.dumps({"seed": seed, name: run[name]}), flush=True)
         runs.append(run)
-        results = {"set": args.set, "config": config.to_dict(), "settings": json.loads(args.settings), "fit_scenes": str(fit_dir), "val_scenes": str(val_dir),
-                   "fit_cells": int(len(fit_hit)), "fit_mitotic": int(fit_hit.sum()), "runs": runs}
+        results = {"set": args.set, "config": config.to_dict(), "settings": json.loads(args.settings),
+                   "fit_scenes": str(fit_dir), "val_scenes": str(val_dir), "fit_cells": int(len(fit_hit)), "fit_mitotic": int(fit_hit.sum()), "runs": runs}
         save_results(args.out, {"machine": machine(), "results": results})
 
 
