@@ -636,3 +636,58 @@ def test_fold_soup_is_recorded_and_checked(tmp_path):
         CellTrainConfig(scorer="finetuned", fold_soup=True, cv_folds=0)
     with pytest.raises(InputError, match="fold_soup must be true or false"):
         CellTrainConfig(scorer="finetuned", fold_soup="yes")
+
+
+def test_cotrained_final_picks_follow_the_out_of_fold_logits_where_the_frozen_features_say_nothing(monkeypatch):
+    import torch
+
+    from mitoscope.cells import training
+    from mitoscope.cells.config import CellTrainConfig
+    from mitoscope.cells.network import build_cell_network
+
+    # 24 images of 8 cells; one designated cell per Mitosis image. The crops are noise (the teacher
+    # on frozen features has nothing to go by); every fold network "scores" a cell by whether it is
+    # the designated one, each on its own scale, so only the out-of-fold logits can name it.
+    rng = np.random.default_rng(1)
+    n_images, size = 24, 8
+    labels = np.array([0, 1] * (n_images // 2))
+    offsets = np.arange(0, n_images * size + 1, size)
+    designated = np.array([offsets[i] + rng.integers(size) for i in range(n_images) if labels[i] == 1])
+    oracle = np.zeros(n_images * size)
+    oracle[designated] = 1.0
+    crops = rng.integers(0, 256, (n_images * size, 32, 32, 3), dtype=np.uint8)
+    bags = training.Bags(crops, offsets, labels)
+    calls = []
+    monkeypatch.setattr(training, "fit_cell_classifier",
+                        lambda *args, **kwargs: calls.append(1) or [{"epoch": 1, "train_loss": 0.0}])
+    monkeypatch.setattr(training, "cell_logits", lambda network, crops, index, *args, **kwargs:
+                        (5.0 * len(calls)) * (oracle[index] + 0.1 * rng.standard_normal(len(index))) - len(calls))
+    found = {}
+    for picks in ("teacher", "cotrained"):
+        calls.clear()
+        torch.manual_seed(0)
+        network, backbone = build_cell_network("test_efficientnet", pretrained=False)
+        config = CellTrainConfig(scorer="finetuned", final_picks=picks, feature_engine="torch", views=1)
+        out = training.train_instances(network, bags, config, backbone.data_config["mean"], backbone.data_config["std"])
+        assert len(calls) == 4
+        found[picks] = np.sort(out["final_positives"])
+    np.testing.assert_array_equal(found["cotrained"], np.sort(designated))
+    assert np.mean(np.isin(found["teacher"], designated)) < 0.5
+
+
+def test_final_picks_is_recorded_and_checked(tmp_path):
+    import json
+
+    from mitoscope.cells.config import CellTrainConfig
+    from mitoscope.errors import InputError
+
+    folder, _ = write_bags(tmp_path / "bags", n_images=12)
+    result = train_cell_model(folder, tmp_path / "model", "finetuned", final_picks="cotrained", epochs=2)
+    assert json.loads((result.model_dir / "model.json").read_text())["head"]["params"]["final_picks"] == "cotrained"
+    assert CellTrainConfig().final_picks == "teacher"
+    with pytest.raises(InputError, match="final_picks must be teacher or cotrained, got 'network'"):
+        CellTrainConfig(scorer="finetuned", final_picks="network")
+    with pytest.raises(InputError, match="final_picks=cotrained .* got scorer 'linear'"):
+        CellTrainConfig(final_picks="cotrained")
+    with pytest.raises(InputError, match="got scorer 'finetuned' and cv_folds 0"):
+        CellTrainConfig(scorer="finetuned", final_picks="cotrained", cv_folds=0)

@@ -63,6 +63,12 @@ class CellTrainConfig:
     # Unset: on for the fine-tuned scorer under cv_folds (adopted by a rule fixed before its runs:
     # benchmarks/cells_fold_soup.py, README), off otherwise.
     fold_soup: bool | None = None
+    # The fine-tuned scorer under cv_folds: who names the final network's pseudo-positives.
+    # "teacher": the linear teacher on frozen features (above). "cotrained": that teacher refitted
+    # on all images with one more feature per cell, its out-of-fold logit under the fold network
+    # that did not train on its image (z-scored by that network's median and interquartile range
+    # over its held-out cells): the bag constraint of the teacher and what the networks learnt.
+    final_picks: str = "teacher"
     # The linear scorer: each cell's frozen features averaged over this many views, in training
     # and in prediction alike (chosen by cross-validation on training scenes: README, Results).
     feature_views: int = 4
@@ -99,7 +105,8 @@ class CellTrainConfig:
                   ("feature_engine", self.feature_engine in ("auto", "torch"), "auto or torch"),
                   ("oof_transfer", self.oof_transfer in ("none", "standardized"), "none or standardized"),
                   ("stain_jitter", isinstance(self.stain_jitter, bool), "true or false"),
-                  ("fold_soup", isinstance(self.fold_soup, bool), "true or false")]
+                  ("fold_soup", isinstance(self.fold_soup, bool), "true or false"),
+                  ("final_picks", self.final_picks in ("teacher", "cotrained"), "teacher or cotrained")]
         for name, ok, expected in checks:
             if not ok:
                 raise InputError(f"cells setting {name} must be {expected}, got {getattr(self, name)!r}")
@@ -107,6 +114,11 @@ class CellTrainConfig:
             raise InputError(f"cells setting fold_soup averages the fine-tuned scorer's cross-validation networks: it "
                              f"needs scorer finetuned and cv_folds of at least 2, got scorer {self.scorer!r} and "
                              f"cv_folds {self.cv_folds}")
+
+        if self.final_picks == "cotrained" and (self.scorer != "finetuned" or self.cv_folds < 2):
+            raise InputError(f"cells setting final_picks=cotrained uses the out-of-fold scores of the fine-tuned "
+                             f"scorer's cross-validation networks: it needs scorer finetuned and cv_folds of at least "
+                             f"2, got scorer {self.scorer!r} and cv_folds {self.cv_folds}")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

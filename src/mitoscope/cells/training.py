@@ -167,8 +167,9 @@ def pseudo_labels(frozen: np.ndarray, stats: np.ndarray, bags: Bags, images: np.
                   seed: int, per_image: int = 1) -> tuple[np.ndarray, np.ndarray]:
     """(positives, negatives): global crop indices. The ``per_image`` best cells of each Mitosis
     image (all of them when it has fewer) under the linear multiple-instance model on frozen
-    features and intensity statistics (:mod:`.bootstrap`), and every cell of each Normal image;
-    the other cells of Mitosis images get no label."""
+    features and intensity statistics (:mod:`.bootstrap`; any further per-cell columns of
+    ``stats`` are features alike), and every cell of each Normal image; the other cells of
+    Mitosis images get no label."""
     from .bootstrap import LinearInstanceHead
 
     labels = np.asarray(bags.labels)
@@ -264,7 +265,8 @@ def train_instances(network: CellNetwork, bags: Bags, config: CellTrainConfig, m
     against every cell of the Normal images, on augmented crops. With ``config.cv_folds`` the
     whole procedure is cross-validated over the images (out-of-fold bag probabilities back, for
     the threshold and the metrics; carried to the final network's scale by
-    ``config.oof_transfer``) and then run on all of them. ``network`` ends trained on all images
+    ``config.oof_transfer``) and then run on all of them (its pseudo-positives named by
+    ``config.final_picks``; ``"final_positives"`` in the result). ``network`` ends trained on all images
     (with ``config.fold_soup``: the mean of that network's weights and the fold networks', the
     final one's own under ``"soup"`` in the result); a cell scores as the mean of its logits over
     ``config.views`` views."""
@@ -278,11 +280,22 @@ def train_instances(network: CellNetwork, bags: Bags, config: CellTrainConfig, m
     fold_of = np.full(len(labels), -1)
     best_logit = np.full(len(labels), np.nan)
     trained_states: list[dict[str, torch.Tensor]] = []
+    # final_picks="cotrained": each cell's out-of-fold logit, z-scored within its fold network.
+    held_out_logit = np.full(len(bags.crops), np.nan)
+    picks: dict[str, np.ndarray] = {}
 
     def fit(images: np.ndarray, fold: int | None) -> tuple[list[dict[str, float]], Callable[[np.ndarray], np.ndarray]]:
         seed = config.seed * 100 + (0 if fold is None else fold + 1)
         network.load_state_dict(start)
-        positives, negatives = pseudo_labels(features, stats, bags, images, seed, config.positives_per_image)
+        teacher_stats = stats
+        if fold is None and config.final_picks == "cotrained":
+            index, _ = _subset(bags.offsets, images)
+            if np.isnan(held_out_logit[index]).any():
+                raise RuntimeError("final_picks=cotrained needs every cell's out-of-fold logit before the final fit")
+            teacher_stats = np.concatenate([stats, held_out_logit[:, None]], axis=1)
+        positives, negatives = pseudo_labels(features, teacher_stats, bags, images, seed, config.positives_per_image)
+        if fold is None:
+            picks["positives"] = positives
         history = fit_cell_classifier(network, trained, bags.crops, positives, negatives, config, seed, mean, std,
                                       progress)
         if config.fold_soup:
@@ -294,7 +307,11 @@ def train_instances(network: CellNetwork, bags: Bags, config: CellTrainConfig, m
 
         def proba(held: np.ndarray) -> np.ndarray:
             index, offsets = _subset(bags.offsets, held)
-            best = best_cell_logit(cell_logits(network, bags.crops, index, config.views, mean, std), offsets)
+            logits = cell_logits(network, bags.crops, index, config.views, mean, std)
+            if fold is not None and len(logits):
+                low, median, high = np.percentile(logits, [25, 50, 75])
+                held_out_logit[index] = (logits - median) / max(high - low, 1e-3)
+            best = best_cell_logit(logits, offsets)
             fold_of[held], best_logit[held] = -1 if fold is None else fold, best
             return _sigmoid(best)
         return history, proba
@@ -308,7 +325,8 @@ def train_instances(network: CellNetwork, bags: Bags, config: CellTrainConfig, m
         out["scales"] = {("final" if k is None else f"fold {k + 1}"): v for k, v in scales.items()}
     if len(trained_states) > 1:
         out["soup"] = {"networks": len(trained_states), "final_alone": trained_states[-1]}
-    return {**out, "history": history, "best_epoch": config.epochs, "feature_engine": engine}
+    return {**out, "history": history, "best_epoch": config.epochs, "feature_engine": engine,
+            "final_positives": picks.get("positives")}
 
 
 def mean_state(states: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
