@@ -73,6 +73,25 @@ def test_openvino_pads_a_short_last_batch_instead_of_compiling_another_shape(tin
     assert runner.pooled(images[:2]).shape == (2, tiny_backbone.num_features)  # alone: its own, smaller shape
 
 
+def test_openvino_throughput_mode_gives_the_same_numbers_as_one_batch_at_a_time(tiny_backbone, tmp_path):
+    """Many small inputs (cell crops) run as several batches at once, in f32, in order."""
+    import openvino.properties.hint as hints
+
+    path = engines.export_onnx(tiny_backbone, tmp_path)
+    one_at_a_time = OpenVinoRunner(path, batch=4, cache_dir=tmp_path / "compiled")
+    at_once = engines.open_exported(path, "openvino", throughput=True)
+    images = np.random.default_rng(2).standard_normal((23, 3, 64, 64)).astype(np.float32)
+    for count in (23, 8, 3, 1):  # a padded last batch, whole batches, fewer than one batch
+        expected = one_at_a_time.pooled(images[:count])
+        got = at_once.pooled(images[:count])
+        assert got.shape == expected.shape == (count, tiny_backbone.num_features)
+        np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())
+    assert not np.allclose(got[0], at_once.pooled(images[1:2])[0])  # each input its own row
+    compiled = at_once._request((8, 3, 64, 64))[0].get_compiled_model()
+    assert str(compiled.get_property(hints.performance_mode)).split(".")[-1] == "THROUGHPUT"
+    assert compiled.get_property(hints.inference_precision).get_type_name() == "f32"
+
+
 def test_the_export_is_made_once_per_weights_and_reused(tiny_backbone, tmp_path, monkeypatch):
     first = make_runner(tiny_backbone, torch.device("cpu"), "onnxruntime", tmp_path)
     files = list(tmp_path.glob("*.onnx"))

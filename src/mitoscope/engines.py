@@ -277,11 +277,16 @@ class OpenVinoRunner:
 
     ``precision`` ("f32" or "bf16") is what OpenVINO computes in. It is always set: left to
     itself OpenVINO picks bf16 on CPUs that have it, too far from PyTorch for the probe check.
+
+    ``throughput``: many small inputs (cell crops) run as several batches at once, one per
+    OpenVINO stream (its THROUGHPUT hint chooses how many), instead of each batch on every thread
+    in turn; the same numbers, and faster where one small batch cannot keep the cores busy
+    (README, Speed). One large input (a whole-image pass) is better served without it.
     """
 
     def __init__(self, path: str | os.PathLike[str], threads: int | None = None, batch: int = 8,
                  cache_dir: str | os.PathLike[str] | None = None, keep: int = 4, keep_on_disk: int = 16,
-                 precision: str = "f32") -> None:
+                 precision: str = "f32", throughput: bool = False) -> None:
         import openvino as ov
 
         if precision not in PRECISIONS:
@@ -303,19 +308,25 @@ class OpenVinoRunner:
         except OSError as exc:  # a read-only cache costs compile time, never the result
             logger.warning("cannot use %s for compiled models (%s)", cache, exc)
             self.cache_dir = None
+        self.throughput = bool(throughput)
         self.model = self.core.read_model(str(self.path))
         self._compiled: OrderedDict[tuple[int, ...], Any] = OrderedDict()
 
     def _request(self, shape: tuple[int, ...]) -> Any:
+        """The compiled model's infer request for ``shape`` (throughput: a queue of them)."""
+        import openvino as ov
+
         if shape in self._compiled:
             self._compiled.move_to_end(shape)
             return self._compiled[shape]
         model = self.model.clone()
         model.reshape({"images": list(shape)})
-        compiled = self.core.compile_model(model, "CPU", {"PERFORMANCE_HINT": "LATENCY",
+        compiled = self.core.compile_model(model, "CPU", {"PERFORMANCE_HINT": "THROUGHPUT" if self.throughput
+                                                          else "LATENCY",
                                                           "INFERENCE_NUM_THREADS": self.threads,
                                                           "INFERENCE_PRECISION_HINT": self._precision_type})
-        self._compiled[shape] = compiled.create_infer_request()
+        self._compiled[shape] = (ov.AsyncInferQueue(compiled, int(compiled.get_property(
+            "OPTIMAL_NUMBER_OF_INFER_REQUESTS"))) if self.throughput else compiled.create_infer_request())
         while len(self._compiled) > self.keep:
             self._compiled.popitem(last=False)
         self._prune_disk_cache()
@@ -341,13 +352,26 @@ class OpenVinoRunner:
         images = np.ascontiguousarray(images, dtype=np.float32)
         count = len(images)
         step = self.batch if count > self.batch else count
-        out = []
+        chunks = []
         for start in range(0, count, step):
             chunk = images[start : start + step]
             if len(chunk) < step:  # pad the short last batch: one compiled shape per size
                 chunk = np.concatenate([chunk, np.zeros((step - len(chunk), *chunk.shape[1:]), np.float32)])
-            result = self._request(chunk.shape).infer({"images": chunk})
-            out.append(np.asarray(result[output])[: count - start])
+            chunks.append(chunk)
+        if self.throughput:
+            out: list[Any] = [None] * len(chunks)
+            queue = self._request(chunks[0].shape)
+
+            def keep(request: Any, index: int) -> None:
+                out[index] = np.array(request.get_tensor(output).data)
+
+            queue.set_callback(keep)
+            for index, chunk in enumerate(chunks):
+                queue.start_async({"images": chunk}, index)
+            queue.wait_all()
+        else:
+            out = [np.asarray(self._request(chunk.shape).infer({"images": chunk})[output]) for chunk in chunks]
+        out[-1] = out[-1][: count - step * (len(chunks) - 1)]
         return np.concatenate(out) if len(out) > 1 else out[0]
 
     def pooled(self, images: np.ndarray) -> np.ndarray:
@@ -357,10 +381,12 @@ class OpenVinoRunner:
         return self._run(images, "maps")
 
 
-def open_exported(path: str | os.PathLike[str], engine: str, threads: int | None = None) -> OnnxRunner | OpenVinoRunner:
-    """A runner for an ONNX file in ``engine`` (one of :data:`EXPORTED_ENGINES`), unchecked."""
+def open_exported(path: str | os.PathLike[str], engine: str, threads: int | None = None,
+                  throughput: bool = False) -> OnnxRunner | OpenVinoRunner:
+    """A runner for an ONNX file in ``engine`` (one of :data:`EXPORTED_ENGINES`), unchecked;
+    ``throughput``: many small inputs at once (OpenVINO; see :class:`OpenVinoRunner`)."""
     if engine in ("openvino", "openvino-bf16"):
-        return OpenVinoRunner(path, threads, precision=engine_precision(engine))
+        return OpenVinoRunner(path, threads, precision=engine_precision(engine), throughput=throughput)
     if engine == "onnxruntime":
         return OnnxRunner(path, threads)
     raise InputError(f"unknown exported engine {engine!r}: expected one of {', '.join(EXPORTED_ENGINES)}")

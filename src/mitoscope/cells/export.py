@@ -88,7 +88,7 @@ def exported_features(network: Any, crops: np.ndarray, mean: Sequence[float], st
         try:
             if not path.is_file():
                 export_network(network, size, path, "linear")
-            candidate = open_exported(path, engine)
+            candidate = open_exported(path, engine, throughput=True)
             error = float(np.abs(np.asarray(candidate.pooled(normalised_array(probe, mean, std))) - expected).max())
         except Exception as exc:  # an engine that cannot run the export: the next one, or PyTorch
             logger.info("cell features: %s cannot run the export (%s)", engine, exc)

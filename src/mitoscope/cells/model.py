@@ -209,7 +209,7 @@ class CellModel(ModelDescription):
         head = _load_head(card, config)
         for candidate in candidates:
             try:
-                runner = open_exported(card.path / served["file"], candidate)
+                runner = open_exported(card.path / served["file"], candidate, throughput=True)
                 model = cls(config, None, head, runner.pooled)
                 got = model.score_crops(probe_crops(size))
             except Exception as exc:  # the runtime cannot read or run the export: try the next one
