@@ -193,7 +193,8 @@ def test_cli_says_which_window_options_the_cell_model_does_not_use(tmp_path):
     folder, _ = write_bags(tmp_path / "bags", n_images=8, cells=5)
     run = subprocess.run([sys.executable, "-m", "mitoscope", "train", str(folder), "--labels", str(folder / "labels.csv"),
                           "--out", str(tmp_path / "m"), "--cv", "3", "--window", "128", "--backbone", "test_efficientnet",
-                          "--random-init", "--head-param", "input_size=32"], capture_output=True, text=True)
+                          "--random-init", "--head-param", "input_size=32", "--head-param", "epochs=1"],
+                         capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
     assert "warning: --window, --cv set the window heads" in " ".join(run.stderr.split())
     assert (tmp_path / "m" / "model.json").is_file()
@@ -369,7 +370,8 @@ def test_cross_validation_folds_default_by_scorer_and_an_explicit_value_wins():
     from mitoscope.cells.config import CellTrainConfig
     from mitoscope.errors import InputError
 
-    assert CellTrainConfig().cv_folds == 5
+    assert CellTrainConfig(scorer="linear").cv_folds == 5
+    assert CellTrainConfig().cv_folds == 3  # the fine-tuned scorer, the default
     assert CellTrainConfig(scorer="finetuned").cv_folds == 3
     assert CellTrainConfig(scorer="finetuned", cv_folds=5).cv_folds == 5
     assert CellTrainConfig(scorer="finetuned", cv_folds=0).cv_folds == 0
@@ -626,12 +628,13 @@ def test_fold_soup_is_recorded_and_checked(tmp_path):
     result = train_cell_model(folder, tmp_path / "model", "finetuned", fold_soup=True, epochs=2)
     assert json.loads((result.model_dir / "model.json").read_text())["training"]["soup_networks"] == 4
     # unset, it is on exactly where it can be: the fine-tuned scorer under cross-validation
-    assert CellTrainConfig().fold_soup is False
+    assert CellTrainConfig(scorer="linear").fold_soup is False
+    assert CellTrainConfig().fold_soup is True
     assert CellTrainConfig(scorer="finetuned").fold_soup is True
     assert CellTrainConfig(scorer="finetuned", cv_folds=0).fold_soup is False
     assert CellTrainConfig(scorer="finetuned", fold_soup=False).fold_soup is False
     with pytest.raises(InputError, match="needs scorer finetuned and cv_folds of at least 2, got scorer 'linear'"):
-        CellTrainConfig(fold_soup=True)
+        CellTrainConfig(scorer="linear", fold_soup=True)
     with pytest.raises(InputError, match="got scorer 'finetuned' and cv_folds 0"):
         CellTrainConfig(scorer="finetuned", fold_soup=True, cv_folds=0)
     with pytest.raises(InputError, match="fold_soup must be true or false"):
@@ -688,6 +691,6 @@ def test_final_picks_is_recorded_and_checked(tmp_path):
     with pytest.raises(InputError, match="final_picks must be teacher or cotrained, got 'network'"):
         CellTrainConfig(scorer="finetuned", final_picks="network")
     with pytest.raises(InputError, match="final_picks=cotrained .* got scorer 'linear'"):
-        CellTrainConfig(final_picks="cotrained")
+        CellTrainConfig(scorer="linear", final_picks="cotrained")
     with pytest.raises(InputError, match="got scorer 'finetuned' and cv_folds 0"):
         CellTrainConfig(scorer="finetuned", final_picks="cotrained", cv_folds=0)

@@ -122,7 +122,11 @@ def test_demo_default_is_the_cell_model_with_counts(tmp_path, monkeypatch):
     monkeypatch.setattr(mitoscope.demo, "make_synthetic_dataset", small)
     out = tmp_path / "demo"
     result = run_demo(out, n_train=8, n_test=6)
-    assert json.loads((out / "model" / "model.json").read_text())["kind"] == "cells"
+    card = json.loads((out / "model" / "model.json").read_text())
+    assert card["kind"] == "cells"
+    # the default scorer (self-trained, its networks' weights averaged) on the demo's short schedule
+    assert card["cells"]["scorer"] == "finetuned" and card["training"]["soup_networks"] == 4
+    assert {k: card["head"]["params"][k] for k in mitoscope.demo.DEMO_SCHEDULE} == mitoscope.demo.DEMO_SCHEDULE
     rows = read_rows(result.predictions_csv)
     assert len(rows) == 6
     assert all(row["Count"].isdigit() and (int(row["Count"]) >= 1) == (row["Label"] == "Mitosis") for row in rows)

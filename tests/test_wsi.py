@@ -175,7 +175,7 @@ def test_the_cell_model_trains_on_slides_from_their_labels_alone(tmp_path):
         slide(f"s{i:02d}.svs", i, i % 2 == 1)
         rows.append(f"s{i:02d}.svs,{'Mitosis' if i % 2 else 'Normal'}")
     (tmp_path / "slides" / "labels.csv").write_text("\n".join(rows) + "\n")
-    config = CellTrainConfig(backbone="test_efficientnet", input_size=32, validation_fraction=0.25)
+    config = CellTrainConfig(backbone="test_efficientnet", input_size=32, validation_fraction=0.25, scorer="linear")
     result = train_cells(tmp_path / "slides", tmp_path / "slides" / "labels.csv", tmp_path / "model", config,
                          pretrained=False)
     assert result.model.config["training"]["cells_per_image"]["median"] == 13

@@ -25,6 +25,11 @@ from .pipeline import Progress, evaluate, open_cache, predict, train
 from .synthetic import make_synthetic_dataset
 
 
+# The cell model's schedule on the built-in synthetic set: 2 epochs of one pass over the known
+# negatives (the recipe: 6 epochs of at least 50 steps, 1,200 steps in all on so few images).
+DEMO_SCHEDULE = {"epochs": 2, "min_steps_per_epoch": 0}
+
+
 @dataclass
 class DemoResult:
     out_dir: Path
@@ -89,7 +94,10 @@ def run_demo(
         from .cells.config import CellTrainConfig
         from .cells.workflow import train_cells
 
-        result = train_cells(train_dir, train_labels, model_dir, CellTrainConfig(seed=config.seed),
+        # The built-in synthetic set is small: a short schedule of the default recipe (DEMO_SCHEDULE)
+        # keeps a fresh clone's demo to minutes; the user's images get the whole recipe.
+        schedule = DEMO_SCHEDULE if data_dir is None else {}
+        result = train_cells(train_dir, train_labels, model_dir, CellTrainConfig(seed=config.seed, **schedule),
                              config.read_options, config.positive, progress=progress, overwrite=True)
     else:
         result = train(train_dir, train_labels, model_dir, config, cache, progress, overwrite=True)

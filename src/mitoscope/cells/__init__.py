@@ -2,8 +2,9 @@
 
 A field of cells with one label per image and no boxes: the cells are found by classical image
 analysis, each is cut out at the image's own resolution, and a scorer learnt from the image
-labels alone scores them: a linear multiple-instance model on few frozen features, or the
-network self-trained on that model's pseudo-labels, on augmented crops. The image's probability
+labels alone scores them: the network self-trained on the pseudo-labels of a linear
+multiple-instance model on few frozen features, on augmented crops (the default), or that linear
+model alone. The image's probability
 is its best cell's; the cells over the threshold are its mitotic count and their boxes say where.
 One module per job, in the order the data flows:
 

@@ -14,10 +14,11 @@ class CellTrainConfig:
     """How the instance network is trained (saved in ``model.json``)."""
 
     backbone: str = "tf_efficientnet_lite0"
-    # "linear": a linear multiple-instance model on few features of the frozen network
-    # (mitoscope.cells.bootstrap); "finetuned": the network self-trained on the linear model's
-    # pseudo-labels, on augmented crops (mitoscope.cells.training; see README).
-    scorer: str = "linear"
+    # "finetuned" (the default, by a rule fixed before its test runs; README): the network
+    # self-trained on a linear teacher's pseudo-labels, on augmented crops (mitoscope.cells.training);
+    # "linear": that linear multiple-instance model on few features of the frozen network alone
+    # (mitoscope.cells.bootstrap), the default before: faster to train.
+    scorer: str = "finetuned"
     input_size: int = 96
     # The fine-tuned scorer trains the last this many stages of the backbone (0: all of it).
     trained_stages: int = 0
