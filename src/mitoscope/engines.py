@@ -369,6 +369,8 @@ class OpenVinoRunner:
             for index, chunk in enumerate(chunks):
                 queue.start_async({"images": chunk}, index)
             queue.wait_all()
+            if any(part is None for part in out):  # a callback failed: OpenVINO does not raise it here
+                raise RuntimeError(f"OpenVINO returned no {output!r} output for some batches of {self.path.name}")
         else:
             out = [np.asarray(self._request(chunk.shape).infer({"images": chunk})[output]) for chunk in chunks]
         out[-1] = out[-1][: count - step * (len(chunks) - 1)]

@@ -115,7 +115,6 @@ class CellTrainConfig:
             raise InputError(f"cells setting fold_soup averages the fine-tuned scorer's cross-validation networks: it "
                              f"needs scorer finetuned and cv_folds of at least 2, got scorer {self.scorer!r} and "
                              f"cv_folds {self.cv_folds}")
-
         if self.final_picks == "cotrained" and (self.scorer != "finetuned" or self.cv_folds < 2):
             raise InputError(f"cells setting final_picks=cotrained uses the out-of-fold scores of the fine-tuned "
                              f"scorer's cross-validation networks: it needs scorer finetuned and cv_folds of at least "
